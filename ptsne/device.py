@@ -1,0 +1,63 @@
+"""Device selection and thread control shared by every stage.
+
+GPU paths are chosen by detection: ``"auto"`` means CUDA when torch sees a GPU
+and CPU otherwise, so the same code runs in CPU-only tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import faiss
+import torch
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """Turn ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` into a ``torch.device``."""
+    if isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a string such as 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu" or device.startswith("cuda"):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} was asked for but torch sees no CUDA GPU")
+        return torch.device(device)
+    raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+def faiss_gpu_count() -> int:
+    """Number of GPUs FAISS can use (0 with the CPU build)."""
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
+
+
+def default_num_threads() -> int:
+    """Threads for this process: ``OMP_NUM_THREADS`` if set, else the usable cores."""
+    env = os.environ.get("OMP_NUM_THREADS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def set_num_threads(n: int | None = None) -> int:
+    """Set FAISS (OpenMP) and torch intra-op threads to ``n`` (default: the cores).
+
+    Ray workers start with ``OMP_NUM_THREADS=1``; tasks call this with their
+    ``num_cpus`` so that workers x threads never exceed the machine's cores.
+    """
+    n = default_num_threads() if n is None else int(n)
+    if n < 1:
+        raise ValueError(f"n_threads must be >= 1, got {n}")
+    faiss.omp_set_num_threads(n)
+    torch.set_num_threads(n)
+    return n

@@ -1,0 +1,5 @@
+"""Exceptions raised by ptsne."""
+
+
+class NotFittedError(RuntimeError):
+    """Raised when a method needs a fitted estimator (call ``fit`` first)."""

@@ -1,0 +1,441 @@
+"""``ParametricTSNE``: the estimator that wires kNN -> affinities -> training -> transform."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ptsne.affinity import as_perplexities, default_k, joint_probabilities
+from ptsne.device import resolve_device, set_num_threads
+from ptsne.errors import NotFittedError
+from ptsne.knn import KNNConfig, knn_graph
+from ptsne.model import DEFAULT_HIDDEN, Mapper, ModelConfig, build_mapper
+from ptsne.pca import PCA
+from ptsne.train import Callback, TrainConfig, fit_mapper
+from ptsne.transform import transform as batched_transform
+from ptsne.validation import check_array
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class ParametricTSNE:
+    """Parametric t-SNE: learns a network that maps vectors to a 2-D/3-D t-SNE map.
+
+    Parameters
+    ----------
+    n_components : int
+        Embedding dimension.
+    perplexity : float or list of float
+        Effective neighbourhood size; a list averages the affinities of each
+        perplexity (multiscale).
+    dof : float
+        Degrees of freedom ``alpha`` of the Student-t output kernel (1 is t-SNE).
+    hidden_layers : sequence of int
+        Hidden widths of the default MLP (``ptsne.model.LEGACY_HIDDEN`` gives the
+        original [500, 500, 2000] network).
+    activation : str
+        Hidden activation of the default MLP.
+    model : torch.nn.Module, optional
+        A network of your own from ``n_features`` (after PCA) to ``n_components``;
+        replaces the default MLP (inputs are standardised before it).
+    n_epochs, batch_size, learning_rate, early_exaggeration,
+    early_exaggeration_fraction, exaggeration :
+        Optimisation, see :class:`ptsne.train.TrainConfig`.
+    n_neighbors : int or "auto"
+        Neighbours per point; ``"auto"`` is ``min(n - 1, 3 * max(perplexity))``.
+    knn_method : {"auto", "exact", "ivf"}
+        kNN search, see :mod:`ptsne.knn`.
+    pca_components : int, optional
+        Fit a PCA to this many dimensions inside ``fit`` and apply it in ``transform``.
+    random_state : int, optional
+        Seed; with a seed, CPU training is deterministic.
+    device : {"auto", "cpu", "cuda"}
+        ``"auto"`` takes a GPU when one is visible.
+    n_threads : int, optional
+        Threads for torch and FAISS on CPU; ``None`` keeps the current settings.
+    verbose : bool
+        Progress bars and info logging of each stage.
+
+    Attributes
+    ----------
+    model_ : torch.nn.Module
+        The trained mapper (standardisation + network).
+    embedding_ : ndarray, float32 (n, n_components)
+        The training points' embedding.
+    history_ : list of dict
+        Per-epoch training metrics.
+    n_features_in_ : int
+        Input dimension seen in ``fit``.
+    n_neighbors_ : int
+        Neighbours per point used for P.
+    timings_ : dict
+        Seconds spent in each stage of ``fit``.
+    """
+
+    def __init__(
+        self,
+        n_components: int = 2,
+        perplexity: float | Sequence[float] = 30.0,
+        dof: float = 1.0,
+        hidden_layers: Sequence[int] = DEFAULT_HIDDEN,
+        activation: str = "relu",
+        model: nn.Module | None = None,
+        n_epochs: int = 40,
+        batch_size: int = 1024,
+        learning_rate: float = 1e-3,
+        early_exaggeration: float = 12.0,
+        early_exaggeration_fraction: float = 0.25,
+        exaggeration: float = 1.0,
+        n_neighbors: int | str = "auto",
+        knn_method: str = "auto",
+        pca_components: int | None = None,
+        random_state: int | None = None,
+        device: str = "auto",
+        n_threads: int | None = None,
+        verbose: bool = False,
+    ):
+        self.n_components = n_components
+        self.perplexity = perplexity
+        self.dof = dof
+        self.hidden_layers = hidden_layers
+        self.activation = activation
+        self.model = model
+        self.n_epochs = n_epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.early_exaggeration = early_exaggeration
+        self.early_exaggeration_fraction = early_exaggeration_fraction
+        self.exaggeration = exaggeration
+        self.n_neighbors = n_neighbors
+        self.knn_method = knn_method
+        self.pca_components = pca_components
+        self.random_state = random_state
+        self.device = device
+        self.n_threads = n_threads
+        self.verbose = verbose
+
+    # -- configuration -------------------------------------------------------------
+
+    def get_params(self) -> dict:
+        """Constructor arguments (sklearn convention)."""
+        return {name: getattr(self, name) for name in _PARAMS}
+
+    def set_params(self, **params) -> ParametricTSNE:
+        for name, value in params.items():
+            if name not in _PARAMS:
+                raise ValueError(f"ParametricTSNE: unknown parameter {name!r}; valid: {_PARAMS}")
+            setattr(self, name, value)
+        return self
+
+    def _train_config(self) -> TrainConfig:
+        return TrainConfig(
+            n_epochs=self.n_epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            early_exaggeration=self.early_exaggeration,
+            early_exaggeration_fraction=self.early_exaggeration_fraction,
+            exaggeration=self.exaggeration,
+            dof=self.dof,
+            seed=self._seed(),
+        )
+
+    def _seed(self) -> int:
+        if self.random_state is None:
+            return int(np.random.SeedSequence().entropy % (2**31))
+        if isinstance(self.random_state, bool) or not isinstance(self.random_state, (int, np.integer)):
+            raise TypeError(f"ParametricTSNE: random_state must be an int or None, got {self.random_state!r}")
+        return int(self.random_state)
+
+    def _resolve_k(self, n: int) -> int:
+        if self.n_neighbors == "auto":
+            return default_k(self.perplexity, n)
+        k = self.n_neighbors
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k < n:
+            raise ValueError(
+                f"ParametricTSNE: n_neighbors must be 'auto' or an integer in [1, {n - 1}], got {k!r}"
+            )
+        if k < max(as_perplexities(self.perplexity)):
+            raise ValueError(
+                f"ParametricTSNE: n_neighbors={k} is below perplexity={self.perplexity}; "
+                "use n_neighbors >= 3 * perplexity"
+            )
+        return int(k)
+
+    def _validate(self, n: int) -> None:
+        perplexities = as_perplexities(self.perplexity)
+        if n <= 3 * max(perplexities):
+            raise ValueError(
+                f"ParametricTSNE: perplexity={self.perplexity} needs more than 3 * perplexity = "
+                f"{3 * max(perplexities):g} points, got n={n}; lower the perplexity or add data"
+            )
+        if self.pca_components is not None:
+            p = self.pca_components
+            if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or p < 1:
+                raise ValueError(
+                    f"ParametricTSNE: pca_components must be a positive integer or None, got {p!r}"
+                )
+        if self.model is not None and not isinstance(self.model, nn.Module):
+            raise TypeError(
+                f"ParametricTSNE: model must be a torch.nn.Module or None, got {type(self.model).__name__}"
+            )
+        resolve_device(self.device)
+
+    # -- fitting ---------------------------------------------------------------------
+
+    def fit(self, X: np.ndarray, y=None, callbacks: Sequence[Callback] = ()) -> ParametricTSNE:
+        """Learn the mapper from ``X`` (n, n_features). ``y`` is ignored.
+
+        ``callbacks`` are called after each epoch with ``(epoch, metrics)``; one
+        that returns True stops training early.
+        """
+        X = check_array(X, "X")
+        n, dim = X.shape
+        self._validate(n)
+        train_config = self._train_config()  # validates the optimisation settings early
+        k = self._resolve_k(n)
+        device = resolve_device(self.device)
+        if self.n_threads is not None:
+            set_num_threads(self.n_threads)
+        timings = {}
+
+        t = time.perf_counter()
+        self.pca_ = None
+        if self.pca_components is not None:
+            if self.pca_components > dim:
+                raise ValueError(
+                    f"ParametricTSNE: pca_components={self.pca_components} exceeds the "
+                    f"number of features {dim}"
+                )
+            self.pca_ = PCA(self.pca_components, random_state=train_config.seed).fit(X)
+            Z = self.pca_.transform(X)
+        else:
+            Z = X
+        timings["pca"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        graph = knn_graph(
+            Z,
+            KNNConfig(
+                k=k,
+                method=self.knn_method,
+                device="cuda" if device.type == "cuda" else "cpu",
+                random_state=train_config.seed,
+            ),
+        )
+        timings["knn"] = time.perf_counter() - t
+        t = time.perf_counter()
+        edges = joint_probabilities(graph, self.perplexity)
+        del graph
+        timings["affinity"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        self.model_ = self._build_model(Z.shape[1], train_config.seed)
+        self.model_.standardize.fit(Z)
+        self.history_ = fit_mapper(
+            self.model_, Z, edges, train_config, device, callbacks, self.verbose
+        )
+        timings["train"] = time.perf_counter() - t
+        self.n_features_in_ = dim
+        self.n_neighbors_ = k
+        self.device_ = device
+        t = time.perf_counter()
+        self.embedding_ = self._forward(Z)
+        timings["embed"] = time.perf_counter() - t
+        self.timings_ = timings
+        if self.verbose:
+            log.info("fit: %s", {k: round(v, 2) for k, v in timings.items()})
+        return self
+
+    def _build_model(self, n_inputs: int, seed: int) -> Mapper:
+        torch.manual_seed(seed)
+        if self.model is not None:
+            return build_mapper(ModelConfig(n_inputs, self.n_components), net=self.model)
+        return build_mapper(self._model_config(n_inputs))
+
+    def _model_config(self, n_inputs: int) -> ModelConfig:
+        return ModelConfig(
+            n_inputs=n_inputs,
+            n_components=self.n_components,
+            hidden_layers=tuple(self.hidden_layers),
+            activation=self.activation,
+        )
+
+    def fit_transform(self, X: np.ndarray, y=None, callbacks: Sequence[Callback] = ()) -> np.ndarray:
+        """``fit(X)`` and return the training embedding, float32 (n, n_components)."""
+        return self.fit(X, callbacks=callbacks).embedding_
+
+    # -- inference -------------------------------------------------------------------
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "model_"):
+            raise NotFittedError(
+                "This ParametricTSNE instance is not fitted yet; call fit(X) or load(path) first"
+            )
+
+    def transform(self, X: np.ndarray, batch_size: int = 65536) -> np.ndarray:
+        """Embed new points: float32 ``(m, n_components)``.
+
+        Each row is mapped independently, so a batch gives the same result as its rows one by one.
+        """
+        self._check_fitted()
+        X = check_array(X, "X", n_features=self.n_features_in_)
+        Z = self.pca_.transform(X) if self.pca_ is not None else X
+        return self._forward(Z, batch_size)
+
+    def _forward(self, Z: np.ndarray, batch_size: int = 65536) -> np.ndarray:
+        return batched_transform(self.model_, Z, batch_size=batch_size, device=self.device_)
+
+    # -- persistence -----------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the fitted mapper to directory ``path`` (``config.json`` + safetensors weights).
+
+        The directory is written under a temporary name and renamed into place, so
+        an interrupted save never leaves a half-written model.
+        """
+        self._check_fitted()
+        path = Path(path)
+        params = self.get_params()
+        params.pop("model")
+        config = {
+            "format_version": FORMAT_VERSION,
+            "params": _jsonable(params),
+            "custom_model": self.model is not None,
+            "n_features_in": int(self.n_features_in_),
+            "n_inputs": int(self.model_.standardize.mean.shape[0]),
+            "n_neighbors": int(self.n_neighbors_),
+        }
+        tensors = {f"mapper.{k}": v.detach().cpu().contiguous() for k, v in self.model_.state_dict().items()}
+        if self.pca_ is not None:
+            tensors.update({f"pca.{k}": torch.from_numpy(v) for k, v in self.pca_.state().items()})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+            save_file(tensors, str(tmp / WEIGHTS_FILE))
+            _replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, model: nn.Module | None = None, device: str = "auto"
+    ) -> ParametricTSNE:
+        """Load a mapper written by :meth:`save`.
+
+        ``model`` must be given (an untrained instance of the same network) when the
+        mapper was trained with a custom ``model``; weights are read with safetensors,
+        never unpickled.
+        """
+        path = Path(path)
+        config_file = path / CONFIG_FILE
+        if not config_file.is_file():
+            raise FileNotFoundError(f"ParametricTSNE.load: no {CONFIG_FILE} in {str(path)!r}")
+        config = json.loads(config_file.read_text())
+        version = config.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"ParametricTSNE.load: format_version {version!r} in {str(path)!r} is not "
+                f"supported (expected {FORMAT_VERSION})"
+            )
+        if config["custom_model"] and model is None:
+            raise ValueError(
+                f"ParametricTSNE.load: {str(path)!r} holds a custom network; pass model= "
+                "an instance of the same architecture"
+            )
+        params = dict(config["params"])
+        params["device"] = device
+        est = cls(**params, model=model)
+        tensors = load_file(str(path / WEIGHTS_FILE))
+        mapper = est._build_model(int(config["n_inputs"]), 0)
+        mapper.load_state_dict(
+            {k[len("mapper.") :]: v for k, v in tensors.items() if k.startswith("mapper.")}
+        )
+        pca_state = {k[len("pca.") :]: v.numpy() for k, v in tensors.items() if k.startswith("pca.")}
+        est.pca_ = PCA.from_state(pca_state) if pca_state else None
+        est.device_ = resolve_device(device)
+        est.model_ = mapper.to(est.device_).eval()
+        est.n_features_in_ = int(config["n_features_in"])
+        est.n_neighbors_ = int(config["n_neighbors"])
+        return est
+
+    @classmethod
+    def from_mapper(
+        cls,
+        mapper: Mapper,
+        n_features_in: int,
+        n_neighbors: int,
+        pca: PCA | None = None,
+        **params,
+    ) -> ParametricTSNE:
+        """A fitted estimator around a mapper trained elsewhere (e.g. by ``pipeline.train``).
+
+        ``params`` are the constructor arguments the mapper was trained with;
+        ``pca`` is the projection applied before it, if any.
+        """
+        est = cls(**params)
+        est.model_ = mapper.eval()
+        est.pca_ = pca
+        est.n_features_in_ = int(n_features_in)
+        est.n_neighbors_ = int(n_neighbors)
+        est.device_ = next(mapper.parameters()).device
+        return est
+
+    # The names of the original Keras package.
+    def save_model(self, path: str | os.PathLike) -> Path:
+        """Alias of :meth:`save`."""
+        return self.save(path)
+
+    def restore_model(self, path: str | os.PathLike, device: str = "auto") -> ParametricTSNE:
+        """Load a saved mapper into this instance (alias of :meth:`load`); returns self."""
+        loaded = type(self).load(path, model=self.model, device=device)
+        self.__dict__.update(loaded.__dict__)
+        return self
+
+
+_PARAMS = tuple(
+    name
+    for name in ParametricTSNE.__init__.__code__.co_varnames[1 : ParametricTSNE.__init__.__code__.co_argcount]
+)
+
+
+def _jsonable(params: dict) -> dict:
+    out = {}
+    for k, v in params.items():
+        if isinstance(v, tuple):
+            v = list(v)
+        if isinstance(v, np.generic):
+            v = v.item()
+        if isinstance(v, list):
+            v = [x.item() if isinstance(x, np.generic) else x for x in v]
+        out[k] = v
+    return out
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move directory ``src`` to ``dst``, replacing ``dst`` if it exists."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+

@@ -1,0 +1,297 @@
+"""k-nearest-neighbour graphs with FAISS.
+
+The contract of this stage is a :class:`KNNGraph`: ``indices`` (int64, shape
+``(n, k)``) and Euclidean ``distances`` (float32, shape ``(n, k)``), sorted by
+distance, with each point's own row excluded even when it has exact duplicates.
+
+Small inputs use an exact flat index; large inputs use an IVF index whose
+``nprobe`` is raised until a sampled recall against exact search reaches the
+requested target. A GPU index is used when FAISS sees a GPU and ``device`` asks
+for it (``"auto"`` or ``"cuda"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import faiss
+import numpy as np
+
+from ptsne.device import faiss_gpu_count, set_num_threads
+
+log = logging.getLogger(__name__)
+
+METHODS = ("auto", "exact", "ivf")
+#: Above this many indexed points ``method="auto"`` switches from exact to IVF.
+EXACT_MAX_POINTS = 200_000
+
+
+class KNNGraph(NamedTuple):
+    """A kNN graph: row ``i`` lists the ``k`` nearest neighbours of point ``i``."""
+
+    indices: np.ndarray  # int64 (n, k)
+    distances: np.ndarray  # float32 (n, k), Euclidean, ascending
+
+    @property
+    def k(self) -> int:
+        return int(self.indices.shape[1])
+
+
+@dataclass(frozen=True)
+class KNNConfig:
+    """Settings of the kNN stage.
+
+    Parameters
+    ----------
+    k : int
+        Neighbours per point, self excluded.
+    method : {"auto", "exact", "ivf"}
+        ``"auto"`` is exact up to :data:`EXACT_MAX_POINTS` points, IVF beyond.
+    target_recall : float
+        IVF only: ``nprobe`` is raised until sampled recall@k reaches this.
+    device : {"auto", "cpu", "cuda"}
+        Where FAISS searches; ``"auto"`` takes a GPU when FAISS sees one.
+    n_threads : int or None
+        OpenMP threads for FAISS on CPU; ``None`` keeps the current setting.
+    random_state : int
+        Seed of the IVF training sample and of the recall probe.
+    """
+
+    k: int = 90
+    method: str = "auto"
+    target_recall: float = 0.95
+    device: str = "auto"
+    n_threads: int | None = None
+    random_state: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)) or self.k < 1:
+            raise ValueError(f"KNNConfig: k must be an integer >= 1, got {self.k!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"KNNConfig: method must be one of {METHODS}, got {self.method!r}")
+        if not 0.0 < float(self.target_recall) <= 1.0:
+            raise ValueError(
+                f"KNNConfig: target_recall must be in (0, 1], got {self.target_recall!r}"
+            )
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(
+                f"KNNConfig: device must be 'auto', 'cpu' or 'cuda', got {self.device!r}"
+            )
+        if self.n_threads is not None and int(self.n_threads) < 1:
+            raise ValueError(f"KNNConfig: n_threads must be >= 1 or None, got {self.n_threads!r}")
+
+
+def resolve_method(method: str, n: int) -> str:
+    """Resolve ``"auto"`` to ``"exact"`` or ``"ivf"`` by the number of indexed points."""
+    if method != "auto":
+        return method
+    return "exact" if n <= EXACT_MAX_POINTS else "ivf"
+
+
+def default_nlist(n: int) -> int:
+    """IVF cell count: about ``4 sqrt(n)``, at least 1 and at most ``n // 39``."""
+    return int(max(1, min(4 * math.isqrt(max(n, 1)), n // 39)))
+
+
+def _use_gpu(device: str) -> bool:
+    if device == "cpu":
+        return False
+    gpus = faiss_gpu_count()
+    if device == "cuda" and gpus == 0:
+        raise ValueError("KNNConfig: device='cuda' was asked for but FAISS sees no GPU")
+    return gpus > 0
+
+
+def _as_float32(X: np.ndarray, name: str = "X") -> np.ndarray:
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (n, dim), got shape {X.shape}")
+    return np.ascontiguousarray(X, dtype=np.float32)
+
+
+def build_index(
+    data: np.ndarray, method: str = "exact", device: str = "cpu", random_state: int = 0
+) -> faiss.Index:
+    """Build a FAISS L2 index over ``data`` (float32 ``(n, dim)``)."""
+    data = _as_float32(data, "data")
+    n, dim = data.shape
+    if method == "exact":
+        index = faiss.IndexFlatL2(dim)
+    elif method == "ivf":
+        nlist = default_nlist(n)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist, faiss.METRIC_L2)
+        rng = np.random.default_rng(random_state)
+        n_train = min(n, 64 * nlist)
+        sample = data if n_train == n else data[np.sort(rng.choice(n, n_train, replace=False))]
+        index.cp.seed = int(random_state)
+        index.train(sample)
+    else:
+        raise ValueError(f"build_index: method must be 'exact' or 'ivf', got {method!r}")
+    if _use_gpu(device):
+        res = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(res, 0, index)
+        index._gpu_resources = res  # keep the resources alive with the index
+    index.add(data)
+    return index
+
+
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    """Set ``nprobe`` on a CPU or GPU IVF index (no-op for flat indexes)."""
+    try:
+        faiss.extract_index_ivf(index).nprobe = int(nprobe)
+    except (RuntimeError, AttributeError):
+        ps = faiss.GpuParameterSpace() if hasattr(faiss, "GpuParameterSpace") else None
+        if ps is not None:
+            ps.set_index_parameter(index, "nprobe", int(nprobe))
+
+
+def search(
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    query_ids: np.ndarray | None = None,
+    batch_size: int = 65536,
+) -> KNNGraph:
+    """Search ``k`` neighbours of each query, excluding the query's own id.
+
+    Parameters
+    ----------
+    index : faiss.Index
+        Index over the reference points; returned ids are positions in it.
+    queries : ndarray, float32 (m, dim)
+    k : int
+        Neighbours to return per query.
+    query_ids : ndarray, int64 (m,), optional
+        Position of each query in the index; that id is removed from its row.
+        With duplicates the query itself may not come first, so it is removed
+        wherever it appears, and the last of ``k + 1`` candidates is dropped when
+        it does not appear at all.
+
+    Returns
+    -------
+    KNNGraph
+        ``indices`` int64 ``(m, k)``, ``distances`` float32 ``(m, k)`` (Euclidean).
+    """
+    queries = _as_float32(queries, "queries")
+    m = queries.shape[0]
+    extra = 0 if query_ids is None else 1
+    out_i = np.empty((m, k), dtype=np.int64)
+    out_d = np.empty((m, k), dtype=np.float32)
+    for start in range(0, m, batch_size):
+        stop = min(m, start + batch_size)
+        d2, idx = index.search(queries[start:stop], k + extra)
+        if query_ids is not None:
+            idx, d2 = _drop_self(idx, d2, np.asarray(query_ids[start:stop], dtype=np.int64), k)
+        out_i[start:stop] = idx
+        out_d[start:stop] = np.sqrt(np.maximum(d2, 0.0))
+    missing = out_i < 0
+    if missing.any():
+        # IVF can return fewer than k hits when probed cells are small.
+        raise RuntimeError(
+            f"kNN search returned {int(missing.any(axis=1).sum())} rows with fewer than "
+            f"k={k} neighbours; raise nprobe or use method='exact'"
+        )
+    return KNNGraph(out_i, out_d)
+
+
+def _drop_self(
+    idx: np.ndarray, d2: np.ndarray, self_ids: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    is_self = idx == self_ids[:, None]
+    # Rows without self: drop the farthest candidate instead.
+    no_self = ~is_self.any(axis=1)
+    is_self[no_self, -1] = True
+    # Exactly one True per row (ids are unique within a row).
+    keep = ~is_self
+    return idx[keep].reshape(-1, k), d2[keep].reshape(-1, k)
+
+
+def knn_graph(X: np.ndarray, config: KNNConfig | None = None, **kwargs) -> KNNGraph:
+    """kNN graph of the rows of ``X`` among themselves.
+
+    Parameters
+    ----------
+    X : ndarray (n, dim)
+    config : KNNConfig, optional
+        Or its fields as keyword arguments.
+
+    Returns
+    -------
+    KNNGraph
+    """
+    if config is None:
+        config = KNNConfig(**kwargs)
+    elif kwargs:
+        raise TypeError("knn_graph: pass either config or keyword settings, not both")
+    X = _as_float32(X)
+    n = X.shape[0]
+    if config.k > n - 1:
+        raise ValueError(f"knn_graph: k={config.k} needs at least k + 1 points, got n={n}")
+    if config.n_threads is not None:
+        set_num_threads(config.n_threads)
+    method = resolve_method(config.method, n)
+    log.info("kNN: n=%d dim=%d k=%d method=%s", n, X.shape[1], config.k, method)
+    index = build_index(X, method, config.device, config.random_state)
+    if method == "ivf":
+        tune_nprobe(index, X, config.k, config.target_recall, config.random_state)
+    return search(index, X, config.k, query_ids=np.arange(n, dtype=np.int64))
+
+
+def tune_nprobe(
+    index: faiss.Index,
+    X: np.ndarray,
+    k: int,
+    target_recall: float = 0.95,
+    random_state: int = 0,
+    n_probe_queries: int = 1000,
+) -> tuple[int, float]:
+    """Raise ``nprobe`` (doubling) until sampled recall@k reaches ``target_recall``.
+
+    The probe compares against exact search of a random sample of ``X`` (the
+    indexed points). Returns ``(nprobe, recall)`` and leaves ``index`` set to it.
+    """
+    n = X.shape[0]
+    rng = np.random.default_rng(random_state + 1)
+    q_ids = np.sort(rng.choice(n, min(n_probe_queries, n), replace=False)).astype(np.int64)
+    exact = exact_neighbors(X, X[q_ids], k, q_ids)
+    nlist = faiss.extract_index_ivf(index).nlist if not _is_gpu_index(index) else None
+    nprobe, recall = 1, 0.0
+    limit = nlist or 4096
+    while True:
+        set_nprobe(index, nprobe)
+        approx = search(index, X[q_ids], k, query_ids=q_ids)
+        recall = recall_at_k(exact, approx.indices)
+        if recall >= target_recall or nprobe >= limit:
+            break
+        nprobe = min(limit, nprobe * 2)
+    log.info("kNN: IVF nprobe=%d gives sampled recall@%d=%.4f", nprobe, k, recall)
+    index.ptsne_recall = recall
+    return nprobe, recall
+
+
+def _is_gpu_index(index: faiss.Index) -> bool:
+    return "Gpu" in type(index).__name__
+
+
+def exact_neighbors(
+    data: np.ndarray, queries: np.ndarray, k: int, query_ids: np.ndarray | None = None
+) -> np.ndarray:
+    """Exact kNN indices (int64 ``(m, k)``) of ``queries`` in ``data`` with a flat index."""
+    index = faiss.IndexFlatL2(data.shape[1])
+    index.add(_as_float32(data, "data"))
+    return search(index, queries, k, query_ids=query_ids).indices
+
+
+def recall_at_k(true_indices: np.ndarray, approx_indices: np.ndarray) -> float:
+    """Mean fraction of each row of ``true_indices`` found in the row of ``approx_indices``."""
+    true_indices = np.asarray(true_indices)
+    approx_indices = np.asarray(approx_indices)
+    if true_indices.shape[0] != approx_indices.shape[0]:
+        raise ValueError(
+            f"recall_at_k: row counts differ ({true_indices.shape[0]} vs {approx_indices.shape[0]})"
+        )
+    hits = (true_indices[:, :, None] == approx_indices[:, None, :]).any(axis=2)
+    return float(hits.mean())

@@ -1,0 +1,37 @@
+"""Embedding new points with a trained mapper: one batched forward pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@torch.inference_mode()
+def transform(
+    model: nn.Module,
+    X: np.ndarray,
+    batch_size: int = 65536,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Map ``X`` (m, dim) through ``model`` in batches; returns float32 (m, n_components).
+
+    Rows are independent: the result does not depend on ``batch_size``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"transform: batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device)
+    model.eval()
+    X = np.asarray(X, dtype=np.float32)
+    out = []
+    for start in range(0, len(X), batch_size):
+        xb = torch.from_numpy(np.ascontiguousarray(X[start : start + batch_size])).to(device)
+        out.append(model(xb).float().cpu().numpy())
+    if not out:
+        n_out = _output_dim(model, X.shape[1], device)
+        return np.zeros((0, n_out), dtype=np.float32)
+    return np.concatenate(out)
+
+
+def _output_dim(model: nn.Module, dim: int, device: torch.device) -> int:
+    return int(model(torch.zeros(1, dim, device=device)).shape[1])

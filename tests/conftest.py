@@ -1,0 +1,89 @@
+"""Shared, seeded fixtures. Ray and MLflow fixtures start real local services."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Keep every test process within the 2 cores of the CI machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+MNIST_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        has_gpu = False
+    if not has_gpu:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def gaussian_blobs(n: int, dim: int, centers: int, seed: int = 0, spread: float = 6.0):
+    """Labelled Gaussian clusters: (X float32 (n, dim), y int64 (n,))."""
+    r = np.random.default_rng(seed)
+    means = r.normal(scale=spread, size=(centers, dim))
+    y = r.integers(0, centers, size=n)
+    X = means[y] + r.normal(size=(n, dim))
+    return X.astype(np.float32), y.astype(np.int64)
+
+
+@pytest.fixture
+def blobs():
+    return gaussian_blobs(600, 10, 4)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's 8x8 digits (1797 x 64), a real dataset shipped with a dependency."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.data.astype(np.float32), d.target.astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def mnist_small():
+    """The first 5000 MNIST train images in [0, 1], with labels; skipped without the data."""
+    if not MNIST_PATH.exists():
+        pytest.skip(f"MNIST not found at {MNIST_PATH}")
+    d = np.load(MNIST_PATH)
+    return d["X_train"][:5000].astype(np.float32) / 255.0, d["y_train"][:5000].astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray instance with 2 CPUs for the whole session."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A fresh MLflow SQLite tracking/registry store and artifact root in tmp_path."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    monkeypatch.setenv("PTSNE_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
+    return {"tracking_uri": uri, "artifact_root": tmp_path / "mlartifacts"}
