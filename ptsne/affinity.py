@@ -43,7 +43,14 @@ class Edges(NamedTuple):
 
 def as_perplexities(perplexity: float | Sequence[float]) -> tuple[float, ...]:
     """Validate a perplexity or a list of them and return a tuple of floats."""
-    values = (perplexity,) if np.isscalar(perplexity) else tuple(perplexity)
+    if isinstance(perplexity, (str, bytes)) or perplexity is None:
+        raise TypeError(f"perplexity must be a number or a list of numbers, got {perplexity!r}")
+    try:
+        values = (perplexity,) if np.isscalar(perplexity) else tuple(perplexity)
+    except TypeError:
+        raise TypeError(
+            f"perplexity must be a number or a list of numbers, got {perplexity!r}"
+        ) from None
     if len(values) == 0:
         raise ValueError("perplexity: an empty list was given; pass a number or a non-empty list")
     out = []

@@ -105,6 +105,17 @@ def _use_gpu(device: str) -> bool:
     return gpus > 0
 
 
+_GPU_RESOURCES: list = []
+
+
+def _gpu_resources():
+    # One set of GPU resources per process, alive as long as the process: indexes
+    # moved to the GPU keep a raw pointer to it.
+    if not _GPU_RESOURCES:
+        _GPU_RESOURCES.append(faiss.StandardGpuResources())
+    return _GPU_RESOURCES[0]
+
+
 def _as_float32(X: np.ndarray, name: str = "X") -> np.ndarray:
     X = np.asarray(X)
     if X.ndim != 2:
@@ -131,9 +142,7 @@ def build_index(
     else:
         raise ValueError(f"build_index: method must be 'exact' or 'ivf', got {method!r}")
     if _use_gpu(device):
-        res = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(res, 0, index)
-        index._gpu_resources = res  # keep the resources alive with the index
+        index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
     index.add(data)
     return index
 
@@ -154,6 +163,8 @@ def search(
     k: int,
     query_ids: np.ndarray | None = None,
     batch_size: int = 65536,
+    fallback_data: np.ndarray | None = None,
+    allow_missing: bool = False,
 ) -> KNNGraph:
     """Search ``k`` neighbours of each query, excluding the query's own id.
 
@@ -169,6 +180,11 @@ def search(
         With duplicates the query itself may not come first, so it is removed
         wherever it appears, and the last of ``k + 1`` candidates is dropped when
         it does not appear at all.
+    fallback_data : ndarray (n, dim), optional
+        The indexed points: rows for which an approximate index found fewer
+        than ``k`` neighbours are searched again exactly against them.
+    allow_missing : bool
+        Keep id ``-1`` for missing neighbours instead of raising.
 
     Returns
     -------
@@ -187,11 +203,18 @@ def search(
             idx, d2 = _drop_self(idx, d2, np.asarray(query_ids[start:stop], dtype=np.int64), k)
         out_i[start:stop] = idx
         out_d[start:stop] = np.sqrt(np.maximum(d2, 0.0))
-    missing = out_i < 0
-    if missing.any():
-        # IVF can return fewer than k hits when probed cells are small.
+    # IVF returns fewer than k hits when the probed cells hold fewer points.
+    missing = (out_i < 0).any(axis=1)
+    if missing.any() and fallback_data is not None:
+        rows = np.flatnonzero(missing)
+        flat = faiss.IndexFlatL2(queries.shape[1])
+        flat.add(_as_float32(fallback_data, "fallback_data"))
+        redo = search(flat, queries[rows], k, None if query_ids is None else query_ids[rows])
+        out_i[rows], out_d[rows] = redo.indices, redo.distances
+        missing[:] = False
+    if missing.any() and not allow_missing:
         raise RuntimeError(
-            f"kNN search returned {int(missing.any(axis=1).sum())} rows with fewer than "
+            f"kNN search returned {int(missing.sum())} rows with fewer than "
             f"k={k} neighbours; raise nprobe or use method='exact'"
         )
     return KNNGraph(out_i, out_d)
@@ -237,7 +260,7 @@ def knn_graph(X: np.ndarray, config: KNNConfig | None = None, **kwargs) -> KNNGr
     index = build_index(X, method, config.device, config.random_state)
     if method == "ivf":
         tune_nprobe(index, X, config.k, config.target_recall, config.random_state)
-    return search(index, X, config.k, query_ids=np.arange(n, dtype=np.int64))
+    return search(index, X, config.k, query_ids=np.arange(n, dtype=np.int64), fallback_data=X)
 
 
 def tune_nprobe(
@@ -262,13 +285,12 @@ def tune_nprobe(
     limit = nlist or 4096
     while True:
         set_nprobe(index, nprobe)
-        approx = search(index, X[q_ids], k, query_ids=q_ids)
+        approx = search(index, X[q_ids], k, query_ids=q_ids, allow_missing=True)
         recall = recall_at_k(exact, approx.indices)
         if recall >= target_recall or nprobe >= limit:
             break
         nprobe = min(limit, nprobe * 2)
     log.info("kNN: IVF nprobe=%d gives sampled recall@%d=%.4f", nprobe, k, recall)
-    index.ptsne_recall = recall
     return nprobe, recall
 
 

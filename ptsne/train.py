@@ -54,6 +54,8 @@ class TrainConfig:
         Degrees of freedom of the Student-t kernel.
     weight_decay : float
         Adam weight decay.
+    positives_per_anchor : int
+        Neighbours drawn per anchor for the attraction in each step.
     seed : int
         Seed of the anchor order, the neighbour draws and the initial weights.
     """
@@ -66,11 +68,13 @@ class TrainConfig:
     exaggeration: float = 1.0
     dof: float = 1.0
     weight_decay: float = 0.0
+    positives_per_anchor: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
         _positive_int("n_epochs", self.n_epochs)
         _positive_int("batch_size", self.batch_size, minimum=2)
+        _positive_int("positives_per_anchor", self.positives_per_anchor)
         for name in ("learning_rate", "early_exaggeration", "exaggeration", "dof"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
@@ -154,9 +158,11 @@ def train_step(
 ) -> dict[str, float]:
     """One optimisation step on a batch of anchors and their sampled neighbours."""
     b = x_anchor.shape[0]
+    m = x_neighbor.shape[0] // b  # neighbours per anchor, anchor-major order
     y = model(torch.cat([x_anchor, x_neighbor]))
     y_anchor, y_neighbor = y[:b], y[b:]
-    loss, parts = loss_fn(y_anchor, y_neighbor, y_anchor, n_total, weight, exaggeration)
+    y_head = y_anchor if m == 1 else y_anchor.repeat_interleave(m, dim=0)
+    loss, parts = loss_fn(y_head, y_neighbor, y_anchor, n_total, weight, exaggeration)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -222,6 +228,7 @@ def fit_mapper(
     loss_fn = TSNELoss(config.dof)
     optimizer = make_optimizer(model, config)
     batch = min(config.batch_size, n)
+    m = config.positives_per_anchor
     steps = n // batch  # the partial last batch is dropped: Z needs full batches
     scheduler = make_scheduler(optimizer, config, steps)
     gen = torch.Generator(device=device).manual_seed(config.seed)
@@ -235,7 +242,8 @@ def fit_mapper(
             sums = {"loss": 0.0, "attraction": 0.0, "log_z": 0.0}
             for s in range(steps):
                 anchors = order[s * batch : (s + 1) * batch]
-                tails, weight = sampler.sample(anchors, gen)
+                heads = anchors if m == 1 else anchors.repeat_interleave(m)
+                tails, weight = sampler.sample(heads, gen)
                 out = train_step(
                     model, optimizer, loss_fn, Xt[anchors], Xt[tails], weight, n, exaggeration
                 )

@@ -1,0 +1,32 @@
+# Set-up and checks. `make demo` installs ptsne into .venv and runs the main job
+# (train -> register -> embed) on the embedded defaults; `make test` runs the tests.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test test-all benchmark clean
+
+install: $(VENV)/.installed
+
+# torch is installed first and pinned, so pip takes the CPU build rather than
+# resolving a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: install
+	$(VENV)/bin/ptsne quickstart
+
+test: install
+	$(PY) -m pytest
+
+test-all: install
+	$(PY) -m pytest -m "not gpu"
+
+benchmark: install
+	$(PY) benchmarks/mnist.py
+
+clean:
+	rm -rf $(VENV) ptsne-runs .pytest_cache

@@ -1,0 +1,478 @@
+"""End-to-end scale benchmark: import -> kNN -> P -> train -> register -> embed, at several N.
+
+For each N the script generates a deterministic Gaussian-mixture data set with
+``pipeline.synth`` (N training rows plus one held-out shard), then runs the
+pipeline stages through their library entry points, exactly as the ``ptsne``
+subcommands do:
+
+* **import** (``validate`` + ``features`` of ``build_affinities``): read and check
+  the shards, fit/apply PCA, write the features;
+* **knn** (``knn_index`` + ``knn_affinities``): build the FAISS index(es), search,
+  and calibrate the conditional P rows (calibration runs inside the search tasks);
+* **affinities** (``symmetrize``): the shuffle that writes the joint P edges;
+* **train**: Ray Train DDP (``pipeline.train.train_distributed``);
+* **register**: log the pyfunc model to MLflow and register a version with an alias;
+* **embed**: resolve ``models:/NAME@ALIAS`` and batch-embed the held-out shard
+  with Ray Data (``pipeline.embed.embed_shards``).
+
+Measured per N: wall seconds per stage, peak resident memory per Ray worker
+process per stage (sampled from ``/proc`` for every process of the local Ray
+this script starts; with ``--address`` only the per-task peaks that the affinity
+stages report), and quality on a held-out sample (kNN accuracy of held-out
+points among embedded training points, and trustworthiness of the held-out
+embedding). Results go to ``<out>/scale.json``, ``<out>/scale.md`` and a plot of
+time against N, ``<out>/scale.png``.
+
+Usage::
+
+    python benchmarks/scale.py                       # N = 100k, 300k, 1M
+    python benchmarks/scale.py --n 5000 10000 20000 --epochs 10 --out benchmarks/results/small
+
+This is a benchmark, not a test: the default sizes need a machine of their own
+(about 8 cores, 32 GB); on a shared machine keep N small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+log = logging.getLogger("benchmarks.scale")
+
+#: Pipeline stage -> the ``build_affinities`` timing keys it sums.
+AFFINITY_STAGES = {
+    "import": ("validate", "features"),
+    "knn": ("knn_index", "knn_affinities"),
+    "affinities": ("symmetrize",),
+}
+STAGES = ("import", "knn", "affinities", "train", "register", "embed")
+MODEL_NAME = "ptsne-scale"
+ALIAS = "bench"
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name (field 2) may hold spaces; the parent pid follows its ')'.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def _descendants(pid: int) -> list[int]:
+    children = _children_map()
+    out, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0", 1)[0].decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class RssMonitor:
+    """Samples, in a thread, the resident memory of this process and of its
+    descendants (the processes of a local Ray started here).
+
+    A Ray worker process names itself ``ray::<task or actor>``; the peak of the
+    largest one is the "peak memory per worker" of a stage.
+    """
+
+    def __init__(self, interval_s: float = 0.5):
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._current: dict | None = None
+        self.stages: dict[str, dict] = {}
+        self._thread = threading.Thread(target=self._run, name="rss-monitor", daemon=True)
+
+    def __enter__(self) -> RssMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        me = os.getpid()
+        while not self._stop.wait(self.interval_s):
+            with self._lock:
+                if self._current is None:
+                    continue
+            sample = {"driver": _rss_mb(me), "workers": {}}
+            for pid in _descendants(me):
+                name = _name(pid)
+                if name.startswith("ray::"):
+                    sample["workers"][pid] = (_rss_mb(pid), name)
+            with self._lock:
+                cur = self._current
+                if cur is None:
+                    continue
+                cur["driver_rss_mb"] = max(cur["driver_rss_mb"], sample["driver"])
+                total = sum(r for r, _ in sample["workers"].values())
+                cur["workers_total_rss_mb"] = max(cur["workers_total_rss_mb"], total)
+                for rss, name in sample["workers"].values():
+                    if rss > cur["max_worker_rss_mb"]:
+                        cur["max_worker_rss_mb"], cur["max_worker"] = rss, name
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        with self._lock:
+            self._current = {"max_worker_rss_mb": 0.0, "max_worker": None, "workers_total_rss_mb": 0.0,
+                             "driver_rss_mb": 0.0}
+        try:
+            yield
+        finally:
+            time.sleep(self.interval_s)  # one more sample after the stage's tasks end
+            with self._lock:
+                cur, self._current = self._current, None
+            self.stages[name] = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in cur.items()}
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def generate(n: int, holdout: int, dim: int, centers: int, spread: float, seed: int, shard_rows: int,
+             work: Path) -> tuple[Path, Path]:
+    """``n`` training rows in ``work/train`` and one held-out shard of ``holdout`` rows in ``work/holdout``.
+
+    One synthetic set of ``n + holdout`` rows is generated and its last shard moved
+    aside, so the held-out rows come from the same mixture but were never trained on.
+    """
+    from pipeline.synth import SynthConfig, generate_shard
+    from pipeline.schema import part_name
+    from pipeline.shards import resolve, write_parquet_atomic
+
+    if n % shard_rows:
+        raise ValueError(f"--shard-rows={shard_rows} must divide every N, got N={n}")
+    config = SynthConfig(n=n + holdout, dim=dim, centers=centers, seed=seed, shard_rows=shard_rows, spread=spread)
+    train_dir, holdout_dir = work / "train", work / "holdout"
+    for d in (train_dir, holdout_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    fs, _ = resolve(str(work))
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def write(index: int, directory: str) -> int:
+        table = generate_shard(config, index)
+        write_parquet_atomic(fs, str(Path(directory) / part_name(index)), table)
+        return table.num_rows
+
+    n_train_shards = n // shard_rows
+    refs = [write.remote(i, str(train_dir if i < n_train_shards else holdout_dir)) for i in range(config.n_shards)]
+    rows = sum(ray.get(refs))
+    if rows != n + holdout:
+        raise RuntimeError(f"generated {rows} rows, expected {n + holdout}")
+    return train_dir, holdout_dir
+
+
+def _read(directory: Path, limit: int | None, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, vectors, labels) of up to ``limit`` rows sampled from the shards in ``directory``."""
+    import pyarrow.parquet as pq
+
+    from pipeline.schema import arrow_to_vectors
+
+    table = pq.read_table(sorted(directory.glob("*.parquet")))
+    ids = table.column("id").to_numpy()
+    X = arrow_to_vectors(table.column("vector"))
+    y = table.column("label").to_numpy()
+    if limit is not None and len(ids) > limit:
+        pick = np.sort(np.random.default_rng(seed).choice(len(ids), size=limit, replace=False))
+        ids, X, y = ids[pick], X[pick], y[pick]
+    return ids, X, y
+
+
+def quality(estimator, train_dir: Path, holdout_dir: Path, embedded_dir: Path, sample: int, seed: int) -> dict:
+    """Held-out quality: kNN accuracy against embedded training points, and trustworthiness."""
+    from pipeline.embed import load_output
+    from pipeline.schema import arrow_to_vectors
+    from ptsne.metrics import knn_accuracy, trustworthiness
+
+    _, X_train, y_train = _read(train_dir, 4 * sample, seed)
+    emb_train = estimator.transform(X_train)
+    ids, X_test, y_test = _read(holdout_dir, sample, seed + 1)
+    out = load_output(embedded_dir)
+    out_ids = out.column("id").to_numpy()
+    order = np.argsort(out_ids)
+    pos = order[np.searchsorted(out_ids, ids, sorter=order)]
+    if not np.array_equal(out_ids[pos], ids):
+        raise RuntimeError("embedded output lacks held-out ids")
+    emb_test = arrow_to_vectors(out.column("embedding"))[pos]
+    # The batch path and the in-process transform must agree.
+    drift = float(np.max(np.abs(emb_test - estimator.transform(X_test))))
+    n_tw = min(len(X_test), 2000)
+    return {
+        "holdout_rows_scored": int(len(ids)),
+        "knn_accuracy_k10": round(knn_accuracy(emb_train, y_train, emb_test, y_test, k=10), 4),
+        "trustworthiness_k12": round(trustworthiness(X_test[:n_tw], emb_test[:n_tw], k=12), 4),
+        "batch_vs_transform_max_abs_diff": drift,
+    }
+
+
+def run_one(n: int, args: argparse.Namespace, monitor: RssMonitor | None) -> dict:
+    import mlflow
+
+    from jobs.registry import log_model, register, resolve_model
+    from jobs.tracking import configure_mlflow
+    from pipeline.affinity import AffinityJobConfig, build_affinities
+    from pipeline.embed import EmbedConfig, ModelSpec, embed_shards
+    from pipeline.train import DistributedTrainConfig, train_distributed
+
+    work = Path(args.out) / "work" / f"n{n}"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    shard_rows = args.shard_rows or min(100_000, max(1000, n // 4))
+    holdout = shard_rows
+    stage = monitor.stage if monitor else (lambda name: contextlib.nullcontext())
+    seconds: dict[str, float] = {}
+
+    t = time.perf_counter()
+    train_dir, holdout_dir = generate(n, holdout, args.dim, args.centers, args.spread, args.seed, shard_rows, work)
+    seconds["generate"] = time.perf_counter() - t
+
+    aff_dir = work / "affinities"
+    with stage("import+knn+affinities"):
+        manifest = build_affinities(AffinityJobConfig(
+            input=str(train_dir), output=str(aff_dir), id_col="id", label_col="label",
+            perplexity=args.perplexity, pca_components=args.pca, knn_method=args.knn_method,
+            task_cpus=args.task_cpus, seed=args.seed,
+        ))
+    timings = manifest["timings_s"]
+    for name, keys in AFFINITY_STAGES.items():
+        seconds[name] = sum(float(timings.get(k, 0.0)) for k in keys)
+
+    t = time.perf_counter()
+    with stage("train"):
+        result = train_distributed(
+            aff_dir,
+            DistributedTrainConfig(n_epochs=args.epochs, batch_size=args.batch_size, seed=args.seed),
+            num_workers=args.train_workers, use_gpu=args.gpu, storage_path=work / "ray_results",
+            resume=False, cpus_per_worker=args.task_cpus,
+        )
+    seconds["train"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path(args.out).resolve() / 'mlflow.db'}")
+    configure_mlflow("ptsne-scale")
+    with mlflow.start_run(run_name=f"scale-n{n}"):
+        mlflow.log_params({"n": n, "dim": args.dim, "epochs": args.epochs})
+        info = log_model(result.estimator)
+        ref = register(info.model_uri, MODEL_NAME, alias=ALIAS)
+    seconds["register"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    with stage("embed"):
+        estimator, resolved = resolve_model(f"models:/{MODEL_NAME}@{ALIAS}", dst=work / "model")
+        summary = embed_shards(
+            holdout_dir, work / "embedded",
+            ModelSpec(str(resolved.path), resolved.name, resolved.version, f"v{resolved.version}"),
+            EmbedConfig(progress=False, cpus_per_actor=args.task_cpus),
+        )
+    seconds["embed"] = time.perf_counter() - t
+    if summary.rows != holdout:
+        raise RuntimeError(f"embedded {summary.rows} rows, expected {holdout}")
+
+    q = quality(estimator, train_dir, holdout_dir, work / "embedded" / f"v{resolved.version}",
+                args.quality_sample, args.seed)
+    record = {
+        "n": n,
+        "holdout": holdout,
+        "shard_rows": shard_rows,
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "pipeline_seconds": round(sum(seconds[s] for s in STAGES), 2),
+        "affinity_timings_s": timings,
+        "affinity_peak_task_rss_mb": manifest.get("peak_worker_rss_mb"),
+        "peak_memory": dict(monitor.stages) if monitor else None,
+        "knn": {"method": manifest["knn_method"], "recall": manifest["knn_recall"], "k": manifest["k"],
+                "n_edges": manifest["n_edges"]},
+        "train": {"epochs": args.epochs, "workers": args.train_workers,
+                  # Time inside the epochs; the rest of "train" is Ray Train start-up and checkpoints.
+                  "epoch_seconds": round(sum(float(h.get("seconds", 0.0)) for h in result.history), 2),
+                  "final_loss": result.history[-1].get("loss") if result.history else None},
+        "model": {"name": ref.name, "version": ref.version},
+        "embed_rows_per_s": round(summary.rows_per_s, 1),
+        "quality": q,
+    }
+    if monitor:
+        monitor.stages.clear()
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return record
+
+
+# --------------------------------------------------------------------------- report
+
+
+def write_report(out: Path, results: dict) -> None:
+    (out / "scale.json").write_text(json.dumps(results, indent=2))
+    rows = results["runs"]
+    lines = [
+        "| N | " + " | ".join(STAGES) + " | total (s) | of which epochs (s) | peak worker RSS (MB) | kNN acc. | trust. |",
+        "|---" * (len(STAGES) + 6) + "|",
+    ]
+    for r in rows:
+        mem = r["peak_memory"] or {}
+        peak = max((m["max_worker_rss_mb"] for m in mem.values()), default=None)
+        if peak is None:
+            peak = max((r["affinity_peak_task_rss_mb"] or {}).values(), default=float("nan"))
+        lines.append(
+            f"| {r['n']:,} | " + " | ".join(f"{r['seconds'][s]:.1f}" for s in STAGES)
+            + f" | {r['pipeline_seconds']:.1f} | {r['train']['epoch_seconds']:.1f} | {peak:.0f}"
+            f" | {r['quality']['knn_accuracy_k10']:.3f}"
+            f" | {r['quality']['trustworthiness_k12']:.3f} |"
+        )
+    (out / "scale.md").write_text("\n".join(lines) + "\n")
+    log.info("results:\n%s", "\n".join(lines))
+    plot(out / "scale.png", rows, results["machine"])
+
+
+def plot(path: Path, rows: list[dict], machine: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = [r["n"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s in STAGES:
+        ax.plot(ns, [max(r["seconds"][s], 1e-2) for r in rows], marker="o", label=s)
+    ax.plot(ns, [max(r["train"]["epoch_seconds"], 1e-2) for r in rows], marker="o", linestyle="--",
+            color="tab:red", alpha=0.6, label="train epochs only")
+    ax.plot(ns, [r["pipeline_seconds"] for r in rows], marker="s", color="black", linewidth=2, label="total")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("N (training points)")
+    ax.set_ylabel("seconds")
+    ax.set_title(f"ptsne end to end, {machine['cpus']} CPUs" + (f", {machine['gpu']}" if machine.get("gpu") else ""))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def machine_info(ray) -> dict:
+    import torch
+
+    res = ray.cluster_resources()
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": int(res.get("CPU", 0)),
+        "gpus": int(res.get("GPU", 0)),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "ray_nodes": len([n for n in ray.nodes() if n["Alive"]]),
+        "ray": ray.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, nargs="+", default=[100_000, 300_000, 1_000_000], help="training sizes")
+    p.add_argument("--dim", type=int, default=50)
+    p.add_argument("--centers", type=int, default=20)
+    p.add_argument("--spread", type=float, default=6.0, help="std of the mixture means (smaller: classes overlap more)")
+    p.add_argument("--pca", type=int, default=None, help="PCA components before the kNN (default: none)")
+    p.add_argument("--perplexity", type=float, default=30.0)
+    p.add_argument("--knn-method", default="auto", choices=["auto", "exact", "ivf"])
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--train-workers", type=int, default=1)
+    p.add_argument("--task-cpus", type=int, default=1, help="CPUs per Ray task / train worker / embed actor")
+    p.add_argument("--gpu", action="store_true", help="train on GPUs (one per worker)")
+    p.add_argument("--shard-rows", type=int, default=None, help="rows per shard (default: N/4, at most 100k)")
+    p.add_argument("--quality-sample", type=int, default=2000, help="held-out rows scored")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray started here")
+    p.add_argument("--address", default=None,
+                   help="existing Ray cluster (memory is then reported per task only; --out must be on "
+                        "storage that every node mounts)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale"))
+    p.add_argument("--keep", action="store_true", help="keep the generated data and outputs")
+    p.add_argument("--warmup", type=int, default=2000,
+                   help="first run the whole pipeline at this N, unrecorded, so that one-time start-up "
+                        "costs (imports, Ray Train and Ray Data set-up, the MLflow schema) do not land on "
+                        "the first N (0: no warm-up)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("ray", "mlflow", "alembic", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    import ray
+
+    # Absolute: Ray workers do not run in this directory.
+    out = Path(args.out).resolve()
+    args.out = str(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.address:
+        ray.init(address=args.address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    results = {"machine": machine_info(ray), "settings": vars(args), "runs": []}
+    try:
+        with (RssMonitor() if not args.address else contextlib.nullcontext()) as monitor:
+            if args.warmup:
+                log.info("warm-up at N = %d (not recorded)", args.warmup)
+                run_one(args.warmup, args, monitor)
+            for n in args.n:
+                log.info("N = %d", n)
+                t = time.perf_counter()
+                results["runs"].append(run_one(n, args, monitor))
+                log.info("N = %d done in %.1f s", n, time.perf_counter() - t)
+                write_report(out, results)  # after every N, so a long run keeps what it measured
+    finally:
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""``ptsne affinities``: Parquet shards -> affinity directory (features, joint-P edges, manifest)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from jobs.cli import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE
+
+log = logging.getLogger(__name__)
+
+
+def _n_neighbors(value: str):
+    return value if value == "auto" else int(value)
+
+
+def add_input_arguments(p: argparse.ArgumentParser) -> None:
+    """Options naming the input columns (shared with other subcommands that read shards)."""
+    p.add_argument("--vector-col", default="vector", help="column of fixed-size lists or lists of numbers (default: vector)")
+    p.add_argument("--feature-cols", default=None,
+                   help="comma-separated numeric columns that form the vectors (instead of --vector-col)")
+    p.add_argument("--id-col", default=None, help="int or string id column (default: row position in the input)")
+    p.add_argument("--label-col", default=None, help="column copied to the features as 'label'")
+
+
+def add_affinity_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of the affinity stage (also usable by ``ptsne train``)."""
+    add_input_arguments(p)
+    p.add_argument("--perplexity", type=float, nargs="+", default=[30.0],
+                   help="perplexity, or several for multiscale affinities (default: 30)")
+    p.add_argument("--n-neighbors", type=_n_neighbors, default="auto", help="neighbours per point (default: auto = 3 x perplexity)")
+    p.add_argument("--pca", dest="pca_components", type=int, default=None, help="project to this many dimensions first")
+    p.add_argument("--pca-samples", type=int, default=100_000, help="rows sampled to fit the PCA (default: 100000)")
+    p.add_argument("--knn-method", choices=("auto", "exact", "ivf"), default="auto")
+    p.add_argument("--target-recall", type=float, default=0.95, help="IVF recall@k target (default: 0.95)")
+    p.add_argument("--batch-rows", type=int, default=50_000, help="rows per kNN task (default: 50000)")
+    p.add_argument("--edge-partitions", type=int, default=None, help="edges output parts (default: from the edge count)")
+    p.add_argument("--max-index-bytes", type=int, default=None,
+                   help="largest index shipped whole through the object store; larger ones are sharded "
+                   "(default: min(2 GiB, 1/4 of the smallest node's object store))")
+    p.add_argument("--drop-invalid", action="store_true",
+                   help="drop NaN/Inf/missing vectors into rejects.parquet instead of rejecting the input")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--task-cpus", type=int, default=1, help="CPUs per Ray task (default: 1)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "affinities",
+        help="compute the kNN graph and joint-P affinities of Parquet shards with Ray",
+        description="Validate Parquet shards, optionally apply PCA, and write an affinity "
+        "directory: features/ and edges/ Parquet shards plus manifest.json. A run whose "
+        "output already holds a manifest with the same settings and input returns at once.",
+    )
+    p.add_argument("--input", required=True, help="directory, file or URI of Parquet shards")
+    p.add_argument("--output", required=True, help="affinity directory to create (path or URI)")
+    add_affinity_arguments(p)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output built with other settings")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray started by this command")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace, **overrides):
+    """An :class:`pipeline.affinity.AffinityJobConfig` from parsed arguments."""
+    from pipeline.affinity import AffinityJobConfig
+
+    perp = args.perplexity
+    fields = dict(
+        input=args.input,
+        output=args.output,
+        vector_col=args.vector_col,
+        feature_cols=tuple(c.strip() for c in args.feature_cols.split(",") if c.strip()) if args.feature_cols else None,
+        id_col=args.id_col,
+        label_col=args.label_col,
+        perplexity=perp[0] if len(perp) == 1 else tuple(perp),
+        n_neighbors=args.n_neighbors,
+        pca_components=args.pca_components,
+        pca_samples=args.pca_samples,
+        knn_method=args.knn_method,
+        target_recall=args.target_recall,
+        batch_rows=args.batch_rows,
+        edge_partitions=args.edge_partitions,
+        max_index_bytes=args.max_index_bytes,
+        drop_invalid=args.drop_invalid,
+        device=args.device,
+        task_cpus=args.task_cpus,
+        seed=args.seed,
+        overwrite=getattr(args, "overwrite", False),
+        ray_address=getattr(args, "ray_address", None),
+    )
+    fields.update(overrides)
+    return AffinityJobConfig(**fields)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+    except (TypeError, ValueError) as exc:
+        sys.stderr.write(f"ptsne affinities: {exc}\n")
+        return EXIT_USAGE
+    import ray
+
+    from pipeline.affinity import build_affinities
+    from pipeline.shards import InvalidInputError
+
+    started = False
+    if not ray.is_initialized() and args.ray_address is None and args.num_cpus is not None:
+        ray.init(num_cpus=args.num_cpus, log_to_driver=False)
+        started = True
+    try:
+        manifest = build_affinities(config)
+    except InvalidInputError as exc:
+        sys.stderr.write(f"ptsne affinities: {exc}\n")
+        return EXIT_BAD_INPUT
+    except FileNotFoundError as exc:
+        sys.stderr.write(f"ptsne affinities: {exc}\n")
+        return EXIT_NOT_FOUND
+    except (ValueError, FileExistsError) as exc:
+        sys.stderr.write(f"ptsne affinities: {exc}\n")
+        return EXIT_USAGE if isinstance(exc, ValueError) else EXIT_ERROR
+    finally:
+        if started:
+            ray.shutdown()
+    summary = {k: manifest[k] for k in ("n", "dim", "k", "perplexities", "knn_method", "knn_recall", "n_edges")}
+    summary["output"] = config.output
+    summary["timings_s"] = manifest.get("timings_s")
+    sys.stdout.write(json.dumps(summary) + "\n")
+    return EXIT_OK

@@ -1,0 +1,255 @@
+"""``ptsne embed``: apply a registered mapper to new Parquet shards, each exactly once.
+
+Examples
+--------
+One pass (cron-friendly; a rerun embeds only new or changed shards)::
+
+    ptsne embed --model models:/mnist-map@prod --input data/incoming --output data/maps
+
+Keep polling, and follow the alias (re-embedding everything when it moves)::
+
+    ptsne embed --model models:/mnist-map@prod --input ... --output ... --watch --interval 60 --reembed
+
+Exit codes: 0 done; 1 unexpected error (or the output is locked by another run);
+2 usage (bad URI, output held by another model without ``--reembed``);
+3 bad input (schema, dimension, NaN/Inf rows); 4 model, alias, version or input not found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+
+from jobs.cli import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE
+
+log = logging.getLogger(__name__)
+
+
+def _columns(value: str) -> tuple[str, ...]:
+    cols = tuple(c.strip() for c in value.split(",") if c.strip())
+    if not cols:
+        raise argparse.ArgumentTypeError(f"expected comma-separated column names, got {value!r}")
+    return cols
+
+
+def _positive_float(value: str) -> float:
+    v = float(value)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return v
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "embed",
+        help="embed new Parquet shards with a registered model (exactly once per shard)",
+        description=__doc__.split("Examples")[0].strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True,
+                   help="models:/NAME@ALIAS, models:/NAME/VERSION, NAME/VERSION, runs:/RUN_ID/PATH or a local model dir")
+    p.add_argument("--input", required=True, help="Parquet file or directory (local path or URI such as s3://...)")
+    p.add_argument("--output", required=True, help="output directory (local or shared POSIX filesystem)")
+    cols = p.add_mutually_exclusive_group()
+    cols.add_argument("--vector-col", help="list column holding the vectors (default: 'vector')")
+    cols.add_argument("--feature-cols", type=_columns, help="comma-separated numeric columns forming the vector")
+    p.add_argument("--id-col", default="id", help="id column copied to the output (default: id)")
+    p.add_argument("--passthrough", type=_columns, default=(), help="comma-separated input columns to copy to the output")
+    p.add_argument("--on-invalid", choices=("error", "reject"), default="error",
+                   help="rows with NaN/Inf/null vectors or the wrong length: fail their shard (default) "
+                        "or write them to _rejects/ and embed the rest")
+    p.add_argument("--reembed", action="store_true",
+                   help="embed all shards with the version the model URI names now, into OUTPUT/v<version>/ "
+                        "(default: stay on the version of the current output)")
+    p.add_argument("--watch", action="store_true", help="keep polling the input for new shards")
+    p.add_argument("--interval", type=_positive_float, default=60.0, help="seconds between polls (default 60)")
+    p.add_argument("--max-polls", type=int, default=None, help="with --watch: stop after this many polls")
+    p.add_argument("--batch-size", type=int, default=8192, help="rows per model call (default 8192)")
+    p.add_argument("--num-actors", type=int, default=None, help="model actors (default: one per GPU, or CPUs - 1)")
+    p.add_argument("--cpus-per-actor", type=_positive_float, default=1.0, help="CPUs (torch threads) per actor")
+    p.add_argument("--gpus-per-actor", type=float, default=None, help="default 1 when the cluster has GPUs")
+    p.add_argument("--block-mb", type=_positive_float, default=4.0,
+                   help="Ray Data block size in MiB; smaller blocks stream finished shards out sooner (default 4)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _on_sigterm(signum, frame):
+    raise _Stop()
+
+
+def _init_ray(args) -> bool:
+    """Connect to (or start) Ray unless the caller already did; True when started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
+    if address is None and args.num_cpus is not None:
+        kwargs["num_cpus"] = args.num_cpus
+    ray.init(address=address, **kwargs)
+    return True
+
+
+class _ModelCache:
+    """Downloads each resolved version once per process."""
+
+    def __init__(self):
+        self.tmp = tempfile.TemporaryDirectory(prefix="ptsne-embed-")
+        self.paths: dict[str, str] = {}
+
+    def spec(self, ref):
+        from jobs import registry
+        from pipeline.embed import ModelSpec
+
+        if ref.uri not in self.paths:
+            dst = os.path.join(self.tmp.name, str(len(self.paths)))
+            self.paths[ref.uri] = str(registry.download(ref, dst))
+        return ModelSpec(path=self.paths[ref.uri], name=ref.name, version=ref.version, tag=ref.tag)
+
+
+def _choose(args, out_current):
+    """The version to apply: the one the URI names now, or (without --reembed) the current output's."""
+    from jobs import registry
+
+    ref = registry.lookup(args.model)
+    if args.reembed or out_current is None:
+        return ref
+    if out_current.get("model_name") != ref.name:
+        raise _UsageError(
+            f"{args.output} holds embeddings of model {out_current.get('model_name')!r} "
+            f"version {out_current.get('model_version')}, not of {ref.name!r}; pass --reembed to "
+            f"embed everything with {ref.name!r} version {ref.version} into {ref.tag}/, "
+            "or use another --output"
+        )
+    if out_current.get("model_version") != ref.version:
+        log.warning(
+            "%s now names %s version %s, but the current output %s/ holds version %s: new shards get "
+            "version %s too, so the output stays one map. Run with --reembed to re-embed every shard "
+            "with version %s.",
+            args.model, ref.name, ref.version, out_current.get("dir"), out_current.get("model_version"),
+            out_current.get("model_version"), ref.version,
+        )
+        if ref.is_registered:
+            return registry.lookup(f"models:/{ref.name}/{out_current['model_version']}")
+        if ref.run_id:
+            return registry.lookup(f"runs:/{out_current['model_version']}/{ref.name}")
+    return ref
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _once(args, cache, config):
+    from pipeline.embed import embed_shards, read_current
+
+    current = read_current(args.output)
+    ref = _choose(args, current)
+    spec = cache.spec(ref)
+    return embed_shards(args.input, args.output, spec, config)
+
+
+def _report(args, summary) -> None:
+    if args.json:
+        sys.stdout.write(json.dumps(summary.as_dict(), sort_keys=True) + "\n")
+    else:
+        sys.stdout.write(f"ptsne embed: {summary.line()}\n")
+    sys.stdout.flush()
+
+
+def run(args) -> int:
+    """Entry point of ``ptsne embed``; returns an exit code."""
+    from jobs import registry
+    from jobs.tracking import configure_mlflow
+    from pipeline.embed import EmbedConfig, EmbedInputError
+    from pipeline.shards import InvalidInputError
+
+    try:
+        config = EmbedConfig(
+            vector_col=args.vector_col,
+            feature_cols=args.feature_cols,
+            id_col=args.id_col,
+            passthrough=args.passthrough,
+            on_invalid=args.on_invalid,
+            batch_size=args.batch_size,
+            num_actors=args.num_actors,
+            cpus_per_actor=args.cpus_per_actor,
+            gpus_per_actor=args.gpus_per_actor,
+            progress=not args.no_progress,
+            block_bytes=int(args.block_mb * (1 << 20)),
+        )
+        if args.max_polls is not None and args.max_polls < 1:
+            raise ValueError(f"--max-polls must be >= 1, got {args.max_polls}")
+        registry.parse_model_uri(args.model)
+    except (ValueError, TypeError) as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
+    if registry.parse_model_uri(args.model)[0] != "dir":
+        configure_mlflow(experiment=None)
+    # SIGTERM (cron timeouts, `ray job stop`) ends a poll loop cleanly; only the main thread may set it.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    cache = _ModelCache()
+    polls = 0
+    started = False
+    try:
+        started = _init_ray(args)
+        while True:
+            polls += 1
+            try:
+                summary = _once(args, cache, config)
+                _report(args, summary)
+                code = EXIT_OK
+            except registry.ModelNotFoundError as exc:
+                log.error("%s", exc)
+                code = EXIT_NOT_FOUND
+            except FileNotFoundError as exc:
+                log.error("%s", exc)
+                code = EXIT_NOT_FOUND
+            except (EmbedInputError, InvalidInputError) as exc:
+                log.error("%s", exc)
+                if getattr(exc, "summary", None) is not None:
+                    _report(args, exc.summary)
+                code = EXIT_BAD_INPUT
+            except (_UsageError, ValueError) as exc:
+                log.error("%s", exc)
+                code = EXIT_USAGE
+            if not args.watch or (args.max_polls is not None and polls >= args.max_polls):
+                return code
+            if code != EXIT_OK:
+                log.warning("poll %d failed (exit code %d); retrying in %g s", polls, code, args.interval)
+            time.sleep(args.interval)
+    except (KeyboardInterrupt, _Stop):
+        log.warning("stopped; finished shards are in the ledger, a rerun resumes the rest")
+        return EXIT_OK if args.watch else EXIT_ERROR
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return EXIT_ERROR
+    except Exception:
+        log.exception("ptsne embed failed")
+        return EXIT_ERROR
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        cache.tmp.cleanup()
+        if started:
+            import ray
+
+            ray.shutdown()

@@ -1,0 +1,539 @@
+"""The MLflow model of a ``ParametricTSNE`` mapper: log, register, resolve, describe.
+
+The logged model is a pyfunc model whose only payload is a
+``ParametricTSNE.save`` directory (``config.json`` + ``model.safetensors``) under
+``data/estimator``. It is logged with a ``loader_module`` (this module's
+:func:`_load_pyfunc`), so loading it unpickles no code; the ``ptsne`` and
+``jobs`` packages travel with it as ``code_paths`` and its dependencies are
+pinned in explicit ``pip_requirements``. Inference in this project never goes
+through pyfunc: :func:`resolve_model` downloads the directory and calls
+``ParametricTSNE.load``.
+
+Model URIs accepted by :func:`resolve_model`: ``models:/NAME@ALIAS``,
+``models:/NAME/VERSION``, ``models:/NAME/latest``, the same without the
+``models:/`` prefix, a bare ``NAME`` (its latest version), ``runs:/RUN_ID/PATH``
+and a local ``ParametricTSNE.save`` or MLflow model directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: Directory name of the estimator inside the pyfunc model's ``data`` folder.
+ESTIMATOR_DIR = "estimator"
+#: Default artifact name of the logged model.
+DEFAULT_NAME = "mapper"
+#: Third-party packages the pyfunc model needs, pinned to the installed versions.
+REQUIREMENTS = ("torch", "numpy", "scipy", "safetensors", "faiss-cpu", "tqdm", "mlflow")
+
+_ALIAS = re.compile(r"^(?P<name>[^@/]+)@(?P<alias>[^@/]+)$")
+_VERSION = re.compile(r"^(?P<name>[^@/]+)/(?P<version>\d+|latest)$")
+_RUNS = re.compile(r"^runs:/(?P<run>[^/]+)/(?P<path>.+)$")
+
+
+class ModelNotFoundError(LookupError):
+    """The model, alias, version or run does not exist (the message lists what does)."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which model was resolved.
+
+    Attributes
+    ----------
+    name : str
+        Registered model name; the artifact path for ``runs:/`` URIs; the
+        directory name for a local directory.
+    version : str
+        Registry version (``"3"``); the run id for ``runs:/`` URIs; ``"local"``.
+    uri : str
+        A URI that names exactly this version (``models:/NAME/3``).
+    run_id : str or None
+        The run that logged the model, when known.
+    path : pathlib.Path or None
+        Local ``ParametricTSNE.save`` directory it was loaded from.
+    aliases : tuple of str
+        Aliases pointing at this version.
+    """
+
+    name: str
+    version: str
+    uri: str
+    run_id: str | None = None
+    path: Path | None = field(default=None, compare=False)
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def is_registered(self) -> bool:
+        return self.uri.startswith("models:/")
+
+    @property
+    def tag(self) -> str:
+        """Short directory-safe label of this version: ``v3``, ``run-<id>`` or ``local``."""
+        if self.is_registered:
+            return f"v{self.version}"
+        if self.run_id:
+            return f"run-{self.run_id}"
+        return "local"
+
+
+# --------------------------------------------------------------------------- pyfunc flavour
+
+
+class _PyfuncModel:
+    """What ``mlflow.pyfunc.load_model`` wraps: ``predict`` = ``ParametricTSNE.transform``."""
+
+    def __init__(self, estimator):
+        self.estimator = estimator
+
+    def predict(self, model_input, params=None) -> np.ndarray:
+        values = getattr(model_input, "values", model_input)  # DataFrame -> ndarray
+        return self.estimator.transform(np.asarray(values, dtype=np.float32))
+
+
+def _load_pyfunc(data_path: str) -> _PyfuncModel:
+    """Entry point named by ``loader_module``: load the estimator from ``data_path``."""
+    from ptsne.estimator import ParametricTSNE
+
+    return _PyfuncModel(ParametricTSNE.load(data_path, device="cpu"))
+
+
+def pip_requirements() -> list[str]:
+    """Pinned requirements of the pyfunc model (the installed versions)."""
+    reqs = []
+    for pkg in REQUIREMENTS:
+        try:
+            version = importlib_metadata.version(pkg)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+        reqs.append(f"{pkg}=={version.split('+')[0]}")
+    return reqs
+
+
+def _signature(n_features: int, n_components: int):
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(n_features)))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(n_components)))]),
+    )
+
+
+def _stage_code(dst: Path) -> list[str]:
+    """Copies of the ``ptsne`` and ``jobs`` packages (without caches) for ``code_paths``."""
+    import jobs
+    import ptsne
+
+    paths = []
+    for pkg in (ptsne, jobs):
+        src = Path(pkg.__file__).parent
+        target = dst / src.name
+        shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        paths.append(str(target))
+    return paths
+
+
+def log_model(
+    estimator,
+    name: str = DEFAULT_NAME,
+    *,
+    registered_model_name: str | None = None,
+    metadata: dict | None = None,
+    tags: dict | None = None,
+):
+    """Log a fitted ``ParametricTSNE`` as a pyfunc model of the active run.
+
+    Parameters
+    ----------
+    estimator : ParametricTSNE
+        A fitted estimator (``fit``, ``load`` or ``from_mapper``).
+    name : str
+        Model name within the run (``runs:/RUN_ID/<name>``).
+    registered_model_name : str, optional
+        Also register it under this name (see :func:`register` for aliases).
+    metadata, tags : dict, optional
+        Extra MLflow model metadata / logged-model tags.
+
+    Returns
+    -------
+    mlflow.models.model.ModelInfo
+        ``model_uri`` names the logged model.
+
+    Notes
+    -----
+    Call :func:`jobs.tracking.configure_mlflow` first. Without an active run,
+    MLflow logs the model outside any run (no source run in ``ptsne models show``).
+    """
+    import mlflow
+
+    from ptsne.estimator import ParametricTSNE
+
+    if not isinstance(estimator, ParametricTSNE):
+        raise TypeError(f"log_model: estimator must be a ParametricTSNE, got {type(estimator).__name__}")
+    if not hasattr(estimator, "model_"):
+        from ptsne.errors import NotFittedError
+
+        raise NotFittedError("log_model: the estimator is not fitted; call fit(X) first")
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"log_model: name must be a non-empty string without '/', got {name!r}")
+    n_features = int(estimator.n_features_in_)
+    n_components = int(estimator.n_components)
+    meta = {
+        "ptsne_format_version": 1,
+        "n_features_in": n_features,
+        "n_components": n_components,
+        "n_neighbors": int(estimator.n_neighbors_),
+        "pca": estimator.pca_ is not None,
+    }
+    meta.update(metadata or {})
+    with tempfile.TemporaryDirectory(prefix="ptsne-log-") as tmp:
+        tmp = Path(tmp)
+        estimator.save(tmp / ESTIMATOR_DIR)
+        with warnings.catch_warnings():
+            # MLflow asks for an input example; the explicit signature already types the input.
+            warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                loader_module=__name__,
+                data_path=str(tmp / ESTIMATOR_DIR),
+                code_paths=_stage_code(tmp / "code"),
+                pip_requirements=pip_requirements(),
+                signature=_signature(n_features, n_components),
+                metadata=meta,
+                registered_model_name=registered_model_name,
+                tags=tags,
+            )
+    log.info("logged model %s (%d -> %d)", info.model_uri, n_features, n_components)
+    return info
+
+
+def register(model_uri: str, name: str, alias: str | None = None, tags: dict | None = None) -> ModelRef:
+    """Register ``model_uri`` (a logged model or ``runs:/`` URI) as a new version of ``name``.
+
+    ``alias`` (e.g. ``"prod"``) is moved to the new version. Returns its :class:`ModelRef`.
+    """
+    import mlflow
+
+    if not isinstance(name, str) or not name.strip() or "/" in name or "@" in name:
+        raise ValueError(f"register: name must be a non-empty string without '/' or '@', got {name!r}")
+    if alias is not None and (not isinstance(alias, str) or not alias or "/" in alias or "@" in alias):
+        raise ValueError(f"register: alias must be a non-empty string without '/' or '@', got {alias!r}")
+    client = mlflow.MlflowClient()
+    mv = mlflow.register_model(model_uri, name, tags=tags)
+    if alias is not None:
+        client.set_registered_model_alias(name, alias, mv.version)
+    log.info("registered %s as %s version %s%s", model_uri, name, mv.version, f" (@{alias})" if alias else "")
+    return ModelRef(
+        name=name,
+        version=str(mv.version),
+        uri=f"models:/{name}/{mv.version}",
+        run_id=mv.run_id or None,
+        aliases=(alias,) if alias else (),
+    )
+
+
+# --------------------------------------------------------------------------- lookups
+
+
+def _is_not_found(exc: Exception) -> bool:
+    return "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", "")) or "not found" in str(exc).lower()
+
+
+def _model_names(client) -> list[str]:
+    return sorted(m.name for m in client.search_registered_models(max_results=1000))
+
+
+def _registered_model(client, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as exc:
+        if not _is_not_found(exc):
+            raise
+        names = _model_names(client)
+        listing = ", ".join(names) if names else "none (register one with `ptsne train --register NAME`)"
+        raise ModelNotFoundError(f"unknown model {name!r}; registered models: {listing}") from None
+
+
+def _versions(client, name: str) -> list:
+    versions = client.search_model_versions(f"name='{name}'", max_results=10000)
+    return sorted(versions, key=lambda v: int(v.version))
+
+
+def _version_listing(client, name: str, rm) -> str:
+    versions = [str(v.version) for v in _versions(client, name)]
+    aliases = ", ".join(f"@{a} -> {v}" for a, v in sorted(_aliases(rm).items())) or "none"
+    return f"versions: {', '.join(versions) or 'none'}; aliases: {aliases}"
+
+
+def _aliases(rm) -> dict[str, str]:
+    raw = getattr(rm, "aliases", None) or {}
+    if isinstance(raw, dict):
+        return {str(k): str(v) for k, v in raw.items()}
+    return {str(a.alias): str(a.version) for a in raw}
+
+
+def parse_model_uri(uri: str) -> tuple[str, dict]:
+    """Classify a model URI: ``("alias", {name, alias})``, ``("version", {name, version})``,
+    ``("latest", {name})``, ``("run", {run_id, path})`` or ``("dir", {path})``."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise ValueError(f"model URI must be a non-empty string, got {uri!r}")
+    uri = uri.strip()
+    m = _RUNS.match(uri)
+    if m:
+        return "run", {"run_id": m["run"], "path": m["path"].strip("/")}
+    if uri.startswith("models:/"):
+        rest = uri[len("models:/") :].strip("/")
+    elif os.path.isdir(uri):
+        return "dir", {"path": uri}
+    else:
+        rest = uri
+    if (m := _ALIAS.match(rest)) is not None:
+        return "alias", {"name": m["name"], "alias": m["alias"]}
+    if (m := _VERSION.match(rest)) is not None:
+        if m["version"] == "latest":
+            return "latest", {"name": m["name"]}
+        return "version", {"name": m["name"], "version": m["version"]}
+    if rest and "/" not in rest and "@" not in rest and "://" not in uri:
+        return "latest", {"name": rest}
+    raise ValueError(
+        f"model URI {uri!r} is not understood; use models:/NAME@ALIAS, models:/NAME/VERSION, "
+        "NAME/VERSION, NAME@ALIAS, runs:/RUN_ID/PATH or a local model directory"
+    )
+
+
+def lookup(uri: str) -> ModelRef:
+    """Resolve ``uri`` to a concrete version without downloading anything."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    kind, parts = parse_model_uri(uri)
+    if kind == "dir":
+        path = Path(parts["path"]).resolve()
+        return ModelRef(name=path.name, version="local", uri=str(path), path=path)
+    client = mlflow.MlflowClient()
+    if kind == "run":
+        run_id, path = parts["run_id"], parts["path"]
+        try:
+            client.get_run(run_id)
+        except MlflowException as exc:
+            if not _is_not_found(exc):
+                raise
+            raise ModelNotFoundError(f"unknown run {run_id!r} in {mlflow.get_tracking_uri()}") from None
+        return ModelRef(name=path, version=run_id, uri=f"runs:/{run_id}/{path}", run_id=run_id)
+    name = parts["name"]
+    rm = _registered_model(client, name)
+    aliases = _aliases(rm)
+    if kind == "alias":
+        alias = parts["alias"]
+        if alias not in aliases:
+            raise ModelNotFoundError(
+                f"model {name!r} has no alias {alias!r}; {_version_listing(client, name, rm)}"
+            )
+        version = aliases[alias]
+    elif kind == "latest":
+        versions = _versions(client, name)
+        if not versions:
+            raise ModelNotFoundError(f"model {name!r} has no versions yet")
+        version = str(versions[-1].version)
+    else:
+        version = parts["version"]
+    try:
+        mv = client.get_model_version(name, version)
+    except MlflowException as exc:
+        if not _is_not_found(exc):
+            raise
+        raise ModelNotFoundError(
+            f"model {name!r} has no version {version}; {_version_listing(client, name, rm)}"
+        ) from None
+    return ModelRef(
+        name=name,
+        version=str(mv.version),
+        uri=f"models:/{name}/{mv.version}",
+        run_id=mv.run_id or None,
+        aliases=tuple(sorted(a for a, v in aliases.items() if v == str(mv.version))),
+    )
+
+
+def _estimator_dir(model_dir: Path) -> Path:
+    """The ``ParametricTSNE.save`` directory inside a downloaded MLflow model (or itself)."""
+    from ptsne.estimator import CONFIG_FILE
+
+    if (model_dir / CONFIG_FILE).is_file():
+        return model_dir
+    if (model_dir / "MLmodel").is_file():
+        from mlflow.models import Model
+
+        flavor = Model.load(str(model_dir / "MLmodel")).flavors.get("python_function", {})
+        data = flavor.get("data")
+        if data and (model_dir / data / CONFIG_FILE).is_file():
+            return model_dir / data
+    raise ModelNotFoundError(
+        f"{str(model_dir)!r} is not a ptsne model: no {CONFIG_FILE}, and no pyfunc 'data' "
+        "directory holding one (was it logged with jobs.registry.log_model?)"
+    )
+
+
+def _run_models(run_id: str) -> list[str]:
+    """Names of the models logged by a run (MLflow 3 logged models, then plain artifacts)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    names = []
+    try:
+        found = client.search_logged_models(
+            experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
+        )
+        names = [m.name for m in found]
+    except Exception:  # older servers without logged-model search
+        log.debug("search_logged_models failed", exc_info=True)
+    names += [a.path for a in client.list_artifacts(run_id) if a.is_dir]
+    return sorted(set(names))
+
+
+def download(ref: ModelRef, dst: str | os.PathLike | None = None) -> Path:
+    """Download ``ref``'s model into ``dst`` (default a new temp dir); return the estimator dir."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if ref.version == "local" and ref.path is not None:
+        return _estimator_dir(Path(ref.path))
+    # MLflow draws one progress bar per file otherwise; keep logs readable.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    dst = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="ptsne-model-"))
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=str(dst))
+    except MlflowException as exc:
+        if ref.run_id and not ref.is_registered:
+            names = _run_models(ref.run_id)
+            raise ModelNotFoundError(
+                f"run {ref.run_id} has no model at {ref.name!r}; its models: {names or 'none'}"
+            ) from exc
+        raise
+    return _estimator_dir(Path(local))
+
+
+def resolve_model(uri: str, dst: str | os.PathLike | None = None, device: str = "cpu"):
+    """Find, download and load the model named by ``uri``.
+
+    Parameters
+    ----------
+    uri : str
+        ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``NAME/VERSION``,
+        ``NAME@ALIAS``, ``NAME`` (latest), ``runs:/RUN_ID/PATH`` or a local directory.
+    dst : path, optional
+        Where to download it (default a new temp dir, left to the caller).
+    device : str
+        Torch device of the loaded estimator.
+
+    Returns
+    -------
+    (ParametricTSNE, ModelRef)
+        ``ModelRef.path`` is the local ``ParametricTSNE.save`` directory.
+
+    Raises
+    ------
+    ModelNotFoundError
+        Unknown model, alias, version or run; the message lists what exists.
+    ValueError
+        A URI in none of the forms above.
+    """
+    from ptsne.estimator import ParametricTSNE
+
+    ref = lookup(uri)
+    path = download(ref, dst)
+    estimator = ParametricTSNE.load(path, device=device)
+    return estimator, ModelRef(ref.name, ref.version, ref.uri, ref.run_id, path, ref.aliases)
+
+
+def _iso(ms: int | None) -> str | None:
+    if not ms:
+        return None
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def list_models() -> list[dict]:
+    """Registered models: ``name``, ``latest_version``, ``n_versions``, ``aliases``, ``updated``, ``description``."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    out = []
+    for rm in sorted(client.search_registered_models(max_results=1000), key=lambda m: m.name):
+        versions = _versions(client, rm.name)
+        out.append(
+            {
+                "name": rm.name,
+                "latest_version": str(versions[-1].version) if versions else None,
+                "n_versions": len(versions),
+                "aliases": _aliases(rm),
+                "updated": _iso(rm.last_updated_timestamp),
+                "description": rm.description or "",
+            }
+        )
+    return out
+
+
+def describe_model(name: str) -> dict:
+    """One registered model with each version's aliases, source run, status and quality metrics.
+
+    Metrics are those of the version's source run (``knn_accuracy``,
+    ``trustworthiness``, ... as logged by training) merged with metrics logged
+    on the model itself.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    rm = _registered_model(client, name)
+    aliases = _aliases(rm)
+    versions = []
+    for mv in _versions(client, name):
+        metrics: dict[str, float] = {}
+        run_name = None
+        if mv.run_id:
+            try:
+                run = client.get_run(mv.run_id)
+                metrics.update(run.data.metrics)
+                run_name = run.info.run_name
+            except MlflowException:
+                log.warning("model %s version %s: source run %s is gone", name, mv.version, mv.run_id)
+        for m in getattr(mv, "metrics", None) or []:
+            metrics.setdefault(m.key, m.value)
+        versions.append(
+            {
+                "version": str(mv.version),
+                "aliases": sorted(a for a, v in aliases.items() if v == str(mv.version)),
+                "run_id": mv.run_id or None,
+                "run_name": run_name,
+                "status": mv.status,
+                "created": _iso(mv.creation_timestamp),
+                "source": mv.source,
+                "tags": dict(mv.tags or {}),
+                "metrics": dict(sorted(metrics.items())),
+            }
+        )
+    return {
+        "name": rm.name,
+        "description": rm.description or "",
+        "aliases": aliases,
+        "created": _iso(rm.creation_timestamp),
+        "updated": _iso(rm.last_updated_timestamp),
+        "versions": versions,
+    }

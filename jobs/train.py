@@ -1,0 +1,578 @@
+"""``ptsne train``: Parquet shards -> kNN -> P -> distributed training -> MLflow run and registry.
+
+Examples
+--------
+Two CPU workers on a local Ray, registered as ``digits@champion``::
+
+    ptsne train --input data/train --vector-col vector --id-col id --label-col label \\
+        --perplexity 30 --epochs 40 --workers 2 --experiment digits \\
+        --register digits --alias champion
+
+The same settings from a file (command-line options win over the file)::
+
+    ptsne train --config train.toml
+
+Against a running cluster (``RAY_ADDRESS`` is set by ``ray job submit``)::
+
+    ray job submit --working-dir . -- ptsne train --config train.toml --workers 8 --gpus-per-worker 1
+
+Stages, each skipped when its output exists and matches the settings:
+``affinities`` (``WORKDIR/affinities``, by the manifest's ``config_hash``),
+``train`` (``WORKDIR/model``, by a stamp of the data hash, settings and worker
+count; an interrupted run resumes from its last epoch checkpoint under
+``--storage-path``), ``register`` (no new run when the stamp records one for the
+same model name).
+
+Exit codes: 0 ok; 1 unexpected error; 2 usage (bad option or config file);
+3 bad input data; 4 input, config file or affinity directory not found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jobs.cli import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WORKDIR = "ptsne-work"
+MODEL_DIR = "model"
+STAMP_FILE = "train-stamp.json"
+PLOT_FILE = "embedding.png"
+#: Phases logged as the numeric ``phase`` metric.
+PHASES = {"early_exaggeration": 0, "embedding": 1}
+#: Settings that describe where and how the job runs, not what it computes.
+_NOT_PARAMS = {"func", "config", "_parser", "verbose", "quiet", "command"}
+
+
+def _hidden_layers(value: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(v) for v in str(value).replace(" ", "").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 512,512,512, got {value!r}")
+    if not widths or any(w < 1 for w in widths):
+        raise argparse.ArgumentTypeError(f"expected positive comma-separated widths, got {value!r}")
+    return widths
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Every option of ``ptsne train`` (also the keys of its config file)."""
+    from jobs.affinities import add_affinity_arguments
+
+    p.add_argument("--config", default=None, help="TOML or YAML file with any of these settings ([train] table or top level)")
+    src = p.add_argument_group("input")
+    src.add_argument("--input", default=None, help="directory, file or URI of Parquet shards to train on")
+    src.add_argument("--affinities", default=None,
+                     help="an existing affinity directory to train on instead of --input (skips kNN and P)")
+    src.add_argument("--workdir", default=DEFAULT_WORKDIR,
+                     help=f"where the affinities, checkpoints, model and plot go (default: ./{DEFAULT_WORKDIR})")
+    src.add_argument("--eval-input", default=None,
+                     help="held-out Parquet shards (same columns) for the quality metrics "
+                     "(default: a sample of the training rows)")
+    src.add_argument("--eval-samples", type=int, default=5000, help="held-out rows used for metrics (default: 5000)")
+    src.add_argument("--plot-points", type=int, default=1_000_000,
+                     help="training rows drawn in the plot; beyond 200000 it is a density image (default: 1000000)")
+    aff = p.add_argument_group("kNN and affinities (see `ptsne affinities`)")
+    add_affinity_arguments(aff)
+    tr = p.add_argument_group("training")
+    tr.add_argument("--epochs", type=int, default=40, help="passes over the points as anchors (default: 40)")
+    tr.add_argument("--batch-size", type=int, default=1024, help="anchors per step over all workers (default: 1024)")
+    tr.add_argument("--learning-rate", type=float, default=1e-3, help="peak Adam learning rate (default: 0.001)")
+    tr.add_argument("--early-exaggeration", type=float, default=12.0)
+    tr.add_argument("--early-exaggeration-fraction", type=float, default=0.25)
+    tr.add_argument("--exaggeration", type=float, default=1.0)
+    tr.add_argument("--dof", type=float, default=1.0, help="degrees of freedom of the Student-t kernel (default: 1)")
+    tr.add_argument("--weight-decay", type=float, default=0.0)
+    tr.add_argument("--positives-per-anchor", type=int, default=1,
+                    help="neighbours drawn per anchor in each step (default: 1)")
+    tr.add_argument("--n-components", type=int, default=2, help="embedding dimension (default: 2)")
+    tr.add_argument("--hidden-layers", type=_hidden_layers, default=(512, 512, 512),
+                    help="comma-separated hidden widths (default: 512,512,512)")
+    tr.add_argument("--activation", choices=("relu", "gelu", "silu", "tanh", "elu"), default="relu")
+    tr.add_argument("--feature-source", choices=("auto", "object_store", "scan"), default="auto",
+                    help="how workers read neighbour features (default: auto)")
+    tr.add_argument("--object-store-max-bytes", type=int, default=2 << 30,
+                    help="features up to this size go through the object store (default: 2 GiB)")
+    sc = p.add_argument_group("scaling")
+    sc.add_argument("--workers", type=int, default=1, help="data-parallel training workers (default: 1)")
+    sc.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (torch threads) per worker (default: 1)")
+    sc.add_argument("--gpus-per-worker", type=float, default=0.0,
+                    help="GPUs per worker; > 0 trains on GPUs with NCCL (default: 0, CPU with gloo)")
+    sc.add_argument("--max-failures", type=int, default=1,
+                    help="worker-group restarts, each resuming from the last epoch checkpoint (default: 1)")
+    sc.add_argument("--storage-path", default=None,
+                    help="Ray Train storage for checkpoints; shared storage on a multi-node cluster "
+                    "(default: WORKDIR/ray_results)")
+    sc.add_argument("--fresh", action="store_true", help="retrain even when a matching model or checkpoint exists")
+    sc.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    sc.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray started by this command")
+    ml = p.add_argument_group("MLflow")
+    ml.add_argument("--experiment", default="ptsne", help="MLflow experiment (default: ptsne)")
+    ml.add_argument("--run-name", default=None, help="MLflow run name")
+    ml.add_argument("--register", "--name", dest="register", default=None, help="register the model under this name")
+    ml.add_argument("--alias", default=None, help="point this alias (e.g. champion) at the new version")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="kNN -> P -> distributed training -> MLflow run and registered model, in one command",
+        description=__doc__.split("Exit codes")[0].strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_train_arguments(p)
+    p.set_defaults(func=run, _parser=p)
+
+
+class UsageError(ValueError):
+    """Settings that cannot work together (exit code 2)."""
+
+
+@dataclass
+class TrainJobResult:
+    """What one ``ptsne train`` did: where its outputs are and what it measured."""
+
+    workdir: str
+    affinity_dir: str
+    model_dir: str
+    plot: str | None
+    run_id: str | None
+    experiment_id: str | None
+    tracking_uri: str
+    model_uri: str | None
+    registered: str | None
+    metrics: dict = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# -- settings --------------------------------------------------------------------------------
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Merge ``--config`` into ``args`` and check the combination."""
+    from jobs.config import apply_config, load_config_file
+
+    if args.config:
+        apply_config(args._parser, args, load_config_file(args.config, section="train"), source=str(args.config))
+    if (args.input is None) == (args.affinities is None):
+        raise UsageError("give exactly one of --input (Parquet shards) and --affinities (an affinity directory)")
+    for name in ("workers", "cpus_per_worker", "epochs", "eval_samples", "plot_points"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.gpus_per_worker < 0:
+        raise UsageError(f"--gpus-per-worker must be >= 0, got {args.gpus_per_worker}")
+    if args.alias and not args.register:
+        raise UsageError("--alias needs --register NAME")
+    return args
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from pipeline.train import DistributedTrainConfig
+
+    return DistributedTrainConfig(
+        n_components=args.n_components,
+        hidden_layers=tuple(args.hidden_layers),
+        activation=args.activation,
+        n_epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        early_exaggeration=args.early_exaggeration,
+        early_exaggeration_fraction=args.early_exaggeration_fraction,
+        exaggeration=args.exaggeration,
+        dof=args.dof,
+        weight_decay=args.weight_decay,
+        positives_per_anchor=args.positives_per_anchor,
+        seed=args.seed,
+        feature_source=args.feature_source,
+        object_store_max_bytes=args.object_store_max_bytes,
+    )
+
+
+def settings_dict(args: argparse.Namespace) -> dict:
+    """The resolved settings (command line + config file + defaults), JSON-ready."""
+    out = {}
+    for key, value in sorted(vars(args).items()):
+        if key in _NOT_PARAMS or key.startswith("_"):
+            continue
+        out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+# -- stages ------------------------------------------------------------------------------------
+
+
+def _init_ray(args) -> bool:
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = args.ray_address or os.environ.get("RAY_ADDRESS") or None
+    kwargs = {"log_to_driver": False, "include_dashboard": False} if address is None else {}
+    if address is None and args.num_cpus is not None:
+        kwargs["num_cpus"] = args.num_cpus
+    ray.init(address=address, **kwargs)
+    return True
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def _train_key(manifest: dict, config, workers: int) -> str:
+    payload = [manifest.get("config_hash"), manifest.get("n"), config.fingerprint(), int(workers)]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:24]
+
+
+def _read_stamp(model_dir: Path) -> dict | None:
+    stamp = model_dir / STAMP_FILE
+    if not stamp.is_file():
+        return None
+    try:
+        return json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _sample_features(affinity_dir: str, manifest: dict, max_rows: int, seed: int):
+    """A seeded sample of the stored features: (rows (m,), X (m, dim), labels (m,) or None)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from pipeline import schema
+    from pipeline.train import shard_files
+
+    n = int(manifest["n"])
+    rng = np.random.default_rng(seed)
+    take_all = max_rows >= n
+    rows, X, labels = [], [], []
+    for path in shard_files(affinity_dir, manifest, "features"):
+        cols = [schema.ROW, schema.VECTOR] + ([schema.LABEL] if manifest.get("label_col") else [])
+        t = pq.read_table(path, columns=[c for c in cols if c in pq.read_schema(path).names])
+        keep = np.arange(t.num_rows)
+        if not take_all:
+            m = int(round(max_rows * t.num_rows / n))
+            keep = np.sort(rng.choice(t.num_rows, size=min(m, t.num_rows), replace=False))
+        t = t.take(keep)
+        rows.append(t.column(schema.ROW).to_numpy())
+        X.append(schema.arrow_to_vectors(t.column(schema.VECTOR)))
+        if schema.LABEL in t.column_names:
+            labels.append(t.column(schema.LABEL).to_numpy(zero_copy_only=False))
+    lab = np.concatenate(labels) if labels else None
+    return np.concatenate(rows), np.concatenate(X), lab
+
+
+def _read_eval_input(args, max_rows: int, seed: int):
+    """Raw held-out vectors (m, input_dim) and labels (or None) from Parquet shards."""
+    import numpy as np
+
+    from pipeline.shards import ColumnSpec, list_parquet, read_shard, resolve
+
+    feature_cols = tuple(c.strip() for c in args.feature_cols.split(",")) if args.feature_cols else None
+    spec = ColumnSpec(None if feature_cols else args.vector_col, feature_cols, None, args.label_col)
+    fs, path = resolve(args.eval_input)
+    Xs, ys = [], []
+    for f in list_parquet(fs, path):
+        data = read_shard(fs, f, spec)
+        if data.errors:
+            raise ValueError(f"--eval-input {f}: {'; '.join(data.errors)}")
+        good = ~data.bad
+        Xs.append(data.X[good])
+        if data.labels is not None:
+            ys.append(data.labels.to_numpy(zero_copy_only=False)[good])
+    X = np.concatenate(Xs)
+    y = np.concatenate(ys) if ys else None
+    if len(X) > max_rows:
+        keep = np.sort(np.random.default_rng(seed).choice(len(X), max_rows, replace=False))
+        X, y = X[keep], (y[keep] if y is not None else None)
+    return X, y
+
+
+def evaluate(args, estimator, affinity_dir: str, manifest: dict) -> dict:
+    """Quality on held-out points: trustworthiness and kNN recall@10, and kNN accuracy with labels."""
+    import numpy as np
+
+    from ptsne.metrics import knn_accuracy, knn_recall, trustworthiness
+    from ptsne.transform import transform
+
+    k = 10
+    metrics: dict = {}
+    if args.eval_input:
+        X_eval, y_eval = _read_eval_input(args, args.eval_samples, args.seed)
+        emb_eval = estimator.transform(X_eval)
+        metrics["eval_source"] = "held_out"
+        ref_rows, ref_X, ref_y = _sample_features(affinity_dir, manifest, max(args.eval_samples, 10_000), args.seed)
+        ref_emb = transform(estimator.model_, ref_X)
+    else:
+        # Without held-out shards: half of a training sample is the reference, half the query.
+        _, X, y = _sample_features(affinity_dir, manifest, 2 * args.eval_samples, args.seed)
+        emb = transform(estimator.model_, X)
+        half = len(X) // 2
+        X_eval, emb_eval, ref_emb = X[half:], emb[half:], emb[:half]
+        y_eval, ref_y = (y[half:], y[:half]) if y is not None else (None, None)
+        metrics["eval_source"] = "training_sample"
+    metrics["eval_points"] = int(len(X_eval))
+    if len(X_eval) > 2 * k + 1:
+        metrics["trustworthiness"] = trustworthiness(X_eval, emb_eval, k=k)
+        metrics["knn_recall"] = knn_recall(X_eval, emb_eval, k=k)
+    if y_eval is not None and ref_y is not None and len(ref_emb) >= k:
+        metrics["knn_accuracy"] = knn_accuracy(ref_emb, ref_y, emb_eval, y_eval, k=k)
+    elif manifest.get("label_col") and y_eval is None:
+        log.warning("no labels in the held-out data; kNN accuracy is not computed")
+    return metrics
+
+
+def _plot(args, estimator, affinity_dir: str, manifest: dict, path: Path) -> Path:
+    from jobs.plot import plot_embedding
+    from ptsne.transform import transform
+
+    _, X, y = _sample_features(affinity_dir, manifest, args.plot_points, args.seed)
+    Y = transform(estimator.model_, X)
+    name = args.register or "ptsne"
+    return plot_embedding(Y, path, labels=y, title=f"{name}: {len(Y):,} training points")
+
+
+def _log_run(args, location, result, estimator, manifest, history, metrics, plot_path, train_info) -> tuple[str, str | None, str | None]:
+    """One MLflow run: params, per-epoch metrics, quality metrics, artifacts, model; returns ids."""
+    import mlflow
+
+    from jobs import registry
+
+    params = {f"{k}": (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in settings_dict(args).items()}
+    params.update({
+        "data.n": manifest["n"], "data.input_dim": manifest.get("input_dim"), "data.dim": manifest["dim"],
+        "data.k": manifest["k"], "data.knn_method": manifest.get("knn_method"),
+        "data.knn_recall": manifest.get("knn_recall"), "data.n_edges": manifest.get("n_edges"),
+        "data.config_hash": manifest.get("config_hash"),
+        "train.feature_source": train_info.get("feature_source"),
+    })
+    with mlflow.start_run(run_name=args.run_name) as run:
+        mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
+        mlflow.set_tags({"ptsne.train_key": train_info["key"], "ptsne.workdir": result.workdir,
+                         "ptsne.resumed_from": json.dumps(train_info.get("resumed_from", []))})
+        for h in history:
+            step = int(h["epoch"])
+            mlflow.log_metrics(
+                {
+                    "loss": h["loss"], "attraction": h["attraction"], "log_z": h["log_z"],
+                    "exaggeration": h["exaggeration"], "learning_rate": h["learning_rate"],
+                    "epoch_seconds": h["seconds"], "phase": PHASES.get(h["phase"], -1),
+                },
+                step=step,
+            )
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        numeric.update({k: float(v) for k, v in train_info.get("timings", {}).items()})
+        mlflow.log_metrics(numeric)
+        mlflow.set_tag("eval_source", metrics.get("eval_source", ""))
+        with tempfile.TemporaryDirectory(prefix="ptsne-run-") as tmp:
+            tmp = Path(tmp)
+            (tmp / "resolved_config.json").write_text(json.dumps(settings_dict(args), indent=2, sort_keys=True))
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            (tmp / "history.json").write_text(json.dumps(history, indent=2))
+            for name in ("resolved_config.json", "manifest.json", "history.json"):
+                mlflow.log_artifact(str(tmp / name))
+        if plot_path is not None:
+            mlflow.log_artifact(str(plot_path))
+        info = registry.log_model(estimator, metadata={"train_key": train_info["key"]})
+        registered = None
+        if args.register:
+            ref = registry.register(info.model_uri, args.register, alias=args.alias)
+            registered = f"models:/{ref.name}@{args.alias}" if args.alias else ref.uri
+        return run.info.run_id, info.model_uri, registered
+
+
+def train_job(args: argparse.Namespace) -> TrainJobResult:
+    """Run the whole job for resolved ``args``; raises on failure (see :func:`run` for exit codes)."""
+    from jobs.tracking import configure_mlflow
+    from pipeline.train import read_manifest, train_distributed
+    from ptsne.estimator import ParametricTSNE
+
+    config = train_config_from_args(args)
+    workdir = Path(args.workdir).resolve()
+    started_ray = _init_ray(args)
+    if started_ray:
+        _check_local_resources(args)
+    try:
+        location = configure_mlflow(args.experiment)
+    except BaseException:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+        raise
+    workdir.mkdir(parents=True, exist_ok=True)
+    skipped: list[str] = []
+    timings: dict[str, float] = {}
+    try:
+        t = time.perf_counter()
+        if args.affinities:
+            affinity_dir = str(Path(args.affinities).resolve())
+            manifest = read_manifest(affinity_dir)
+            skipped.append("affinities")
+        else:
+            from jobs.affinities import config_from_args
+            from pipeline.affinity import build_affinities
+
+            affinity_dir = str(workdir / "affinities")
+            before = _manifest_hash(affinity_dir)
+            # The affinity directory belongs to this job's workdir: rebuild it when the settings change.
+            aff_args = argparse.Namespace(**{**vars(args), "output": affinity_dir, "overwrite": True})
+            manifest = build_affinities(config_from_args(aff_args))
+            if before is not None and before == manifest.get("config_hash"):
+                skipped.append("affinities")
+        timings["affinities_seconds"] = time.perf_counter() - t
+
+        model_dir = workdir / MODEL_DIR
+        key = _train_key(manifest, config, args.workers)
+        stamp = None if args.fresh else _read_stamp(model_dir)
+        t = time.perf_counter()
+        if stamp is not None and stamp.get("key") == key:
+            log.info("train: %s already holds the model of these settings; skipping training", model_dir)
+            estimator = ParametricTSNE.load(model_dir, device="cpu")
+            history, train_info = stamp["history"], stamp["train_info"]
+            skipped.append("train")
+        else:
+            storage = args.storage_path or str(workdir / "ray_results")
+            result = train_distributed(
+                affinity_dir, config, num_workers=args.workers, use_gpu=args.gpus_per_worker > 0,
+                storage_path=storage, resume=not args.fresh, cpus_per_worker=args.cpus_per_worker,
+                gpus_per_worker=args.gpus_per_worker or 1.0, max_failures=args.max_failures,
+            )
+            estimator, history = result.estimator, result.history
+            epoch_s = [h["seconds"] for h in history]
+            train_info = {
+                "key": key, "resumed_from": result.resumed_from, "checkpoint": result.checkpoint_path,
+                "feature_source": _feature_source(config, manifest),
+                "timings": {"train_seconds": result.seconds,
+                            "seconds_per_epoch": sum(epoch_s) / max(1, len(epoch_s))},
+            }
+            estimator.save(model_dir)
+            stamp = {"key": key, "history": history, "train_info": train_info}
+            _write_json_atomic(model_dir / STAMP_FILE, stamp)
+        timings["train_stage_seconds"] = time.perf_counter() - t
+        train_info = {**train_info, "timings": {**train_info.get("timings", {}), **timings}}
+
+        out = TrainJobResult(
+            workdir=str(workdir), affinity_dir=affinity_dir, model_dir=str(model_dir), plot=None, run_id=None,
+            experiment_id=location.experiment_id, tracking_uri=location.tracking_uri, model_uri=None,
+            registered=None, skipped=skipped,
+        )
+        logged = stamp.get("logged") if "train" in skipped else None
+        if logged and logged.get("register") == args.register and logged.get("alias") == args.alias \
+                and logged.get("tracking_uri") == location.tracking_uri and _run_exists(logged.get("run_id")):
+            log.info("register: run %s already logged and registered this model; skipping", logged["run_id"])
+            out.run_id, out.model_uri, out.registered = logged["run_id"], logged["model_uri"], logged["registered"]
+            out.plot, out.metrics = logged.get("plot"), logged.get("metrics", {})
+            out.skipped.append("register")
+            return out
+
+        metrics = evaluate(args, estimator, affinity_dir, manifest)
+        plot_path = _plot(args, estimator, affinity_dir, manifest, workdir / PLOT_FILE)
+        run_id, model_uri, registered = _log_run(
+            args, location, out, estimator, manifest, history, metrics, plot_path, train_info
+        )
+        out.run_id, out.model_uri, out.registered, out.plot = run_id, model_uri, registered, str(plot_path)
+        out.metrics = {**metrics, **train_info.get("timings", {})}
+        stamp["logged"] = {"run_id": run_id, "model_uri": model_uri, "registered": registered,
+                           "register": args.register, "alias": args.alias, "tracking_uri": location.tracking_uri,
+                           "plot": str(plot_path), "metrics": out.metrics}
+        _write_json_atomic(model_dir / STAMP_FILE, stamp)
+        return out
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _check_local_resources(args) -> None:
+    """A Ray started here cannot grow: more workers than it has CPUs/GPUs would wait forever."""
+    import ray
+
+    have = ray.cluster_resources()
+    need_cpu = args.workers * args.cpus_per_worker
+    if have.get("CPU", 0) < need_cpu:
+        ray.shutdown()
+        raise UsageError(
+            f"--workers {args.workers} x --cpus-per-worker {args.cpus_per_worker} needs {need_cpu} CPUs, "
+            f"but the local Ray has {int(have.get('CPU', 0))}; lower them or pass --ray-address of a cluster"
+        )
+    if args.gpus_per_worker > 0 and have.get("GPU", 0) < args.workers * args.gpus_per_worker:
+        ray.shutdown()
+        raise UsageError(
+            f"--workers {args.workers} x --gpus-per-worker {args.gpus_per_worker} needs "
+            f"{args.workers * args.gpus_per_worker:g} GPUs, but the local Ray has {have.get('GPU', 0):g}"
+        )
+
+
+def _manifest_hash(affinity_dir: str) -> str | None:
+    path = Path(affinity_dir) / "manifest.json"
+    try:
+        return json.loads(path.read_text()).get("config_hash")
+    except (OSError, ValueError):
+        return None
+
+
+def _feature_source(config, manifest: dict) -> str:
+    if config.feature_source != "auto":
+        return config.feature_source
+    return "object_store" if manifest["n"] * manifest["dim"] * 4 <= config.object_store_max_bytes else "scan"
+
+
+def _run_exists(run_id: str | None) -> bool:
+    if not run_id:
+        return False
+    import mlflow
+
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+        return True
+    except Exception:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``ptsne train``; returns an exit code and prints a JSON summary."""
+    try:
+        resolve_args(args)
+        train_config_from_args(args)
+    except FileNotFoundError as exc:
+        log.error("%s", exc)
+        return EXIT_NOT_FOUND
+    except (ValueError, TypeError) as exc:
+        log.error("ptsne train: %s", exc)
+        return EXIT_USAGE
+    from pipeline.shards import InvalidInputError
+
+    try:
+        result = train_job(args)
+    except InvalidInputError as exc:
+        log.error("ptsne train: %s", exc)
+        return EXIT_BAD_INPUT
+    except FileNotFoundError as exc:
+        log.error("ptsne train: %s", exc)
+        return EXIT_NOT_FOUND
+    except (ValueError, FileExistsError) as exc:
+        log.error("ptsne train: %s", exc)
+        return EXIT_USAGE
+    except Exception:
+        log.exception("ptsne train failed")
+        return EXIT_ERROR
+    sys.stdout.write(json.dumps(result.as_dict(), default=str) + "\n")
+    sys.stdout.flush()
+    return EXIT_OK

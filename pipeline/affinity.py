@@ -1,0 +1,737 @@
+"""Distributed affinities: Parquet shards -> joint-P edges on Ray.
+
+Stages (each a set of Ray tasks, each with a progress bar and a log line of
+its wall time and the peak RSS of its workers):
+
+1. **validate**: every shard is read and checked before anything is written
+   (missing or mixed-dimension vectors, non-numeric values, NaN/Inf rows,
+   duplicate ids); a rejected input raises :class:`InvalidInputError`.
+2. **pca** (optional): fitted on a row sample, see :mod:`pipeline.pca`.
+3. **features**: per input shard, drop rejected rows, apply the PCA, number
+   the rows densely and write ``features/part-SSSSS-BBBB.parquet`` parts of at
+   most ``batch_rows`` rows.
+4. **knn + calibration**: one task per features part searches its rows in the
+   index (:mod:`pipeline.knn`), calibrates ``p_{j|i}`` to the perplexity with
+   :func:`ptsne.affinity.conditional_probabilities`, and emits the edges
+   ``(i, j, p_{j|i} / 2n)`` and their transposes ``(j, i, p_{j|i} / 2n)``,
+   already split by head range (the map side of a shuffle).
+5. **symmetrize**: one task per head range sums duplicate ``(head, tail)``
+   pairs in float64 and writes ``edges/part-RRRRR.parquet`` sorted by
+   ``(head, tail)``; no process ever holds all edges.
+
+The output directory is built in a hidden sibling and moved into place at the
+end (see :class:`pipeline.shards.StagedDir`); its ``manifest.json`` carries a
+``config_hash`` so that a second run with the same input and settings returns
+at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+from tqdm.auto import tqdm
+
+from pipeline import schema
+from pipeline.knn import DEFAULT_MAX_INDEX_BYTES, FeaturePart, build_indexes, peak_rss_mb, search_part
+from pipeline.pca import fit_pca, load_pca, sample_rate, sample_rows, save_pca
+from pipeline.shards import (
+    MAX_REPORT,
+    ColumnSpec,
+    InvalidInputError,
+    StagedDir,
+    duplicate_ids,
+    exists,
+    fingerprint,
+    join,
+    list_parquet,
+    read_shard,
+    resolve,
+    row_ids,
+    write_bytes_atomic,
+    write_parquet_atomic,
+)
+from ptsne.affinity import as_perplexities, conditional_probabilities, default_k
+from ptsne.device import set_num_threads
+from ptsne.knn import METHODS
+from ptsne.pca import PCA
+
+log = logging.getLogger(__name__)
+
+#: Edges per symmetrisation partition when ``edge_partitions`` is automatic.
+EDGES_PER_PARTITION = 8_000_000
+_FEATURES_MARKER = "_features.json"
+
+
+class TransientTaskError(RuntimeError):
+    """A task failure worth retrying (Ray retries tasks that raise it)."""
+
+
+#: Exceptions after which Ray re-runs a task (I/O hiccups and injected faults).
+RETRY_EXCEPTIONS = [OSError, TransientTaskError]
+
+
+@dataclass(frozen=True)
+class AffinityJobConfig:
+    """Settings of :func:`build_affinities`.
+
+    Parameters
+    ----------
+    input : str
+        Directory, file or URI (``s3://``, ``gs://``, ...) of Parquet shards.
+    output : str
+        Affinity directory to create (local path or URI).
+    vector_col : str or None
+        Column of fixed-size lists or lists of numbers; ignored when
+        ``feature_cols`` is given.
+    feature_cols : sequence of str, optional
+        Numeric columns that form the vectors instead of ``vector_col``.
+    id_col : str, optional
+        int or string ids; without it rows are numbered by input position.
+    label_col : str, optional
+        Copied to the ``label`` column of the features.
+    perplexity : float or list of float
+        A list averages the conditional rows (multiscale).
+    n_neighbors : int or "auto"
+        ``"auto"`` is :func:`ptsne.affinity.default_k`.
+    pca_components : int, optional
+        Project to this many dimensions before the kNN search.
+    pca_samples : int
+        About this many rows (sampled over all shards) fit the PCA.
+    knn_method : {"auto", "exact", "ivf"}
+    target_recall : float
+        IVF: ``nprobe`` is raised until sampled recall@k reaches it.
+    batch_rows : int
+        Rows per features part, i.e. per kNN task.
+    edge_partitions : int, optional
+        Head ranges (edges parts) of the symmetrisation; default from the edge count.
+    max_index_bytes : int, optional
+        Largest index (bytes of float32 vectors) shipped whole through the
+        object store; larger ones are sharded. Default: the smaller of 2 GiB and
+        a quarter of the smallest node's object store.
+    drop_invalid : bool
+        Drop NaN/Inf/null vectors into ``rejects.parquet`` instead of rejecting the input.
+    device : {"auto", "cpu", "cuda"}
+        ``"auto"`` requests GPUs for kNN tasks when the Ray cluster has them.
+    task_cpus : int
+        CPUs per Ray task (and FAISS/torch threads inside it).
+    max_retries : int
+        Ray retries of a failed task.
+    seed : int
+        Seeds PCA sampling and the IVF index.
+    overwrite : bool
+        Replace an existing, non-empty output that was built with other settings.
+    ray_address : str, optional
+        Cluster to connect to when Ray is not initialised yet (``None``: local).
+    inject_failure : str, optional
+        For retry tests: a local marker path; the first kNN task that finds it
+        absent creates it and fails once.
+    inject_failure_mode : {"raise", "crash"}
+        How that task fails: raise :class:`TransientTaskError`, or end its
+        worker process abruptly (as a lost node or an out-of-memory kill would).
+    """
+
+    input: str
+    output: str
+    vector_col: str | None = "vector"
+    feature_cols: tuple[str, ...] | None = None
+    id_col: str | None = None
+    label_col: str | None = None
+    perplexity: float | tuple[float, ...] = 30.0
+    n_neighbors: int | str = "auto"
+    pca_components: int | None = None
+    pca_samples: int = 100_000
+    knn_method: str = "auto"
+    target_recall: float = 0.95
+    batch_rows: int = 50_000
+    edge_partitions: int | None = None
+    max_index_bytes: int | None = None
+    drop_invalid: bool = False
+    device: str = "auto"
+    task_cpus: int = 1
+    max_retries: int = 3
+    seed: int = 0
+    overwrite: bool = False
+    ray_address: str | None = None
+    inject_failure: str | None = None
+    inject_failure_mode: str = "raise"
+
+    def __post_init__(self) -> None:
+        for name in ("input", "output"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                object.__setattr__(self, name, os.fspath(value))
+            elif not isinstance(value, str) or not value:
+                raise TypeError(f"AffinityJobConfig: {name} must be a path or URI, got {value!r}")
+        if self.feature_cols is not None:
+            object.__setattr__(self, "vector_col", None)
+        # Validates the column names (raises with the parameter named).
+        object.__setattr__(self, "feature_cols", self.spec.feature_cols)
+        perps = as_perplexities(self.perplexity)
+        object.__setattr__(self, "perplexity", perps[0] if len(perps) == 1 else perps)
+        k = self.n_neighbors
+        if k != "auto" and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
+            raise ValueError(f"AffinityJobConfig: n_neighbors must be 'auto' or an integer >= 1, got {k!r}")
+        p = self.pca_components
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, np.integer)) or p < 1):
+            raise ValueError(f"AffinityJobConfig: pca_components must be a positive integer or None, got {p!r}")
+        if self.knn_method not in METHODS:
+            raise ValueError(f"AffinityJobConfig: knn_method must be one of {METHODS}, got {self.knn_method!r}")
+        if not 0.0 < float(self.target_recall) <= 1.0:
+            raise ValueError(f"AffinityJobConfig: target_recall must be in (0, 1], got {self.target_recall!r}")
+        for name, low in (("pca_samples", 2), ("batch_rows", 1), ("task_cpus", 1), ("max_retries", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+                raise ValueError(f"AffinityJobConfig: {name} must be an integer >= {low}, got {v!r}")
+        b = self.max_index_bytes
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1):
+            raise ValueError(f"AffinityJobConfig: max_index_bytes must be an integer >= 1 or None, got {b!r}")
+        e = self.edge_partitions
+        if e is not None and (isinstance(e, bool) or not isinstance(e, (int, np.integer)) or e < 1):
+            raise ValueError(f"AffinityJobConfig: edge_partitions must be an integer >= 1 or None, got {e!r}")
+        if self.inject_failure_mode not in ("raise", "crash"):
+            raise ValueError(
+                f"AffinityJobConfig: inject_failure_mode must be 'raise' or 'crash', got {self.inject_failure_mode!r}"
+            )
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"AffinityJobConfig: device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+
+    @property
+    def spec(self) -> ColumnSpec:
+        return ColumnSpec(self.vector_col, self.feature_cols, self.id_col, self.label_col)
+
+    @property
+    def perplexities(self) -> tuple[float, ...]:
+        return as_perplexities(self.perplexity)
+
+    def hash_fields(self) -> dict:
+        """Settings that change the result (not where or how fast it is computed)."""
+        skip = {"input", "output", "device", "task_cpus", "max_retries", "overwrite", "ray_address",
+                "inject_failure", "inject_failure_mode", "batch_rows", "edge_partitions"}
+        d = {k: v for k, v in asdict(self).items() if k not in skip}
+        d["perplexity"] = list(self.perplexities)
+        d["feature_cols"] = list(self.feature_cols) if self.feature_cols else None
+        return d
+
+
+def config_hash(config: AffinityJobConfig, input_fingerprint: list) -> str:
+    """sha256 of the result-defining settings, the input files and the format version."""
+    payload = {
+        "format_version": schema.FORMAT_VERSION,
+        "config": config.hash_fields(),
+        "input": input_fingerprint,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_manifest(output: str) -> dict | None:
+    """The manifest of an affinity directory, or ``None`` when there is none."""
+    fs, path = resolve(output)
+    mpath = join(path, schema.MANIFEST_FILE)
+    if not exists(fs, mpath):
+        return None
+    with fs.open_input_stream(mpath) as f:
+        return json.loads(f.read().decode())
+
+
+# --------------------------------------------------------------------------- Ray helpers
+
+
+def _wait(refs: Sequence, desc: str) -> None:
+    """Wait for ``refs`` with a progress bar."""
+    pending = list(refs)
+    with tqdm(total=len(pending), desc=desc, unit="task", leave=False) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            bar.update(len(done))
+
+
+@dataclass
+class _Stage:
+    name: str
+    t0: float = field(default_factory=time.perf_counter)
+
+    def done(self, stats: Sequence[dict], timings: dict, memory: dict) -> None:
+        dt = time.perf_counter() - self.t0
+        peak = max((s.get("peak_rss_mb", 0.0) for s in stats), default=0.0)
+        timings[self.name] = round(dt, 3)
+        memory[self.name] = round(peak, 1)
+        log.info("stage %s: %.2f s, %d tasks, peak worker RSS %.0f MB, driver RSS %.0f MB",
+                 self.name, dt, len(stats), peak, peak_rss_mb())
+
+
+def _ensure_ray(address: str | None) -> None:
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def _check_task(fs, path: str, spec: ColumnSpec, want_ids: bool, n_threads: int) -> dict:
+    set_num_threads(n_threads)
+    d = read_shard(fs, path, spec)
+    bad = np.flatnonzero(d.bad) if d.X is not None else np.zeros(0, np.int64)
+    out = {
+        "path": path, "rows": d.rows, "dim": d.dim, "errors": d.errors, "dims": d.dims,
+        "first_of_dim": d.first_of_dim, "bad": bad.astype(np.int64),
+        "bad_ids": d.ids.take(pa.array(bad[:MAX_REPORT])) if d.ids is not None and not d.errors else None,
+        "ids": d.ids.filter(pa.array(~d.bad)) if (want_ids and d.ids is not None and not d.errors) else None,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    return out
+
+
+def _sample_task(fs, path: str, spec: ColumnSpec, rate: float, seed: int, shard_index: int, n_threads: int):
+    set_num_threads(n_threads)
+    d = read_shard(fs, path, spec)
+    X = d.X[~d.bad] if d.rows else np.zeros((0, 0), np.float32)
+    return sample_rows(X, rate, seed, shard_index) if d.rows else X, {"peak_rss_mb": peak_rss_mb()}
+
+
+def _features_task(
+    fs, path: str, spec: ColumnSpec, shard_index: int, input_offset: int, row_offset: int,
+    pca_state: dict | None, out_dir: str, batch_rows: int, n_threads: int,
+) -> dict:
+    set_num_threads(n_threads)
+    d = read_shard(fs, path, spec)
+    keep = ~d.bad
+    parts = []
+    rejects = None
+    if d.rows:
+        ids = row_ids(d, input_offset)
+        if d.bad.any():
+            pos = np.flatnonzero(d.bad)
+            rejects = {"id": ids.take(pa.array(pos)), "position": pos}
+        X = d.X[keep]
+        ids = ids.filter(pa.array(keep))
+        labels = d.labels.filter(pa.array(keep)) if d.labels is not None else None
+        if pca_state is not None:
+            X = PCA.from_state(pca_state).transform(X)
+        for j, start in enumerate(range(0, X.shape[0], batch_rows)):
+            stop = min(X.shape[0], start + batch_rows)
+            name = f"part-{shard_index:05d}-{j:04d}.parquet"
+            table = schema.features_table(
+                np.arange(row_offset + start, row_offset + stop), ids[start:stop], X[start:stop],
+                labels[start:stop] if labels is not None else None,
+            )
+            sha = write_parquet_atomic(fs, join(out_dir, name), table)
+            parts.append({"path": f"{schema.FEATURES_DIR}/{name}", "rows": stop - start,
+                          "sha256": sha, "start": row_offset + start})
+    return {"parts": parts, "rejects": rejects, "peak_rss_mb": peak_rss_mb()}
+
+
+def _inject_failure(marker: str | None, mode: str) -> None:
+    if not marker:
+        return
+    try:
+        with open(marker, "x") as f:
+            f.write(f"failed once ({mode})\n")
+    except FileExistsError:
+        return
+    if mode == "crash":
+        os._exit(1)  # the worker dies without cleanup; Ray re-runs the task elsewhere
+    raise TransientTaskError(f"injected failure (marker {marker})")
+
+
+def _knn_task(
+    fs, part: FeaturePart, index_refs: list, k: int, perplexities: tuple[float, ...], n: int,
+    bounds: np.ndarray, use_gpu: bool, n_threads: int, fail_marker: str | None, fail_mode: str = "raise",
+):
+    """kNN + calibration of one features part; returns one edge block per head range + stats."""
+    set_num_threads(n_threads)
+    _inject_failure(fail_marker, fail_mode)
+    t = time.perf_counter()
+    graph = search_part(fs, part, index_refs, k, use_gpu)
+    rows = np.arange(part.start, part.stop, dtype=np.int64)
+    t_search = time.perf_counter() - t
+    P = conditional_probabilities(graph.distances, perplexities)
+    w = P.reshape(-1).astype(np.float64) / (2.0 * n)
+    head = np.repeat(rows, k)
+    tail = graph.indices.reshape(-1)
+    nz = w > 0  # zero affinities (underflow) are not edges, as in the sparse sum
+    head, tail, w = head[nz], tail[nz], w[nz]
+    # Each conditional edge and its transpose: P = (C + C^T) / 2n after summing.
+    H = np.concatenate([head, tail])
+    T = np.concatenate([tail, head])
+    W = np.concatenate([w, w])
+    which = np.searchsorted(bounds[1:-1], H, side="right")
+    order = np.argsort(which, kind="stable")
+    counts = np.bincount(which, minlength=len(bounds) - 1)
+    splits = np.cumsum(counts)[:-1]
+    blocks = [
+        (h, t_, w_)
+        for h, t_, w_ in zip(np.split(H[order], splits), np.split(T[order], splits), np.split(W[order], splits))
+    ]
+    stats = {"rows": int(rows.size), "edges": int(H.size), "search_s": t_search,
+             "total_s": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb()}
+    return (*blocks, stats)
+
+
+def _reduce_task(fs, path: str, lo: int, hi: int, n: int, *blocks) -> dict:
+    """Sum duplicate (head, tail) pairs of one head range and write its edges part."""
+    H = np.concatenate([b[0] for b in blocks])
+    T = np.concatenate([b[1] for b in blocks])
+    W = np.concatenate([b[2] for b in blocks])
+    key = (H - lo) * np.int64(n) + T
+    order = np.argsort(key, kind="stable")
+    key, W = key[order], W[order]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if key.size else np.zeros(0, np.int64)
+    w = np.add.reduceat(W, starts) if key.size else np.zeros(0)
+    uk = key[starts]
+    head = uk // n + lo
+    tail = uk % n
+    sha = write_parquet_atomic(fs, path, schema.edges_table(head, tail, w))
+    return {"rows": int(head.size), "sha256": sha, "weight_sum": float(w.sum()),
+            "head_start": int(lo), "head_stop": int(hi), "peak_rss_mb": peak_rss_mb()}
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _validate(config: AffinityJobConfig, fs, files: list[str], timings: dict, memory: dict) -> dict:
+    stage = _Stage("validate")
+    spec = config.spec
+    task = ray.remote(_check_task).options(
+        num_cpus=config.task_cpus, max_retries=config.max_retries, retry_exceptions=RETRY_EXCEPTIONS
+    )
+    refs = [task.remote(fs, p, spec, config.id_col is not None, config.task_cpus) for p in files]
+    _wait(refs, "validate")
+    checks = ray.get(refs)
+    stage.done(checks, timings, memory)
+
+    problems = [f"{c['path']}: {e}" for c in checks for e in c["errors"]]
+    dims = {c["dim"] for c in checks if c["dim"] is not None}
+    if len(dims) > 1:
+        by_dim = {}
+        for c in checks:
+            if c["dim"] is not None:
+                by_dim.setdefault(c["dim"], []).append(c["path"])
+        problems.append("shards have different vector dimensions: " + "; ".join(
+            f"dim {d}: {len(p)} shard(s), first {p[0]}" for d, p in sorted(by_dim.items())))
+    if problems:
+        raise InvalidInputError("input rejected:\n  " + "\n  ".join(problems))
+    offsets = np.cumsum([0] + [c["rows"] for c in checks])
+    n_bad = sum(int(c["bad"].size) for c in checks)
+    if n_bad and not config.drop_invalid:
+        first = []
+        for c, off in zip(checks, offsets):
+            if c["bad"].size:
+                ids = c["bad_ids"] if c["bad_ids"] is not None else pa.array(off + c["bad"][:MAX_REPORT])
+                first.extend(ids.to_pylist())
+        raise InvalidInputError(
+            f"input rejected: {n_bad} rows have NaN, Inf or missing vector values "
+            f"(first ids: {', '.join(map(repr, first[:MAX_REPORT]))}); "
+            f"fix them or drop them into a rejects file with drop_invalid / --drop-invalid"
+        )
+    if config.id_col is not None:
+        ids = [c["ids"] for c in checks if c["ids"] is not None and len(c["ids"])]
+        if ids:
+            types = {a.type for a in ids}
+            if len(types) > 1:
+                raise InvalidInputError(f"input rejected: id column {config.id_col!r} has mixed types {sorted(map(str, types))}")
+            count, first = duplicate_ids(pa.concat_arrays(ids))
+            if count:
+                raise InvalidInputError(
+                    f"input rejected: {count} ids occur more than once in column "
+                    f"{config.id_col!r} (first: {', '.join(map(repr, first))})"
+                )
+    n = int(offsets[-1]) - n_bad
+    if n == 0:
+        raise InvalidInputError(f"input rejected: no valid rows in {len(files)} shard(s)")
+    return {"checks": checks, "offsets": offsets, "n": n, "n_bad": n_bad,
+            "input_dim": int(next(iter(dims))), "n_input_rows": int(offsets[-1])}
+
+
+def _resolve_k(config: AffinityJobConfig, n: int) -> int:
+    perps = config.perplexities
+    k = default_k(perps, n) if config.n_neighbors == "auto" else int(config.n_neighbors)
+    if k > n - 1:
+        raise ValueError(f"n_neighbors={k} needs at least {k + 1} valid rows, got n={n}")
+    if max(perps) > k:
+        raise ValueError(
+            f"perplexity={max(perps)} cannot be reached with k={k} neighbours (n={n}); "
+            f"use fewer perplexity or more points"
+        )
+    return k
+
+
+def _max_index_bytes(config: AffinityJobConfig) -> int:
+    """The configured limit, or min(2 GiB, 1/4 of the smallest alive node's object store)."""
+    if config.max_index_bytes is not None:
+        return int(config.max_index_bytes)
+    stores = [n["Resources"].get("object_store_memory", 0) for n in ray.nodes() if n.get("Alive")]
+    stores = [s for s in stores if s > 0]
+    return int(min(DEFAULT_MAX_INDEX_BYTES, min(stores) // 4)) if stores else DEFAULT_MAX_INDEX_BYTES
+
+
+def _use_gpu(config: AffinityJobConfig) -> bool:
+    """Whether kNN tasks request a GPU: the cluster has one and FAISS is a GPU build."""
+    import faiss
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    # A GPU build of FAISS has the GPU classes even on a driver without a GPU.
+    gpu_build = hasattr(faiss, "StandardGpuResources")
+    if config.device == "cuda" and (gpus <= 0 or not gpu_build):
+        raise ValueError(
+            f"device='cuda' was asked for but the Ray cluster has {gpus:g} GPUs and FAISS "
+            f"{'is' if gpu_build else 'is not'} a GPU build"
+        )
+    if config.device == "auto" and gpus > 0 and not gpu_build:
+        log.warning("kNN: the cluster has GPUs but FAISS is a CPU build (install faiss-gpu); searching on CPUs")
+    return config.device != "cpu" and gpus > 0 and gpu_build
+
+
+def build_affinities(config: AffinityJobConfig) -> dict:
+    """Build an affinity directory (features, joint-P edges, manifest) with Ray.
+
+    Parameters
+    ----------
+    config : AffinityJobConfig
+
+    Returns
+    -------
+    dict
+        The manifest (also written to ``<output>/manifest.json``). When the
+        output already holds a manifest with the same ``config_hash`` it is
+        returned without recomputing.
+
+    Raises
+    ------
+    InvalidInputError
+        The input was rejected; nothing was written.
+    FileExistsError
+        The output holds something else and ``overwrite`` is false.
+    """
+    if not isinstance(config, AffinityJobConfig):
+        raise TypeError(f"build_affinities: config must be an AffinityJobConfig, got {type(config).__name__}")
+    t_start = time.perf_counter()
+    fs_in, in_path = resolve(config.input)
+    files = list_parquet(fs_in, in_path)
+    fs, out = resolve(config.output)
+    chash = config_hash(config, fingerprint(fs_in, files))
+    existing = read_manifest(config.output)
+    if existing is not None and existing.get("config_hash") == chash:
+        log.info("affinities: %s is up to date (config_hash %s), nothing to do", config.output, chash[:12])
+        return existing
+    staged = StagedDir(fs, out, staging=join(os.path.dirname(out) or "/", f".{os.path.basename(out)}.partial-{chash[:16]}"),
+                       keep_on_error=True, overwrite=config.overwrite)
+    staged.check_target()
+    _ensure_ray(config.ray_address)
+    use_gpu = _use_gpu(config)
+    timings: dict = {}
+    memory: dict = {}
+    opts = dict(num_cpus=config.task_cpus, max_retries=config.max_retries, retry_exceptions=RETRY_EXCEPTIONS)
+    log.info("affinities: %d shard(s) from %s -> %s", len(files), config.input, config.output)
+
+    marker_path = join(staged.staging, _FEATURES_MARKER)
+    resumed = exists(fs, marker_path)
+    if resumed:
+        with fs.open_input_stream(marker_path) as f:
+            feat = json.loads(f.read().decode())
+        log.info("affinities: reusing the features of an interrupted run in %s", staged.staging)
+        k = _resolve_k(config, feat["n"])
+    else:
+        v = _validate(config, fs_in, files, timings, memory)
+        k = _resolve_k(config, v["n"])
+        if config.pca_components is not None and config.pca_components > v["input_dim"]:
+            raise ValueError(f"pca_components={config.pca_components} exceeds the input dimension {v['input_dim']}")
+
+    with staged as stage_dir:
+        if not resumed:
+            feat = _features_stage(config, fs_in, files, v, fs, stage_dir, opts, timings, memory)
+            write_bytes_atomic(fs, marker_path, json.dumps(feat).encode())
+        n, dim = feat["n"], feat["dim"]
+        parts = [FeaturePart(join(stage_dir, p["path"]), p["start"], p["rows"]) for p in feat["parts"]]
+
+        # kNN index: whole through the object store, or sharded by row range.
+        stage = _Stage("knn_index")
+        max_index_bytes = _max_index_bytes(config)
+        method, nested = build_indexes(fs, parts, dim, k, config.knn_method, config.target_recall, config.seed,
+                                       max_index_bytes, opts, config.task_cpus)
+        infos = [info for _, _, info in nested]
+        n_index_shards = len(nested)
+        stage.done(infos, timings, memory)
+        recall = None if method == "exact" else min(i["recall"] for i in infos)
+        log.info("kNN: n=%d dim=%d k=%d method=%s index shards=%d recall=%s gpu=%s",
+                 n, dim, k, method, len(nested), recall, use_gpu)
+
+        # kNN search + calibration + map side of the shuffle.
+        stage = _Stage("knn_affinities")
+        n_parts = config.edge_partitions or max(1, math.ceil(2 * n * k / EDGES_PER_PARTITION))
+        n_parts = int(min(n_parts, n))
+        bounds = np.linspace(0, n, n_parts + 1).round().astype(np.int64)
+        knn_opts = dict(opts, num_returns=n_parts + 1)
+        if use_gpu:
+            knn_opts["num_gpus"] = 1
+        knn_task = ray.remote(_knn_task).options(**knn_opts)
+        edge_dir = join(stage_dir, schema.EDGES_DIR)
+        if exists(fs, edge_dir):
+            fs.delete_dir_contents(edge_dir)
+        fs.create_dir(edge_dir, recursive=True)
+        blocks, stat_refs = [], []
+        for p in parts:
+            out_refs = knn_task.remote(fs, p, nested, k, config.perplexities, n, bounds, use_gpu,
+                                       config.task_cpus, config.inject_failure, config.inject_failure_mode)
+            blocks.append(out_refs[:-1])
+            stat_refs.append(out_refs[-1])
+        _wait(stat_refs, "knn + calibration")
+        knn_stats = ray.get(stat_refs)
+        stage.done(knn_stats, timings, memory)
+        del nested  # the index can leave the object store
+
+        stage = _Stage("symmetrize")
+        reduce_task = ray.remote(_reduce_task).options(**opts)
+        red_refs = []
+        for r in range(n_parts):
+            path = join(edge_dir, schema.part_name(r))
+            red_refs.append(reduce_task.remote(fs, path, int(bounds[r]), int(bounds[r + 1]), n, *[b[r] for b in blocks]))
+        _wait(red_refs, "symmetrize")
+        reduced = ray.get(red_refs)
+        del blocks
+        stage.done(reduced, timings, memory)
+        total = math.fsum(r["weight_sum"] for r in reduced)
+        log.info("symmetrize: %d edges in %d parts, weight sum %.9f", sum(r["rows"] for r in reduced), n_parts, total)
+
+        timings["total"] = round(time.perf_counter() - t_start, 3)
+        manifest = {
+            "format_version": schema.FORMAT_VERSION,
+            "n": int(n),
+            "input_dim": int(feat["input_dim"]),
+            "dim": int(dim),
+            "k": int(k),
+            "perplexities": list(config.perplexities),
+            "knn_method": method,
+            "knn_recall": recall,
+            "knn_index_shards": n_index_shards,
+            "knn_nprobe": infos[0]["nprobe"],
+            "max_index_bytes": max_index_bytes,
+            "n_edges": int(sum(r["rows"] for r in reduced)),
+            "weight_sum": total,
+            "vector_col": config.vector_col,
+            "feature_cols": list(config.feature_cols) if config.feature_cols else None,
+            "id_col": config.id_col,
+            "label_col": config.label_col,
+            "pca": config.pca_components is not None,
+            "pca_components": config.pca_components,
+            "n_input_rows": int(feat["n_input_rows"]),
+            "n_rejected": int(feat["n_rejected"]),
+            "rejects": schema.REJECTS_FILE if feat["n_rejected"] else None,
+            "input": config.input,
+            "config_hash": chash,
+            "files": {
+                "features": [{k_: p[k_] for k_ in ("path", "rows", "sha256")} for p in feat["parts"]],
+                "edges": [
+                    {"path": f"{schema.EDGES_DIR}/{schema.part_name(r)}", "rows": red["rows"],
+                     "sha256": red["sha256"], "head_start": red["head_start"], "head_stop": red["head_stop"]}
+                    for r, red in enumerate(reduced)
+                ],
+            },
+            "timings_s": timings if not resumed else {**feat.get("timings_s", {}), **timings},
+            "peak_worker_rss_mb": memory if not resumed else {**feat.get("peak_worker_rss_mb", {}), **memory},
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        if feat.get("pca_sha256"):
+            manifest["files"]["pca"] = [{"path": schema.PCA_FILE, "sha256": feat["pca_sha256"]}]
+        fs.delete_file(marker_path)
+        write_bytes_atomic(fs, join(stage_dir, schema.MANIFEST_FILE), json.dumps(manifest, indent=2).encode())
+    _remove_stale_partials(fs, out)
+    log.info("affinities: wrote %s in %.1f s", config.output, time.perf_counter() - t_start)
+    return manifest
+
+
+def _remove_stale_partials(fs: pafs.FileSystem, out: str) -> None:
+    """Delete partial builds of ``out`` left by interrupted runs with other settings."""
+    parent, name = os.path.dirname(out) or "/", os.path.basename(out)
+    prefix = f".{name}.partial-"
+    for info in fs.get_file_info(pafs.FileSelector(parent, recursive=False)):
+        if info.type == pafs.FileType.Directory and os.path.basename(info.path).startswith(prefix):
+            log.info("affinities: removing the stale partial build %s", info.path)
+            fs.delete_dir(info.path)
+
+
+def _features_stage(config, fs_in, files, v, fs, stage_dir, opts, timings, memory) -> dict:
+    spec = config.spec
+    checks, offsets = v["checks"], v["offsets"]
+    pca_state = None
+    pca_sha = None
+    if config.pca_components is not None:
+        stage = _Stage("pca")
+        rate = sample_rate(v["n"], config.pca_samples)
+        task = ray.remote(_sample_task).options(num_returns=2, **opts)
+        refs = [task.remote(fs_in, p, spec, rate, config.seed, i, config.task_cpus) for i, p in enumerate(files)]
+        _wait([r[1] for r in refs], "pca sample")
+        samples = ray.get([r[0] for r in refs])
+        pca = fit_pca(samples, int(config.pca_components), config.seed)
+        pca_state = pca.state()
+        pca_sha = save_pca(fs, join(stage_dir, schema.PCA_FILE), pca)
+        stage.done(ray.get([r[1] for r in refs]), timings, memory)
+
+    stage = _Stage("features")
+    feat_dir = join(stage_dir, schema.FEATURES_DIR)
+    fs.create_dir(feat_dir, recursive=True)
+    task = ray.remote(_features_task).options(**opts)
+    row_offsets = np.cumsum([0] + [c["rows"] - c["bad"].size for c in checks])
+    refs = [
+        task.remote(fs_in, p, spec, i, int(offsets[i]), int(row_offsets[i]), pca_state, feat_dir,
+                    config.batch_rows, config.task_cpus)
+        for i, p in enumerate(files)
+    ]
+    _wait(refs, "features")
+    results = ray.get(refs)
+    stage.done(results, timings, memory)
+    parts = [p for r in results for p in r["parts"]]
+    rejected = [(files[i], r["rejects"]) for i, r in enumerate(results) if r["rejects"] is not None]
+    n_rejected = 0
+    if rejected:
+        table = pa.table({
+            "id": pa.concat_arrays([r["id"] for _, r in rejected]),
+            "shard": pa.array([f for f, r in rejected for _ in range(len(r["position"]))]),
+            "position": pa.array(np.concatenate([r["position"] for _, r in rejected]).astype(np.int64)),
+            "reason": pa.array(["nan, inf or missing vector values"] * sum(len(r["position"]) for _, r in rejected)),
+        })
+        n_rejected = table.num_rows
+        write_parquet_atomic(fs, join(stage_dir, schema.REJECTS_FILE), table)
+        log.warning("affinities: dropped %d invalid rows into %s", n_rejected, schema.REJECTS_FILE)
+    dim = config.pca_components or v["input_dim"]
+    return {"n": v["n"], "dim": int(dim), "input_dim": v["input_dim"], "n_input_rows": v["n_input_rows"],
+            "n_rejected": n_rejected, "parts": parts, "pca_sha256": pca_sha,
+            "timings_s": dict(timings), "peak_worker_rss_mb": dict(memory)}
+
+
+def load_edges(output: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All edges of an affinity directory as ``(head, tail, weight)`` (for small data and tests)."""
+    fs, path = resolve(output)
+    m = read_manifest(output)
+    if m is None:
+        raise FileNotFoundError(f"no {schema.MANIFEST_FILE} in {output!r}")
+    tables = [pq.read_table(join(path, f["path"]), filesystem=fs) for f in m["files"]["edges"]]
+    t = pa.concat_tables(tables)
+    return (t.column(schema.HEAD).to_numpy(), t.column(schema.TAIL).to_numpy(), t.column(schema.WEIGHT).to_numpy())
+
+
+def load_features(output: str) -> pa.Table:
+    """All features of an affinity directory in row order (for small data and tests)."""
+    fs, path = resolve(output)
+    m = read_manifest(output)
+    if m is None:
+        raise FileNotFoundError(f"no {schema.MANIFEST_FILE} in {output!r}")
+    return pa.concat_tables([pq.read_table(join(path, f["path"]), filesystem=fs) for f in m["files"]["features"]])
+
+
+def load_pca_of(output: str):
+    """The PCA of an affinity directory, or ``None`` when none was applied."""
+    fs, path = resolve(output)
+    p = join(path, schema.PCA_FILE)
+    return load_pca(fs, p) if exists(fs, p) else None

@@ -1,0 +1,707 @@
+"""Data-parallel training of the mapper with Ray Train (``TorchTrainer`` + DDP).
+
+The input is an affinity directory (``manifest.json``, ``features/``, ``edges/``,
+optional ``pca.safetensors``; see ``pipeline.schema``). The same pieces as the
+single-process :func:`ptsne.train.fit_mapper` do the work: ``NeighborSampler``
+draws one neighbour per anchor, ``train_step`` runs one optimisation step,
+``make_optimizer`` / ``make_scheduler`` set up Adam and its cosine decay.
+
+Sharding
+    Worker ``w`` of ``W`` owns the rows ``r`` with ``shard_of(r, W) == w`` (a
+    fixed integer hash). A hash rather than contiguous ranges keeps each
+    worker's anchors a uniform sample of the whole dataset even when the input
+    is sorted (by class, by date, ...), so the batch anchors still estimate the
+    normaliser ``Z`` without bias, exactly as in a single process. A worker
+    streams the edge shards once at start-up and keeps only the edges whose
+    ``head`` it owns: its slice of P.
+
+Features
+    Each epoch a worker needs the features of its anchors (fixed) and of the
+    neighbours it sampled (any row). Up to ``object_store_max_bytes`` the whole
+    features array is put in the Ray object store once and read zero-copy by
+    every worker of a node. Beyond it, each worker gathers the rows it needs by
+    streaming the features shards once per epoch (a join of the sampled
+    neighbours with the features on ``row``), so its memory holds its anchors
+    and its sampled neighbours, never the whole array. ``docs/training.md``
+    gives the bound.
+
+Reproducibility
+    Every random draw comes from a generator seeded with ``(seed, rank,
+    epoch)``, so the same seed and worker count give the same weights on CPU,
+    and a run resumed from an epoch checkpoint continues exactly where the
+    interrupted one left off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from safetensors.numpy import load_file as load_numpy
+from safetensors.torch import load_file, save_file
+
+from pipeline import schema
+from ptsne.affinity import Edges
+from ptsne.device import set_num_threads
+from ptsne.estimator import ParametricTSNE
+from ptsne.loss import TSNELoss
+from ptsne.model import DEFAULT_HIDDEN, Mapper, ModelConfig, build_mapper
+from ptsne.pca import PCA
+from ptsne.train import NeighborSampler, TrainConfig, make_optimizer, make_scheduler, train_step
+
+log = logging.getLogger(__name__)
+
+#: Features up to this many bytes go through the object store (one copy per node).
+DEFAULT_OBJECT_STORE_MAX_BYTES = 2 * 1024**3
+FEATURE_SOURCES = ("auto", "object_store", "scan")
+
+CHECKPOINT_CONFIG = "config.json"
+CHECKPOINT_WEIGHTS = "model.safetensors"
+CHECKPOINT_OPTIMIZER = "optimizer.pt"
+CHECKPOINT_STATE = "state.json"
+
+#: A worker callback gets ``(epoch, metrics)`` after each epoch and returns True to stop.
+WorkerCallback = Callable[[int, dict], bool | None]
+
+_SCAN_BATCH_ROWS = 65536
+
+
+@dataclass(frozen=True)
+class DistributedTrainConfig:
+    """Settings of distributed training (model, optimisation and data path).
+
+    Parameters
+    ----------
+    n_components : int
+        Embedding dimension.
+    hidden_layers : tuple of int
+        Hidden widths of the MLP.
+    activation : str
+        Hidden activation, one of ``ptsne.model.ACTIVATIONS``.
+    n_epochs, learning_rate, early_exaggeration, early_exaggeration_fraction,
+    exaggeration, dof, weight_decay, positives_per_anchor, seed :
+        As in :class:`ptsne.train.TrainConfig`.
+    batch_size : int
+        Anchors per optimisation step over all workers together; each worker
+        takes ``batch_size // num_workers`` of them, so a step sees the same
+        number of anchors whatever the worker count.
+    feature_source : {"auto", "object_store", "scan"}
+        How workers get neighbour features; ``"auto"`` uses the object store up
+        to ``object_store_max_bytes`` and streaming gathers beyond.
+    object_store_max_bytes : int
+        Threshold of ``"auto"``.
+    """
+
+    n_components: int = 2
+    hidden_layers: tuple[int, ...] = field(default=DEFAULT_HIDDEN)
+    activation: str = "relu"
+    n_epochs: int = 40
+    batch_size: int = 1024
+    learning_rate: float = 1e-3
+    early_exaggeration: float = 12.0
+    early_exaggeration_fraction: float = 0.25
+    exaggeration: float = 1.0
+    dof: float = 1.0
+    weight_decay: float = 0.0
+    positives_per_anchor: int = 1
+    seed: int = 0
+    feature_source: str = "auto"
+    object_store_max_bytes: int = DEFAULT_OBJECT_STORE_MAX_BYTES
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hidden_layers, (str, bytes)):
+            raise TypeError(
+                f"DistributedTrainConfig: hidden_layers must be a sequence of integers, got {self.hidden_layers!r}"
+            )
+        object.__setattr__(self, "hidden_layers", tuple(self.hidden_layers))
+        # The core configs validate their own fields; build them once to fail early.
+        self.train_config()
+        ModelConfig(1, self.n_components, self.hidden_layers, self.activation)
+        v = self.positives_per_anchor
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"DistributedTrainConfig: positives_per_anchor must be an integer >= 1, got {v!r}")
+        if self.feature_source not in FEATURE_SOURCES:
+            raise ValueError(
+                f"DistributedTrainConfig: feature_source must be one of {FEATURE_SOURCES}, "
+                f"got {self.feature_source!r}"
+            )
+        v = self.object_store_max_bytes
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(
+                f"DistributedTrainConfig: object_store_max_bytes must be an integer >= 0, got {v!r}"
+            )
+
+    def train_config(self) -> TrainConfig:
+        """The optimisation settings as the core's :class:`TrainConfig`."""
+        return TrainConfig(
+            n_epochs=self.n_epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            early_exaggeration=self.early_exaggeration,
+            early_exaggeration_fraction=self.early_exaggeration_fraction,
+            exaggeration=self.exaggeration,
+            dof=self.dof,
+            weight_decay=self.weight_decay,
+            seed=self.seed,
+            **({"positives_per_anchor": self.positives_per_anchor} if self.positives_per_anchor != 1 else {}),
+        )
+
+    def model_config(self, n_inputs: int) -> ModelConfig:
+        return ModelConfig(n_inputs, self.n_components, self.hidden_layers, self.activation)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["hidden_layers"] = list(self.hidden_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DistributedTrainConfig:
+        return cls(**d)
+
+    def fingerprint(self) -> str:
+        """Hash of the settings that change the trained model (not the data path)."""
+        d = self.to_dict()
+        d.pop("feature_source")
+        d.pop("object_store_max_bytes")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_distributed` returns.
+
+    Attributes
+    ----------
+    estimator : ParametricTSNE
+        The fitted estimator (PCA included when the affinities were built with it),
+        ready for ``transform`` and ``save``.
+    history : list of dict
+        Per-epoch metrics over all workers: ``epoch``, ``loss``, ``attraction``,
+        ``log_z``, ``exaggeration``, ``phase``, ``learning_rate``, ``seconds``.
+    checkpoint_path : str
+        Directory of the last epoch checkpoint.
+    resumed_from : list of int
+        Epochs at which a worker group started from a checkpoint (empty when the
+        run was never interrupted).
+    seconds : float
+        Wall time of the Ray Train run.
+    """
+
+    estimator: ParametricTSNE
+    history: list[dict]
+    checkpoint_path: str
+    resumed_from: list[int]
+    seconds: float
+
+
+# -- the affinity directory ------------------------------------------------------------
+
+
+def read_manifest(affinity_dir: str | os.PathLike) -> dict:
+    """Load and check ``manifest.json`` of an affinity directory."""
+    path = Path(affinity_dir) / schema.MANIFEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {schema.MANIFEST_FILE} in affinity directory {str(affinity_dir)!r}")
+    manifest = json.loads(path.read_text())
+    version = manifest.get("format_version")
+    if version != schema.FORMAT_VERSION:
+        raise ValueError(
+            f"affinity directory {str(affinity_dir)!r} has format_version {version!r}; "
+            f"expected {schema.FORMAT_VERSION}"
+        )
+    for key in ("n", "dim", "k", "perplexities", "files"):
+        if key not in manifest:
+            raise ValueError(f"manifest {str(path)!r} lacks the key {key!r}")
+    return manifest
+
+
+def shard_files(affinity_dir: str | os.PathLike, manifest: dict, kind: str) -> list[str]:
+    """Absolute paths of the ``features`` or ``edges`` shards listed in the manifest."""
+    root = Path(affinity_dir)
+    files = manifest["files"].get(kind) or []
+    paths = []
+    for entry in files:
+        p = Path(entry["path"] if isinstance(entry, dict) else entry)
+        if not p.is_absolute():
+            p = root / p if (root / p).exists() else root / kind / p.name
+        paths.append(str(p))
+    if not paths:
+        raise ValueError(f"manifest of {str(affinity_dir)!r} lists no {kind} files")
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{kind} files listed in the manifest are missing: {missing[:3]}")
+    return paths
+
+
+def load_pca(affinity_dir: str | os.PathLike) -> PCA | None:
+    """The PCA applied before the features were stored, or None."""
+    path = Path(affinity_dir) / schema.PCA_FILE
+    if not path.is_file():
+        return None
+    return PCA.from_state(load_numpy(str(path)))
+
+
+def shard_of(rows: np.ndarray, num_shards: int) -> np.ndarray:
+    """Owner worker of each row: a fixed 64-bit mix of the row index, modulo ``num_shards``."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if num_shards == 1:
+        return np.zeros(rows.shape, dtype=np.int64)
+    # splitmix64 finaliser; uint64 arithmetic wraps, which is what the mix wants.
+    z = rows.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z % np.uint64(num_shards)).astype(np.int64)
+
+
+def _iter_features(files: Sequence[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(rows int64 (b,), vectors float32 (b, dim))`` batches of the features shards."""
+    for path in files:
+        pf = pq.ParquetFile(path)
+        for batch in pf.iter_batches(batch_size=_SCAN_BATCH_ROWS, columns=[schema.ROW, schema.VECTOR]):
+            rows = batch.column(schema.ROW).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+            yield rows, schema.arrow_to_vectors(batch.column(schema.VECTOR))
+
+
+def load_features(files: Sequence[str], n: int, dim: int) -> np.ndarray:
+    """The whole features array, float32 ``(n, dim)``, row ``r`` at index ``r``."""
+    X = np.empty((n, dim), dtype=np.float32)
+    seen = np.zeros(n, dtype=bool)
+    for rows, vectors in _iter_features(files):
+        if rows.size and (rows.min() < 0 or rows.max() >= n):
+            raise ValueError(f"features: row index outside [0, {n}) in the features shards")
+        X[rows] = vectors
+        seen[rows] = True
+    if not seen.all():
+        raise ValueError(f"features: {int((~seen).sum())} of {n} rows are missing from the features shards")
+    return X
+
+
+def feature_moments(batches: Iterator[np.ndarray], dim: int) -> tuple[np.ndarray, float]:
+    """Mean (dim,) and the single scale of :class:`ptsne.model.Standardize`, in one pass."""
+    total = np.zeros(dim)
+    sq = 0.0
+    count = 0
+    for B in batches:
+        B = B.astype(np.float64)
+        total += B.sum(axis=0)
+        sq += float((B * B).sum())
+        count += len(B)
+    if count == 0:
+        raise ValueError("features: no rows")
+    mean = total / count
+    var = max(sq / count - float(mean @ mean), 0.0)
+    return mean.astype(np.float32), math.sqrt(var) or 1.0
+
+
+class SharedFeatures:
+    """Features read from one array (the object store's zero-copy view on a node)."""
+
+    def __init__(self, X: np.ndarray):
+        self.X = X
+
+    def fetch(self, rows: np.ndarray) -> np.ndarray:
+        return self.X[rows]
+
+
+class ScannedFeatures:
+    """Features gathered by streaming the shards: memory holds only the rows asked for."""
+
+    def __init__(self, files: Sequence[str], dim: int):
+        self.files = list(files)
+        self.dim = int(dim)
+
+    def fetch(self, rows: np.ndarray) -> np.ndarray:
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        out = np.empty((len(uniq), self.dim), dtype=np.float32)
+        found = np.zeros(len(uniq), dtype=bool)
+        for r, vectors in _iter_features(self.files):
+            pos = np.searchsorted(uniq, r)
+            hit = pos < len(uniq)
+            hit[hit] = uniq[pos[hit]] == r[hit]
+            out[pos[hit]] = vectors[hit]
+            found[pos[hit]] = True
+        if not found.all():
+            raise ValueError(f"features: {int((~found).sum())} requested rows are missing from the shards")
+        return out[inverse]
+
+
+def load_edge_shard(files: Sequence[str], rank: int, world_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The edges whose head this worker owns: ``(head, tail, weight)``, one pass over the shards."""
+    heads, tails, weights = [], [], []
+    for path in files:
+        pf = pq.ParquetFile(path)
+        cols = [schema.HEAD, schema.TAIL, schema.WEIGHT]
+        for batch in pf.iter_batches(batch_size=1 << 20, columns=cols):
+            h = batch.column(0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+            keep = shard_of(h, world_size) == rank
+            heads.append(h[keep])
+            tails.append(batch.column(1).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)[keep])
+            weights.append(batch.column(2).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)[keep])
+    if not heads:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return np.concatenate(heads), np.concatenate(tails), np.concatenate(weights)
+
+
+# -- checkpoints ------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    directory: Path,
+    mapper: Mapper,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    state: dict,
+    config: dict,
+) -> None:
+    """Write an epoch checkpoint: config JSON, safetensors weights, optimiser state, progress."""
+    directory = Path(directory)
+    (directory / CHECKPOINT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+    weights = {k: v.detach().cpu().contiguous() for k, v in mapper.state_dict().items()}
+    save_file(weights, str(directory / CHECKPOINT_WEIGHTS))
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        directory / CHECKPOINT_OPTIMIZER,
+    )
+    (directory / CHECKPOINT_STATE).write_text(json.dumps(state, indent=2))
+
+
+def load_checkpoint(directory: str | os.PathLike) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """``(config, state, mapper weights)`` of a checkpoint directory."""
+    directory = Path(directory)
+    config = json.loads((directory / CHECKPOINT_CONFIG).read_text())
+    state = json.loads((directory / CHECKPOINT_STATE).read_text())
+    return config, state, load_file(str(directory / CHECKPOINT_WEIGHTS))
+
+
+def mapper_from_checkpoint(directory: str | os.PathLike) -> tuple[Mapper, dict, dict]:
+    """Rebuild the trained mapper from a checkpoint: ``(mapper, config, state)``."""
+    config, state, weights = load_checkpoint(directory)
+    train = DistributedTrainConfig.from_dict(config["train"])
+    mapper = build_mapper(train.model_config(int(config["dim"])))
+    mapper.load_state_dict(weights)
+    return mapper.eval(), config, state
+
+
+# -- the worker -------------------------------------------------------------------------
+
+
+def _epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([int(seed), int(rank), int(epoch)]).generate_state(1)[0])
+
+
+def _all_reduce(values: torch.Tensor, op: str) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # NCCL reduces CUDA tensors only; gloo takes the CPU tensor as is.
+        work = values.cuda() if dist.get_backend() == "nccl" else values.clone()
+        dist.all_reduce(work, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+        values = work.cpu()
+    return values
+
+
+def _train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train worker: read this worker's slice of P, train with DDP, checkpoint every epoch."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    set_num_threads(loop_config["cpus_per_worker"])
+    device = ray.train.torch.get_device()
+    config = DistributedTrainConfig.from_dict(loop_config["train"])
+    tc = config.train_config()
+    m = config.positives_per_anchor
+    n, dim = int(loop_config["n"]), int(loop_config["dim"])
+
+    if loop_config["features_ref"] is not None:
+        source = SharedFeatures(ray.get(loop_config["features_ref"][0]))
+    else:
+        source = ScannedFeatures(loop_config["features_files"], dim)
+
+    head, tail, weight = load_edge_shard(loop_config["edges_files"], rank, world)
+    rows = np.unique(head)  # the anchors this worker owns, sorted
+    X_anchor = source.fetch(rows)
+    sampler = NeighborSampler(Edges(np.searchsorted(rows, head), tail, weight), len(rows), "cpu")
+    del head, tail, weight
+
+    # Every worker must run the same number of steps or DDP's all-reduce blocks.
+    n_min = int(_all_reduce(torch.tensor([len(rows)], dtype=torch.int64), "min")[0])
+    batch = min(max(2, tc.batch_size // world), n_min)
+    steps = n_min // batch
+    if batch < 2 or steps < 1:
+        raise ValueError(f"worker {rank}: {n_min} anchors are too few for batches of {batch}")
+
+    torch.manual_seed(tc.seed)
+    mapper = build_mapper(config.model_config(dim))
+    with torch.no_grad():
+        mapper.standardize.mean.copy_(torch.as_tensor(np.asarray(loop_config["mean"], dtype=np.float32)))
+        mapper.standardize.scale.fill_(float(loop_config["scale"]))
+
+    start_epoch, history, resumed_from = 0, [], []
+    checkpoint = ray.train.get_checkpoint()
+    optimizer_state = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            _, state, weights = load_checkpoint(d)
+            mapper.load_state_dict(weights)
+            optimizer_state = torch.load(Path(d) / CHECKPOINT_OPTIMIZER, weights_only=True)
+        start_epoch = int(state["epoch"]) + 1
+        history = state["history"]
+        resumed_from = state.get("resumed_from", []) + [start_epoch]
+        log.info("worker %d: resuming at epoch %d", rank, start_epoch)
+
+    model = ray.train.torch.prepare_model(mapper)
+    module = model.module if hasattr(model, "module") else model
+    optimizer = make_optimizer(model, tc)
+    scheduler = make_scheduler(optimizer, tc, steps)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state["optimizer"])
+        scheduler.load_state_dict(optimizer_state["scheduler"])
+    loss_fn = TSNELoss(tc.dof)
+    callbacks = loop_config.get("callbacks") or ()
+    checkpoint_config = {key: loop_config[key] for key in ("train", "n", "dim", "num_workers")}
+
+    if start_epoch >= tc.n_epochs and checkpoint is not None:
+        # A finished run started again: hand its last checkpoint back as the result.
+        last = history[-1] if history else {"epoch": tc.n_epochs - 1}
+        if rank == 0:
+            state = {"epoch": tc.n_epochs - 1, "history": history, "resumed_from": resumed_from[:-1], "stopped": False}
+            with tempfile.TemporaryDirectory(prefix="ptsne-ckpt-") as d:
+                save_checkpoint(Path(d), module, optimizer, scheduler, state, checkpoint_config)
+                ray.train.report(last, checkpoint=ray.train.Checkpoint.from_directory(d),
+                                 checkpoint_dir_name=f"epoch-{tc.n_epochs - 1:05d}-final")
+        else:
+            ray.train.report(last)
+        return
+
+    for epoch in range(start_epoch, tc.n_epochs):
+        t0 = time.perf_counter()
+        model.train()
+        gen = torch.Generator().manual_seed(_epoch_seed(tc.seed, rank, epoch))
+        anchors = torch.randperm(len(rows), generator=gen)[: steps * batch]
+        heads = anchors if m == 1 else anchors.repeat_interleave(m)
+        tails, importance = sampler.sample(heads, gen)
+        # One gather per epoch: the neighbour features of all of this epoch's steps.
+        X_tail = source.fetch(tails.numpy())
+        anchors_np = anchors.numpy()
+        exaggeration = tc.exaggeration_at(epoch)
+        sums = torch.zeros(3, dtype=torch.float64)
+        for s in range(steps):
+            sl = slice(s * batch, (s + 1) * batch)
+            sl_m = slice(s * batch * m, (s + 1) * batch * m)  # neighbours, anchor-major
+            xa = torch.from_numpy(X_anchor[anchors_np[sl]]).to(device)
+            xn = torch.from_numpy(np.ascontiguousarray(X_tail[sl_m])).to(device)
+            out = train_step(model, optimizer, loss_fn, xa, xn, importance[sl_m].to(device), n, exaggeration)
+            scheduler.step()
+            sums += torch.tensor([out["loss"], out["attraction"], out["log_z"]], dtype=torch.float64)
+        sums = _all_reduce(sums / steps, "sum") / world
+        metrics = {
+            "epoch": epoch,
+            "loss": float(sums[0]),
+            "attraction": float(sums[1]),
+            "log_z": float(sums[2]),
+            "exaggeration": float(exaggeration),
+            "phase": "early_exaggeration" if epoch < tc.early_epochs else "embedding",
+            "learning_rate": float(scheduler.get_last_lr()[0]),
+            "seconds": time.perf_counter() - t0,
+            "steps": steps,
+        }
+        # Rank 0's clock stands for the epoch; all workers synchronise every step.
+        metrics["seconds"] = float(_all_reduce(torch.tensor([metrics["seconds"]], dtype=torch.float64), "max")[0])
+        history.append(metrics)
+        stop = any(bool(cb(epoch, metrics)) for cb in callbacks)
+        stop = bool(_all_reduce(torch.tensor([int(stop)]), "max")[0])
+        if rank == 0:
+            state = {"epoch": epoch, "history": history, "resumed_from": resumed_from, "stopped": stop}
+            with tempfile.TemporaryDirectory(prefix="ptsne-ckpt-") as d:
+                save_checkpoint(Path(d), module, optimizer, scheduler, state, checkpoint_config)
+                ray.train.report(
+                    metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                    checkpoint_dir_name=f"epoch-{epoch:05d}",
+                )
+        else:
+            ray.train.report(metrics)
+        if stop:
+            log.info("worker %d: stopped by a callback after epoch %d", rank, epoch)
+            break
+
+
+# -- the driver ---------------------------------------------------------------------------
+
+
+def run_name(affinity_dir: str | os.PathLike, config: DistributedTrainConfig, num_workers: int) -> str:
+    """A name that identifies (data, settings, worker count): same name, same run to resume."""
+    manifest = read_manifest(affinity_dir)
+    key = json.dumps(
+        [manifest.get("config_hash"), str(Path(affinity_dir).resolve()), config.fingerprint(), num_workers]
+    )
+    return "ptsne-train-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def train_distributed(
+    affinity_dir: str | os.PathLike,
+    config: DistributedTrainConfig,
+    num_workers: int = 1,
+    use_gpu: bool = False,
+    storage_path: str | os.PathLike = "ray_results",
+    resume: bool = True,
+    cpus_per_worker: int = 1,
+    gpus_per_worker: float = 1.0,
+    max_failures: int = 1,
+    name: str | None = None,
+    callbacks: Sequence[WorkerCallback] = (),
+) -> TrainResult:
+    """Train a mapper on an affinity directory with ``num_workers`` DDP workers.
+
+    Parameters
+    ----------
+    affinity_dir : path
+        Written by ``pipeline.affinity.build_affinities``.
+    config : DistributedTrainConfig
+    num_workers : int
+        Data-parallel workers (processes).
+    use_gpu : bool
+        One GPU per worker (``gpus_per_worker`` of it) and NCCL; gloo on CPU otherwise.
+    storage_path : path
+        Where Ray Train keeps the run and its epoch checkpoints; shared storage
+        (NFS, S3) on a multi-node cluster.
+    resume : bool
+        Continue the run of the same data, settings and worker count from its
+        last checkpoint when one exists; False starts a fresh run.
+    cpus_per_worker : int
+        CPUs reserved per worker; also its torch threads.
+    max_failures : int
+        Worker-group restarts allowed; each restart resumes from the last checkpoint.
+    name : str, optional
+        Run name (default: derived from the data, the settings and the worker count).
+    callbacks : sequence of callables
+        Picklable ``(epoch, metrics) -> bool`` called in every worker after each
+        epoch; True from any worker stops training after that epoch's checkpoint.
+
+    Returns
+    -------
+    TrainResult
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not isinstance(config, DistributedTrainConfig):
+        raise TypeError(f"train_distributed: config must be a DistributedTrainConfig, got {type(config).__name__}")
+    for pname, v, lo in (("num_workers", num_workers, 1), ("cpus_per_worker", cpus_per_worker, 1), ("max_failures", max_failures, 0)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            raise ValueError(f"train_distributed: {pname} must be an integer >= {lo}, got {v!r}")
+    manifest = read_manifest(affinity_dir)
+    n, dim = int(manifest["n"]), int(manifest["dim"])
+    if config.batch_size // num_workers < 2:
+        raise ValueError(
+            f"train_distributed: batch_size={config.batch_size} leaves fewer than 2 anchors per worker "
+            f"with num_workers={num_workers}"
+        )
+    features_files = shard_files(affinity_dir, manifest, "features")
+    edges_files = shard_files(affinity_dir, manifest, "edges")
+    source = config.feature_source
+    if source == "auto":
+        source = "object_store" if n * dim * 4 <= config.object_store_max_bytes else "scan"
+
+    if not ray.is_initialized():
+        ray.init()
+    t0 = time.perf_counter()
+    features_ref = None
+    if source == "object_store":
+        X = load_features(features_files, n, dim)
+        mean, scale = feature_moments((X[s : s + _SCAN_BATCH_ROWS] for s in range(0, n, _SCAN_BATCH_ROWS)), dim)
+        # Wrapped in a list so that Ray passes the reference, not the array, to the workers.
+        features_ref = [ray.put(X)]
+        del X
+    else:
+        mean, scale = feature_moments((v for _, v in _iter_features(features_files)), dim)
+    log.info("training on n=%d dim=%d with %d worker(s); features via %s", n, dim, num_workers, source)
+
+    loop_config = {
+        "train": config.to_dict(),
+        "n": n,
+        "dim": dim,
+        "num_workers": int(num_workers),
+        "cpus_per_worker": int(cpus_per_worker),
+        "features_ref": features_ref,
+        "features_files": features_files,
+        "edges_files": edges_files,
+        "mean": mean.tolist(),
+        "scale": float(scale),
+        "callbacks": list(callbacks),
+    }
+    resources = {"CPU": int(cpus_per_worker)}
+    if use_gpu:
+        resources["GPU"] = float(gpus_per_worker)
+    name = name or run_name(affinity_dir, config, num_workers)
+    if not resume:
+        name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    storage_path = str(Path(storage_path).resolve()) if "://" not in str(storage_path) else str(storage_path)
+    trainer = TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=int(num_workers), use_gpu=bool(use_gpu), resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=int(max_failures)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    seconds = time.perf_counter() - t0
+    if result.checkpoint is None:
+        raise RuntimeError(f"train_distributed: run {name!r} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        mapper, ckpt_config, state = mapper_from_checkpoint(d)
+    estimator = _estimator(mapper, manifest, config, load_pca(affinity_dir))
+    return TrainResult(
+        estimator=estimator,
+        history=state["history"],
+        checkpoint_path=str(result.checkpoint.path),
+        resumed_from=list(state.get("resumed_from", [])),
+        seconds=seconds,
+    )
+
+
+def _estimator(mapper: Mapper, manifest: dict, config: DistributedTrainConfig, pca: PCA | None) -> ParametricTSNE:
+    perplexities = list(manifest["perplexities"])
+    return ParametricTSNE.from_mapper(
+        mapper,
+        n_features_in=int(manifest.get("input_dim", manifest["dim"])),
+        n_neighbors=int(manifest["k"]),
+        pca=pca,
+        n_components=config.n_components,
+        perplexity=perplexities[0] if len(perplexities) == 1 else perplexities,
+        dof=config.dof,
+        hidden_layers=list(config.hidden_layers),
+        activation=config.activation,
+        n_epochs=config.n_epochs,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        early_exaggeration=config.early_exaggeration,
+        early_exaggeration_fraction=config.early_exaggeration_fraction,
+        exaggeration=config.exaggeration,
+        knn_method=str(manifest.get("knn_method", "auto")),
+        pca_components=int(manifest["dim"]) if pca is not None else None,
+        random_state=config.seed,
+        device="cpu",
+    )

@@ -1,0 +1,153 @@
+"""``ptsne train`` end to end: local Ray (2 CPU workers), a real MLflow SQLite store, real digits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from jobs.cli import EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, build_parser, main
+from jobs.config import apply_config, load_config_file
+from jobs.train import resolve_args
+
+TRAIN_OPTS = [
+    "--vector-col", "vector", "--id-col", "id", "--label-col", "label", "--perplexity", "10",
+    "--knn-method", "exact", "--epochs", "20", "--batch-size", "128", "--hidden-layers", "64,64",
+    "--learning-rate", "0.003", "--workers", "2", "--seed", "1",
+]
+
+
+@pytest.fixture
+def digit_shards(tmp_path, digits):
+    from pipeline.shards import write_array_shards
+
+    X, y = digits
+    order = np.random.default_rng(0).permutation(len(X))
+    train, test = order[:1400], order[1400:]
+    write_array_shards(str(tmp_path / "train"), X[train], y[train], shard_rows=500)
+    write_array_shards(str(tmp_path / "heldout"), X[test], y[test], shard_rows=500)
+    return tmp_path / "train", tmp_path / "heldout", X[test]
+
+
+def test_train_logs_registers_and_pyfunc_predicts_like_the_estimator(
+    ray_local, mlflow_store, tmp_path, digit_shards, capsys
+):
+    import mlflow
+
+    from ptsne.estimator import ParametricTSNE
+
+    train, heldout, X_test = digit_shards
+    argv = ["train", "--input", str(train), "--eval-input", str(heldout), "--workdir", str(tmp_path / "work"),
+            "--experiment", "digits-test", "--register", "digits-test", "--alias", "champion", *TRAIN_OPTS]
+    assert main(argv) == EXIT_OK
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("digits-test")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_id == summary["run_id"]
+    run = runs[0]
+    assert run.data.params["epochs"] == "20" and run.data.params["workers"] == "2"
+    assert run.data.params["perplexity"] == "[10.0]"
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in losses) == list(range(20))
+    phases = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "phase")}
+    assert phases[0] == 0 and phases[19] == 1
+    for name in ("trustworthiness", "knn_recall", "knn_accuracy"):
+        assert 0.0 <= run.data.metrics[name] <= 1.0
+    # Digits are easy: held-out kNN accuracy far above the 10% of chance.
+    assert run.data.metrics["knn_accuracy"] > 0.5
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"embedding.png", "manifest.json", "resolved_config.json", "history.json"} <= artifacts
+
+    pyfunc = mlflow.pyfunc.load_model("models:/digits-test@champion")
+    predicted = pyfunc.predict(X_test.astype(np.float32))
+    estimator = ParametricTSNE.load(summary["model_dir"])
+    np.testing.assert_allclose(predicted, estimator.transform(X_test), rtol=1e-5, atol=1e-5)
+    assert predicted.dtype == np.float32 and predicted.shape == (len(X_test), 2)
+
+    # Second run, same settings: every stage is skipped, nothing new is logged.
+    assert main(argv) == EXIT_OK
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["skipped"] == ["affinities", "train", "register"]
+    assert again["run_id"] == summary["run_id"]
+    assert len(client.search_runs([exp.experiment_id])) == 1
+
+
+def _parse(argv):
+    parser = build_parser()
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize("suffix", ["toml", "yaml"])
+def test_config_file_gives_the_same_settings_as_the_command_line(tmp_path, suffix):
+    cli = resolve_args(_parse(["train", "--input", "data", "--workers", "2", "--perplexity", "10", "20",
+                               "--hidden-layers", "64,32", "--alias", "champion", "--register", "m"]))
+    path = tmp_path / f"train.{suffix}"
+    if suffix == "toml":
+        path.write_text('[train]\ninput = "data"\nworkers = 2\nperplexity = [10, 20]\n'
+                        'hidden-layers = [64, 32]\nalias = "champion"\nregister = "m"\n')
+    else:
+        path.write_text("input: data\nworkers: 2\nperplexity: [10, 20]\nhidden_layers: 64,32\n"
+                        "alias: champion\nregister: m\n")
+    from_file = resolve_args(_parse(["train", "--config", str(path)]))
+    for key, value in vars(cli).items():
+        if key not in ("config", "_parser", "func"):
+            assert getattr(from_file, key) == value, key
+
+
+def test_command_line_wins_over_config_file(tmp_path):
+    path = tmp_path / "train.toml"
+    path.write_text('input = "data"\nworkers = 4\nepochs = 7\n')
+    args = resolve_args(_parse(["train", "--config", str(path), "--workers", "2"]))
+    assert args.workers == 2 and args.epochs == 7
+
+
+def test_config_file_rejects_unknown_and_mistyped_settings(tmp_path):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workers", type=int, default=1)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("wrokers = 2\n")
+    with pytest.raises(ValueError, match="wrokers"):
+        apply_config(parser, parser.parse_args([]), load_config_file(bad))
+    bad.write_text('workers = "two"\n')
+    with pytest.raises(ValueError, match="workers"):
+        apply_config(parser, parser.parse_args([]), load_config_file(bad))
+    with pytest.raises(ValueError, match="suffix"):
+        (tmp_path / "x.ini").write_text("")
+        load_config_file(tmp_path / "x.ini")
+
+
+def test_train_exit_codes_for_bad_usage(tmp_path):
+    assert main(["train", "--workdir", str(tmp_path)]) == EXIT_USAGE  # neither --input nor --affinities
+    assert main(["train", "--input", "x", "--workers", "0"]) == EXIT_USAGE
+    assert main(["train", "--config", str(tmp_path / "missing.toml")]) == EXIT_NOT_FOUND
+
+
+@pytest.mark.slow
+def test_train_from_an_affinity_directory_with_pca_and_a_config_file(ray_local, mlflow_store, tmp_path, digit_shards):
+    """`ptsne affinities --pca` then `ptsne train --affinities` driven by a YAML file; one worker."""
+    import mlflow
+
+    from ptsne.estimator import ParametricTSNE
+
+    train, heldout, X_test = digit_shards
+    aff = tmp_path / "aff"
+    assert main(["affinities", "--input", str(train), "--output", str(aff), "--id-col", "id",
+                 "--label-col", "label", "--perplexity", "10", "--pca", "20", "--knn-method", "exact"]) == EXIT_OK
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        f"train:\n  affinities: {aff}\n  workdir: {tmp_path / 'work'}\n  epochs: 3\n  batch-size: 128\n"
+        f"  hidden-layers: [32, 32]\n  workers: 1\n  experiment: pca-test\n  name: digits-pca\n  alias: prod\n"
+    )
+    assert main(["train", "--config", str(config)]) == EXIT_OK
+    estimator = ParametricTSNE.load(tmp_path / "work" / "model")
+    assert estimator.pca_ is not None and estimator.n_features_in_ == 64
+    pyfunc = mlflow.pyfunc.load_model("models:/digits-pca@prod")
+    np.testing.assert_allclose(pyfunc.predict(X_test.astype(np.float32)), estimator.transform(X_test),
+                               rtol=1e-5, atol=1e-5)
+    run = mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name("pca-test").experiment_id])[0]
+    assert run.data.params["workers"] == "1" and run.data.params["data.dim"] == "20"
+    assert run.data.tags["eval_source"] == "training_sample"

@@ -1,0 +1,373 @@
+"""Distributed affinities on a real local Ray against the single-process ptsne result."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import schema
+from pipeline.affinity import (
+    AffinityJobConfig,
+    build_affinities,
+    load_edges,
+    load_features,
+    load_pca_of,
+    read_manifest,
+)
+from pipeline.shards import InvalidInputError
+from ptsne.affinity import joint_probabilities
+from ptsne.knn import knn_graph
+from tests.conftest import gaussian_blobs
+
+PERPLEXITY = 8.0
+
+
+def write_shards(directory: Path, X, y=None, ids=None, sizes=(150, 0, 130, 120), vector="fixed"):
+    """Write X (and labels, ids) as shards of the given sizes (0: an empty shard)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    start = 0
+    for i, size in enumerate(sizes):
+        stop = start + size
+        block = X[start:stop]
+        if vector == "fixed":
+            col = schema.vectors_to_arrow(block)
+        else:
+            col = pa.array([list(map(float, r)) for r in block], type=pa.list_(pa.float64()))
+        cols = {"vec": col}
+        if y is not None:
+            cols["y"] = pa.array(y[start:stop])
+        if ids is not None:
+            cols["key"] = pa.array(ids[start:stop])
+        pq.write_table(pa.table(cols), directory / f"shard-{i:03d}.parquet")
+        start = stop
+    return directory
+
+
+def reference_edges(X, k, perplexity=PERPLEXITY):
+    return joint_probabilities(knn_graph(X, k=k, method="exact"), perplexity)
+
+
+def assert_same_edges(output, ref, atol=1e-6):
+    head, tail, weight = load_edges(str(output))
+    np.testing.assert_array_equal(head, ref.head)
+    np.testing.assert_array_equal(tail, ref.tail)
+    np.testing.assert_allclose(weight, ref.weight, rtol=0, atol=atol)
+
+
+def assert_contract(output):
+    """The affinity-directory contract, checked on disk."""
+    m = read_manifest(str(output))
+    for key in ("format_version", "n", "input_dim", "dim", "k", "perplexities", "knn_method", "knn_recall",
+                "n_edges", "vector_col", "id_col", "label_col", "pca", "config_hash", "files"):
+        assert key in m, key
+    rows = 0
+    for f in m["files"]["features"]:
+        t = pq.read_table(Path(output) / f["path"])
+        assert t.num_rows == f["rows"]
+        assert t.schema.field("row").type == pa.int64()
+        assert t.schema.field("vector").type == schema.vector_type(m["dim"])
+        np.testing.assert_array_equal(t.column("row").to_numpy(), np.arange(rows, rows + t.num_rows))
+        rows += t.num_rows
+    assert rows == m["n"]
+    prev_stop = 0
+    total = 0.0
+    for f in m["files"]["edges"]:
+        t = pq.read_table(Path(output) / f["path"])
+        assert t.schema == schema.EDGES_SCHEMA
+        h, tl = t.column("head").to_numpy(), t.column("tail").to_numpy()
+        assert h.min() >= prev_stop and h.max() < f["head_stop"]
+        prev_stop = f["head_stop"]
+        key = h * m["n"] + tl
+        assert np.all(np.diff(key) > 0), "each part is sorted by (head, tail) without duplicates"
+        assert not np.any(h == tl)
+        total += float(t.column("weight").to_numpy().astype(np.float64).sum())
+    assert abs(total - 1.0) < 1e-5
+    assert not [p for p in os.listdir(output) if ".tmp-" in p]
+    return m
+
+
+@pytest.fixture(scope="module")
+def data():
+    X, y = gaussian_blobs(400, 8, 3, seed=1)
+    return X, y
+
+
+@pytest.fixture(scope="module")
+def ref(data):
+    X, _ = data
+    return reference_edges(X, k=24)
+
+
+def config(tmp_path, input_dir, name="out", **kw):
+    kw.setdefault("perplexity", PERPLEXITY)
+    kw.setdefault("n_neighbors", 24)
+    kw.setdefault("knn_method", "exact")
+    kw.setdefault("batch_rows", 100)
+    kw.setdefault("edge_partitions", 3)
+    return AffinityJobConfig(input=str(input_dir), output=str(tmp_path / name), vector_col="vec", **kw)
+
+
+def test_exact_matches_single_process(ray_local, tmp_path, data, ref):
+    X, y = data
+    inp = write_shards(tmp_path / "in", X, y)
+    m = build_affinities(config(tmp_path, inp, label_col="y"))
+    assert_same_edges(tmp_path / "out", ref)
+    m2 = assert_contract(tmp_path / "out")
+    assert m == m2
+    assert (m["n"], m["dim"], m["input_dim"], m["k"]) == (400, 8, 8, 24)
+    assert m["knn_method"] == "exact" and m["knn_recall"] is None
+    assert len(m["files"]["edges"]) == 3
+    feats = load_features(str(tmp_path / "out"))
+    np.testing.assert_array_equal(schema.arrow_to_vectors(feats.column("vector")), X)
+    np.testing.assert_array_equal(feats.column("id").to_numpy(), np.arange(400))
+    np.testing.assert_array_equal(feats.column("label").to_numpy(), y)
+    assert m["timings_s"]["knn_affinities"] >= 0 and "symmetrize" in m["peak_worker_rss_mb"]
+
+
+def test_rerun_with_same_config_is_skipped(ray_local, tmp_path, data):
+    X, _ = data
+    inp = write_shards(tmp_path / "in", X, sizes=(200, 200))
+    cfg = config(tmp_path, inp)
+    m1 = build_affinities(cfg)
+    manifest = tmp_path / "out" / "manifest.json"
+    before = manifest.stat().st_mtime_ns
+    assert build_affinities(cfg) == m1
+    assert manifest.stat().st_mtime_ns == before
+    # Other settings on a non-empty output are refused unless overwrite is asked for.
+    with pytest.raises(FileExistsError, match="not empty"):
+        build_affinities(config(tmp_path, inp, perplexity=6.0))
+    m3 = build_affinities(config(tmp_path, inp, perplexity=6.0, overwrite=True))
+    assert m3["perplexities"] == [6.0] and m3["config_hash"] != m1["config_hash"]
+
+
+def test_multiscale_list_columns_and_string_ids(ray_local, tmp_path, data):
+    X, _ = data
+    ids = np.array([f"pt-{i}" for i in range(400)])
+    inp = write_shards(tmp_path / "in", X, ids=ids, vector="list")
+    build_affinities(config(tmp_path, inp, perplexity=(5.0, 8.0), id_col="key"))
+    assert_same_edges(tmp_path / "out", joint_probabilities(knn_graph(X, k=24, method="exact"), [5.0, 8.0]))
+    feats = load_features(str(tmp_path / "out"))
+    assert feats.column("id").to_pylist() == ids.tolist()
+
+
+def test_sharded_index_gives_the_same_graph(ray_local, tmp_path, data, ref):
+    X, _ = data
+    inp = write_shards(tmp_path / "in", X)
+    # 100 rows x 8 dims x 4 bytes per part: an index shard of at most two parts.
+    m = build_affinities(config(tmp_path, inp, max_index_bytes=100 * 8 * 4 * 2))
+    assert m["knn_index_shards"] >= 2
+    assert_same_edges(tmp_path / "out", ref)
+
+
+def test_pca_is_fitted_on_the_sample_and_applied_per_shard(ray_local, tmp_path):
+    X, _ = gaussian_blobs(300, 20, 3, seed=2)
+    inp = write_shards(tmp_path / "in", X, sizes=(100, 100, 100))
+    m = build_affinities(config(tmp_path, inp, pca_components=5))
+    assert m["pca"] and m["dim"] == 5 and m["input_dim"] == 20
+    pca = load_pca_of(str(tmp_path / "out"))
+    Z = pca.transform(X)
+    feats = load_features(str(tmp_path / "out"))
+    np.testing.assert_allclose(schema.arrow_to_vectors(feats.column("vector")), Z, atol=1e-5)
+    assert_same_edges(tmp_path / "out", reference_edges(Z, k=24))
+    assert_contract(tmp_path / "out")
+
+
+@pytest.mark.parametrize("mode", ["raise", "crash"])
+def test_injected_task_failure_is_retried_with_identical_output(ray_local, tmp_path, data, mode):
+    X, _ = data
+    inp = write_shards(tmp_path / "in", X)
+    clean = build_affinities(config(tmp_path, inp, name="clean"))
+    marker = tmp_path / "failed-once"
+    retried = build_affinities(config(tmp_path, inp, name="retried", inject_failure=str(marker),
+                                      inject_failure_mode=mode))
+    assert marker.read_text() == f"failed once ({mode})\n", "the failure was injected"
+    assert clean["files"] == retried["files"]  # same paths, rows and sha256 checksums
+
+
+def test_interrupted_run_leaves_no_output_and_resumes(ray_local, tmp_path, data, ref):
+    import ray
+
+    X, _ = data
+    inp = write_shards(tmp_path / "in", X)
+    marker = tmp_path / "failed-once"
+    with pytest.raises(ray.exceptions.RayTaskError, match="injected failure"):
+        build_affinities(config(tmp_path, inp, inject_failure=str(marker), max_retries=0))
+    assert not (tmp_path / "out").exists()
+    partial = [p for p in os.listdir(tmp_path) if p.startswith(".out.partial-")]
+    assert len(partial) == 1 and (tmp_path / partial[0] / "_features.json").exists()
+    build_affinities(config(tmp_path, inp))
+    assert_same_edges(tmp_path / "out", ref)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".out.partial-")]
+
+
+@pytest.mark.gpu
+def test_gpu_tasks_match_the_exact_result(ray_local, tmp_path, data, ref):
+    X, _ = data
+    inp = write_shards(tmp_path / "in", X)
+    build_affinities(config(tmp_path, inp, device="cuda"))
+    assert_same_edges(tmp_path / "out", ref, atol=1e-5)
+
+
+def test_rejected_nan_rows_leave_nothing_behind(ray_local, tmp_path, data):
+    X, _ = data
+    X = X.copy()
+    X[[7, 210, 399]] = np.nan
+    X[5, 2] = np.inf
+    inp = write_shards(tmp_path / "in", X)
+    with pytest.raises(InvalidInputError, match=r"4 rows have NaN, Inf.*first ids: 5, 7, 210, 399"):
+        build_affinities(config(tmp_path, inp))
+    assert sorted(os.listdir(tmp_path)) == ["in"]
+
+
+def test_drop_invalid_writes_rejects(ray_local, tmp_path, data):
+    X, _ = data
+    X = X.copy()
+    bad = [7, 210, 399]
+    X[bad] = np.nan
+    inp = write_shards(tmp_path / "in", X)
+    m = build_affinities(config(tmp_path, inp, drop_invalid=True))
+    assert m["n"] == 397 and m["n_rejected"] == 3 and m["n_input_rows"] == 400
+    rejects = pq.read_table(tmp_path / "out" / m["rejects"])
+    assert rejects.column("id").to_pylist() == bad
+    keep = np.setdiff1d(np.arange(400), bad)
+    feats = load_features(str(tmp_path / "out"))
+    np.testing.assert_array_equal(feats.column("id").to_numpy(), keep)
+    assert_same_edges(tmp_path / "out", reference_edges(X[keep], k=24))
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("duplicate_ids", r"2 ids occur more than once.*first: 3, 9"),
+        ("mixed_dims", r"mixes dimensions|different vector dimensions"),
+        ("missing_column", r"missing column"),
+        ("non_numeric", r"non-numeric"),
+    ],
+)
+def test_invalid_inputs_are_rejected_before_any_work(ray_local, tmp_path, data, case, message):
+    X, _ = data
+    inp = tmp_path / "in"
+    if case == "duplicate_ids":
+        ids = np.arange(400)
+        ids[100], ids[300] = 3, 9
+        write_shards(inp, X, ids=ids)
+        cfg = config(tmp_path, inp, id_col="key")
+    elif case == "mixed_dims":
+        write_shards(inp, X, sizes=(200, 200), vector="list")
+        rows = [[1.0, 2.0]] * 5
+        pq.write_table(pa.table({"vec": pa.array(rows)}), inp / "shard-999.parquet")
+        cfg = config(tmp_path, inp)
+    elif case == "missing_column":
+        write_shards(inp, X, sizes=(400,))
+        cfg = config(tmp_path, inp, label_col="no_such_column")
+    else:
+        inp.mkdir()
+        pq.write_table(pa.table({"vec": pa.array([["a", "b"]] * 40)}), inp / "s.parquet")
+        cfg = config(tmp_path, inp)
+    with pytest.raises(InvalidInputError, match=message):
+        build_affinities(cfg)
+    assert sorted(os.listdir(tmp_path)) == ["in"]
+
+
+def test_feature_columns_input(ray_local, tmp_path, data, ref):
+    X, _ = data
+    inp = tmp_path / "in"
+    inp.mkdir()
+    cols = {f"f{j}": X[:, j] for j in range(X.shape[1])}
+    pq.write_table(pa.table(cols), inp / "table.parquet")
+    m = build_affinities(AffinityJobConfig(
+        input=str(inp), output=str(tmp_path / "out"), feature_cols=tuple(cols), perplexity=PERPLEXITY,
+        n_neighbors=24, knn_method="exact", batch_rows=150))
+    assert m["vector_col"] is None and m["feature_cols"] == list(cols)
+    assert_same_edges(tmp_path / "out", ref)
+
+
+def test_ivf_affinities_on_digits_record_their_recall(ray_local, tmp_path, digits):
+    X, y = digits
+    inp = write_shards(tmp_path / "in", X, y, sizes=(900, 897))
+    m = build_affinities(config(tmp_path, inp, knn_method="ivf", n_neighbors=30, perplexity=10.0,
+                                batch_rows=900, label_col="y"))
+    assert m["knn_method"] == "ivf" and m["knn_nprobe"] >= 1
+    assert m["knn_recall"] >= 0.95
+    assert_contract(tmp_path / "out")
+
+
+def test_config_is_validated():
+    base = dict(input="in", output="out")
+    with pytest.raises(ValueError, match="knn_method must be one of"):
+        AffinityJobConfig(**base, knn_method="hnsw")
+    with pytest.raises(ValueError, match="n_neighbors must be 'auto' or an integer >= 1, got 0"):
+        AffinityJobConfig(**base, n_neighbors=0)
+    with pytest.raises(ValueError, match="empty list"):
+        AffinityJobConfig(**base, perplexity=[])
+    with pytest.raises(ValueError, match="batch_rows must be an integer >= 1"):
+        AffinityJobConfig(**base, batch_rows=0)
+    with pytest.raises(ValueError, match="exactly one of vector_col and feature_cols"):
+        AffinityJobConfig(**base, vector_col=None)
+    with pytest.raises(TypeError, match="input must be a path"):
+        AffinityJobConfig(input=3, output="out")
+    cfg = AffinityJobConfig(**base, feature_cols=["a", "b"], perplexity=[10, 20])
+    assert cfg.vector_col is None and cfg.feature_cols == ("a", "b") and cfg.perplexities == (10.0, 20.0)
+
+
+def test_settings_that_cannot_work_on_the_data_write_nothing(ray_local, tmp_path, data):
+    X, _ = data
+    inp = write_shards(tmp_path / "in", X)
+    with pytest.raises(ValueError, match="pca_components=9 exceeds the input dimension 8"):
+        build_affinities(config(tmp_path, inp, pca_components=9))
+    with pytest.raises(ValueError, match="n_neighbors=400 needs at least 401"):
+        build_affinities(config(tmp_path, inp, n_neighbors=400))
+    with pytest.raises(ValueError, match="perplexity=30.0 cannot be reached with k=24"):
+        build_affinities(config(tmp_path, inp, perplexity=30.0))
+    import faiss
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0) == 0 or not hasattr(faiss, "StandardGpuResources"):
+        with pytest.raises(ValueError, match="device='cuda' was asked for"):
+            build_affinities(config(tmp_path, inp, device="cuda"))
+    assert sorted(os.listdir(tmp_path)) == ["in"]
+
+
+def test_file_uri_input_and_output(ray_local, tmp_path, data, ref):
+    X, _ = data
+    inp = write_shards(tmp_path / "in", X)
+    cfg = AffinityJobConfig(input=f"file://{inp}", output=f"file://{tmp_path / 'out'}", vector_col="vec",
+                            perplexity=PERPLEXITY, n_neighbors=24, knn_method="exact")
+    build_affinities(cfg)
+    assert_same_edges(tmp_path / "out", ref)
+
+
+@pytest.fixture
+def two_node_cluster(ray_local):
+    """A 2-node Ray cluster on this machine (1 CPU each); the session's Ray is restored after."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+
+def test_two_node_cluster_gives_the_same_result(two_node_cluster, tmp_path, data, ref):
+    import ray
+
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    X, _ = data
+    inp = write_shards(tmp_path / "in", X)
+    m = build_affinities(config(tmp_path, inp))
+    assert_same_edges(tmp_path / "out", ref)
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["config_hash"] == m["config_hash"]

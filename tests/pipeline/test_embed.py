@@ -1,0 +1,206 @@
+"""pipeline.embed on a real local Ray: exactly-once bookkeeping, outputs equal ParametricTSNE.transform."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.embed import (
+    CURRENT_FILE,
+    LEDGER_FILE,
+    EmbedConfig,
+    EmbedInputError,
+    Ledger,
+    ModelSpec,
+    embed_shards,
+    load_output,
+    read_current,
+)
+from ptsne import ParametricTSNE
+from tests.conftest import gaussian_blobs
+
+DIM = 8
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    X, _ = gaussian_blobs(300, DIM, 3, seed=0)
+    est = ParametricTSNE(n_epochs=2, perplexity=10, hidden_layers=(32, 32), random_state=0, device="cpu")
+    est.fit(X)
+    path = tmp_path_factory.mktemp("model") / "est"
+    est.save(path)
+    return path
+
+
+def write_shard(path, ids, X, label=None, vector="fixed"):
+    X = np.asarray(X, dtype=np.float32)
+    if vector == "fixed":
+        vec = pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), X.shape[1])
+    else:  # variable-length list<float>
+        vec = pa.array([row.tolist() for row in X], type=pa.list_(pa.float32()))
+    cols = {"id": pa.array(ids, type=pa.int64()), "vector": vec}
+    if label is not None:
+        cols["label"] = pa.array(label)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(cols), path)
+
+
+def shard_data(seed, n, start):
+    X, y = gaussian_blobs(n, DIM, 3, seed=seed)
+    return np.arange(start, start + n), X, y
+
+
+def spec(model_dir, version="1"):
+    return ModelSpec(path=str(model_dir), name="demo", version=version, tag=f"v{version}")
+
+
+CFG = EmbedConfig(passthrough=("label",), batch_size=128, num_actors=1, progress=False)
+
+
+def test_two_batches_then_nothing_new_matches_transform(ray_local, model_dir, tmp_path):
+    est = ParametricTSNE.load(model_dir, device="cpu")
+    inp, out = tmp_path / "in", tmp_path / "out"
+    data = {f"a/part-{i}.parquet": shard_data(i, 150 + 10 * i, 1000 * i) for i in range(2)}
+    for rel, (ids, X, y) in data.items():
+        write_shard(inp / rel, ids, X, y)
+    first = embed_shards(inp, out, spec(model_dir), CFG)
+    assert (first.shards_written, first.shards_skipped, first.rows) == (2, 0, 310)
+    assert read_current(out)["dir"] == "v1"
+
+    # a second batch arrives, in another subdirectory
+    later = {f"b/part-{i}.parquet": shard_data(10 + i, 120, 1000 * (10 + i)) for i in range(2)}
+    for rel, (ids, X, y) in later.items():
+        write_shard(inp / rel, ids, X, y)
+    data.update(later)
+    second = embed_shards(inp, out, spec(model_dir), CFG)
+    assert (second.shards_written, second.shards_skipped, second.rows) == (2, 2, 240)
+
+    third = embed_shards(inp, out, spec(model_dir), CFG)
+    assert (third.shards_written, third.shards_skipped, third.rows) == (0, 4, 0)
+
+    for rel, (ids, X, y) in data.items():
+        table = pq.read_table(out / "v1" / rel)
+        assert table.column("id").to_pylist() == ids.tolist()
+        emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+        np.testing.assert_allclose(emb, est.transform(X), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(table.column("x").to_numpy(), emb[:, 0])
+        assert table.schema.field("embedding").type == pa.list_(pa.float32(), 2)
+        assert set(table.column("model_version").to_pylist()) == {"1"}
+        assert table.column("label").to_pylist() == y.tolist()
+    ledger = Ledger.load(out / "v1")
+    assert sorted(ledger.entries) == sorted(data)
+    assert load_output(out).equals(load_output(out / "v1"))  # the location reads its current version
+
+
+def test_changed_shard_is_reembedded_and_leftovers_removed(ray_local, model_dir, tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    ids, X, y = shard_data(0, 100, 0)
+    write_shard(inp / "part-0.parquet", ids, X, y)
+    embed_shards(inp, out, spec(model_dir), CFG)
+    # Leftovers of a killed run: a temp file and an output without a ledger line.
+    (out / "v1" / ".part-9.parquet.tmp-abc").write_bytes(b"partial")
+    pq.write_table(pa.table({"id": [1]}), out / "v1" / "orphan.parquet")
+    ids2, X2, y2 = shard_data(5, 130, 500)
+    write_shard(inp / "part-0.parquet", ids2, X2, y2)
+    os.utime(inp / "part-0.parquet", ns=(1, 10**18))  # make the change visible even within one mtime tick
+    summary = embed_shards(inp, out, spec(model_dir), CFG)
+    assert summary.shards_written == 1 and summary.rows == 130
+    assert sorted(p.name for p in (out / "v1").iterdir()) == [LEDGER_FILE, "part-0.parquet"]
+    assert load_output(out / "v1").column("id").to_pylist() == ids2.tolist()
+
+
+def test_list_column_feature_columns_and_rejects(ray_local, model_dir, tmp_path):
+    est = ParametricTSNE.load(model_dir, device="cpu")
+    ids, X, _ = shard_data(1, 90, 0)
+    X_bad = X.copy()
+    X_bad[[3, 40]] = np.nan
+    X_bad[7, 2] = np.inf
+    write_shard(tmp_path / "lists" / "p.parquet", ids, X_bad, vector="list")
+    cfg = EmbedConfig(batch_size=32, num_actors=1, progress=False, on_invalid="reject")
+    summary = embed_shards(tmp_path / "lists", tmp_path / "o1", spec(model_dir), cfg)
+    assert (summary.rows, summary.rows_rejected) == (87, 3)
+    good = np.setdiff1d(np.arange(90), [3, 7, 40])
+    table = pq.read_table(tmp_path / "o1" / "v1" / "p.parquet")
+    assert table.column("id").to_pylist() == ids[good].tolist()
+    emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(emb, est.transform(X[good]), rtol=1e-5, atol=1e-5)
+    rejects = pq.read_table(tmp_path / "o1" / "v1" / "_rejects" / "p.parquet")
+    assert rejects.column("row").to_pylist() == [3, 7, 40]
+    assert set(rejects.column("reason").to_pylist()) == {"NaN or Inf"}
+
+    # scalar feature columns, named in the model's feature order
+    names = [f"f{j}" for j in range(DIM)]
+    cols = {"id": ids, **{n: X[:, j] for j, n in enumerate(names)}}
+    (tmp_path / "cols").mkdir()
+    pq.write_table(pa.table(cols), tmp_path / "cols" / "p.parquet")
+    cfg = EmbedConfig(feature_cols=tuple(names), num_actors=1, progress=False)
+    embed_shards(tmp_path / "cols", tmp_path / "o2", spec(model_dir), cfg)
+    emb = np.stack(load_output(tmp_path / "o2" / "v1").column("embedding").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(emb, est.transform(X), rtol=1e-5, atol=1e-5)
+
+
+def test_nan_rows_fail_their_shard_only(ray_local, model_dir, tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    ids, X, y = shard_data(0, 80, 0)
+    write_shard(inp / "good.parquet", ids, X, y)
+    X_bad = X.copy()
+    X_bad[[5, 6]] = np.nan
+    write_shard(inp / "bad.parquet", ids + 100, X_bad, y)
+    with pytest.raises(EmbedInputError, match=r"bad.parquet: 2 rows with NaN or Inf \(first ids: 105, 106\)") as info:
+        embed_shards(inp, out, spec(model_dir), CFG)
+    assert info.value.summary.shards_written == 1
+    assert sorted(Ledger.load(out / "v1").entries) == ["good.parquet"]
+    assert not (out / "v1" / "bad.parquet").exists()
+    assert not (out / CURRENT_FILE).exists()  # incomplete output is never made current
+
+
+@pytest.mark.parametrize(
+    "problem, match",
+    [
+        ("missing", r"missing column\(s\) \['vector'\]"),
+        ("dim", r"dimension 5, the model expects 8"),
+        ("ids", r"id column 'id' must be integer or string"),
+        ("corrupt", r"not a readable Parquet file"),
+    ],
+)
+def test_schema_problems_write_nothing(model_dir, tmp_path, problem, match):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    ids, X, y = shard_data(0, 20, 0)
+    write_shard(inp / "ok.parquet", ids, X, y)
+    if problem == "missing":
+        pq.write_table(pa.table({"id": ids, "features": X[:, 0]}), inp / "z.parquet")
+    elif problem == "dim":
+        write_shard(inp / "z.parquet", ids, X[:, :5])
+    elif problem == "corrupt":
+        (inp / "z.parquet").write_bytes(b"PAR1 truncated")
+    else:
+        pq.write_table(pa.table({"id": ids.astype(float), "vector": pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), DIM)}), inp / "z.parquet")
+    with pytest.raises(EmbedInputError, match=match) as info:
+        embed_shards(inp, out, spec(model_dir), EmbedConfig(progress=False))
+    assert "z.parquet" in str(info.value) and "nothing was written" in str(info.value)
+    assert [p.name for p in (out / "v1").iterdir()] == []
+
+
+def test_output_of_another_model_is_refused(model_dir, tmp_path):
+    target = tmp_path / "out" / "v1"
+    target.mkdir(parents=True)
+    (target / LEDGER_FILE).write_text(json.dumps({"input": "a.parquet", "output": "a.parquet", "model_name": "other", "model_version": "1"}) + "\n")
+    write_shard(tmp_path / "in" / "a.parquet", *shard_data(0, 10, 0))
+    with pytest.raises(ValueError, match="holds embeddings of .*other"):
+        embed_shards(tmp_path / "in", tmp_path / "out", spec(model_dir), CFG)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="on_invalid must be one of"):
+        EmbedConfig(on_invalid="drop")
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        EmbedConfig(batch_size=0)
+    with pytest.raises(ValueError, match="not both"):
+        EmbedConfig(vector_col="v", feature_cols=("a",))
+    with pytest.raises(TypeError, match="passthrough must be a list"):
+        EmbedConfig(passthrough="label")

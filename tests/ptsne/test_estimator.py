@@ -1,0 +1,191 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ptsne import NotFittedError, ParametricTSNE
+from ptsne.metrics import knn_accuracy
+
+FAST = dict(n_epochs=4, batch_size=128, hidden_layers=(32, 32), random_state=0, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def fitted(request):
+    from tests.conftest import gaussian_blobs
+
+    X, y = gaussian_blobs(600, 10, 4)
+    est = ParametricTSNE(perplexity=10.0, **FAST).fit(X)
+    return est, X, y
+
+
+def test_fit_returns_self_and_sets_learned_state(fitted):
+    est, X, _ = fitted
+    assert est.embedding_.shape == (len(X), 2) and est.embedding_.dtype == np.float32
+    assert est.n_features_in_ == 10
+    assert est.n_neighbors_ == 30
+    assert len(est.history_) == 4
+    assert set(est.timings_) >= {"knn", "affinity", "train"}
+    assert ParametricTSNE(perplexity=10.0, **FAST).fit(X) is not None
+
+
+def test_transform_of_training_data_equals_embedding(fitted):
+    est, X, _ = fitted
+    np.testing.assert_allclose(est.transform(X), est.embedding_, rtol=1e-5, atol=1e-5)
+
+
+def test_transform_batch_equals_rows_one_by_one(fitted):
+    est, X, _ = fitted
+    batch = est.transform(X[:20])
+    single = np.concatenate([est.transform(X[i : i + 1]) for i in range(20)])
+    np.testing.assert_allclose(batch, single, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(est.transform(X[:20], batch_size=3), batch, rtol=1e-5, atol=1e-5)
+
+
+def test_transform_empty_input(fitted):
+    est, X, _ = fitted
+    assert est.transform(X[:0]).shape == (0, 2)
+
+
+def test_save_load_roundtrip(fitted, tmp_path):
+    est, X, _ = fitted
+    path = est.save(tmp_path / "model")
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((path / "config.json").read_text())
+    assert config["params"]["perplexity"] == 10.0
+    loaded = ParametricTSNE.load(path)
+    np.testing.assert_array_equal(loaded.transform(X), est.transform(X))
+    assert not list(tmp_path.glob(".model.*"))  # no temp directories left behind
+
+
+def test_save_replaces_existing_model(fitted, tmp_path):
+    est, X, _ = fitted
+    est.save(tmp_path / "m")
+    est.save(tmp_path / "m")
+    np.testing.assert_array_equal(ParametricTSNE.load(tmp_path / "m").transform(X[:5]), est.transform(X[:5]))
+
+
+def test_legacy_names(fitted, tmp_path):
+    est, X, _ = fitted
+    est.save_model(tmp_path / "legacy")
+    other = ParametricTSNE().restore_model(tmp_path / "legacy")
+    np.testing.assert_array_equal(other.transform(X[:5]), est.transform(X[:5]))
+
+
+def test_pca_inside_fit_and_transform(digits, tmp_path):
+    X, y = digits
+    est = ParametricTSNE(pca_components=20, perplexity=15.0, **FAST).fit(X[:1000])
+    assert est.pca_.components_.shape == (20, 64)
+    Y = est.transform(X[1000:])
+    assert Y.shape == (len(X) - 1000, 2)
+    loaded = ParametricTSNE.load(est.save(tmp_path / "pca"))
+    np.testing.assert_allclose(loaded.transform(X[1000:]), Y, rtol=1e-6, atol=1e-6)
+
+
+def test_multiscale_perplexity_and_3d(blobs):
+    X, _ = blobs
+    est = ParametricTSNE(n_components=3, perplexity=[5.0, 20.0], **FAST).fit(X)
+    assert est.n_neighbors_ == 60
+    assert est.transform(X[:4]).shape == (4, 3)
+
+
+def test_custom_network_and_reload(blobs, tmp_path):
+    X, _ = blobs
+
+    def net():
+        return torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+
+    est = ParametricTSNE(model=net(), perplexity=10.0, n_epochs=2, batch_size=128, random_state=0).fit(X)
+    est.save(tmp_path / "custom")
+    with pytest.raises(ValueError, match="custom network"):
+        ParametricTSNE.load(tmp_path / "custom")
+    loaded = ParametricTSNE.load(tmp_path / "custom", model=net())
+    np.testing.assert_array_equal(loaded.transform(X[:5]), est.transform(X[:5]))
+
+
+def test_seeded_fit_is_deterministic(blobs):
+    X, _ = blobs
+    a = ParametricTSNE(perplexity=10.0, **FAST).fit_transform(X)
+    b = ParametricTSNE(perplexity=10.0, **FAST).fit_transform(X)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_quality_on_digits(digits):
+    # Held-out quality on a real dataset: digits (1797 x 64), train on 1400 points.
+    X, y = digits
+    est = ParametricTSNE(random_state=0, device="cpu", n_epochs=30, batch_size=256).fit(X[:1400])
+    acc = knn_accuracy(est.embedding_, y[:1400], est.transform(X[1400:]), y[1400:], k=10)
+    assert acc > 0.9
+
+
+# -- errors ---------------------------------------------------------------------------
+
+
+def test_transform_before_fit():
+    with pytest.raises(NotFittedError, match="not fitted"):
+        ParametricTSNE().transform(np.zeros((3, 4)))
+
+
+def test_nan_rows_are_reported(blobs):
+    X, _ = blobs
+    X = X.copy()
+    X[[3, 17], 2] = np.nan
+    X[40, 0] = np.inf
+    with pytest.raises(ValueError, match=r"3 rows with NaN or Inf values \(first rows: \[3, 17, 40\]\)"):
+        ParametricTSNE(**FAST).fit(X)
+
+
+def test_wrong_dimension_at_transform(fitted):
+    est, X, _ = fitted
+    with pytest.raises(ValueError, match="has 9 features, but the model was fitted with 10"):
+        est.transform(X[:, :9])
+
+
+def test_too_few_points_for_perplexity():
+    X = np.random.default_rng(0).normal(size=(90, 3))
+    with pytest.raises(ValueError, match=r"needs more than 3 \* perplexity = 90 points, got n=90"):
+        ParametricTSNE(perplexity=30.0, **FAST).fit(X)
+
+
+@pytest.mark.parametrize("bad", [np.array([["a", "b"], ["c", "d"]]), [[1, 2], [3]]])
+def test_non_numeric_input(bad):
+    with pytest.raises(TypeError, match="X must"):
+        ParametricTSNE(**FAST).fit(bad)
+
+
+def test_one_dimensional_input():
+    with pytest.raises(ValueError, match="must be 2-D"):
+        ParametricTSNE(**FAST).fit(np.zeros(100))
+
+
+@pytest.mark.parametrize(
+    "params, error, match",
+    [
+        ({"perplexity": 0.5}, ValueError, "perplexity must be"),
+        ({"perplexity": "30"}, TypeError, "perplexity"),
+        ({"n_components": 0}, ValueError, "n_components"),
+        ({"hidden_layers": (32, 0)}, ValueError, "hidden_layers"),
+        ({"activation": "swish"}, ValueError, "activation must be one of"),
+        ({"n_epochs": 0}, ValueError, "n_epochs"),
+        ({"batch_size": 1}, ValueError, "batch_size"),
+        ({"learning_rate": 0}, ValueError, "learning_rate"),
+        ({"dof": -1}, ValueError, "dof"),
+        ({"n_neighbors": 5}, ValueError, "n_neighbors=5 is below perplexity"),
+        ({"n_neighbors": 10_000}, ValueError, "n_neighbors must be"),
+        ({"knn_method": "lsh"}, ValueError, "method must be"),
+        ({"pca_components": 0}, ValueError, "pca_components"),
+        ({"pca_components": 11}, ValueError, "pca_components=11 exceeds"),
+        ({"device": "tpu"}, ValueError, "device must be"),
+        ({"model": "mlp"}, TypeError, "model must be"),
+        ({"random_state": "x"}, TypeError, "random_state"),
+    ],
+)
+def test_parameter_validation(blobs, params, error, match):
+    X, _ = blobs
+    with pytest.raises(error, match=match):
+        ParametricTSNE(**{**FAST, "perplexity": 10.0, **params}).fit(X)
+
+
+def test_set_params_rejects_unknown():
+    with pytest.raises(ValueError, match="unknown parameter 'perplexitty'"):
+        ParametricTSNE().set_params(perplexitty=5)

@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+
+from ptsne.knn import KNNConfig, build_index, knn_graph, recall_at_k, search, tune_nprobe
+
+
+def brute_force(X, k):
+    d = ((X[:, None, :].astype(np.float64) - X[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    idx = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return idx, np.sqrt(np.take_along_axis(d, idx, axis=1))
+
+
+def test_exact_matches_brute_force(rng):
+    X = rng.normal(size=(300, 8)).astype(np.float32)
+    g = knn_graph(X, k=10, method="exact")
+    idx, dist = brute_force(X, 10)
+    assert g.indices.dtype == np.int64 and g.distances.dtype == np.float32
+    assert g.indices.shape == (300, 10)
+    np.testing.assert_array_equal(g.indices, idx)
+    np.testing.assert_allclose(g.distances, dist, rtol=1e-4, atol=1e-4)
+
+
+def test_self_excluded_with_duplicates(rng):
+    X = rng.normal(size=(50, 4)).astype(np.float32)
+    X = np.concatenate([X, X, X])  # every point has two exact duplicates
+    g = knn_graph(X, k=5, method="exact")
+    assert not (g.indices == np.arange(len(X))[:, None]).any()
+    # The two duplicates are the nearest neighbours, at distance 0.
+    np.testing.assert_allclose(g.distances[:, :2], 0.0, atol=1e-3)
+    assert (np.diff(g.distances, axis=1) >= -1e-5).all()
+
+
+def test_ivf_reaches_target_recall(mnist_small):
+    from ptsne.pca import PCA
+
+    X = PCA(30).fit(mnist_small[0]).transform(mnist_small[0])
+    index = build_index(X, "ivf", "cpu", random_state=0)
+    nprobe, recall = tune_nprobe(index, X, 15, target_recall=0.95)
+    approx = search(index, X, 15, query_ids=np.arange(len(X)), fallback_data=X)
+    exact = knn_graph(X, k=15, method="exact")
+    measured = recall_at_k(exact.indices, approx.indices)
+    assert measured >= 0.95
+    assert nprobe >= 1 and recall >= 0.95
+    assert (approx.indices >= 0).all()
+    assert not (approx.indices == np.arange(len(X))[:, None]).any()
+
+
+def test_recall_at_k_counts_overlap():
+    true = np.array([[1, 2, 3], [4, 5, 6]])
+    approx = np.array([[3, 2, 9], [7, 8, 9]])
+    assert recall_at_k(true, approx) == pytest.approx(2 / 6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"k": 0}, "k must be"),
+        ({"k": 2.5}, "k must be"),
+        ({"method": "hnsw"}, "method must be"),
+        ({"target_recall": 1.5}, "target_recall"),
+        ({"device": "tpu"}, "device must be"),
+        ({"n_threads": 0}, "n_threads"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        KNNConfig(**kwargs)
+
+
+def test_too_few_points():
+    with pytest.raises(ValueError, match="k=10 needs at least"):
+        knn_graph(np.zeros((5, 2), np.float32), k=10)
