@@ -84,19 +84,28 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     aff = p.add_argument_group("kNN and affinities (see `ptsne affinities`)")
     add_affinity_arguments(aff)
     tr = p.add_argument_group("training")
-    tr.add_argument("--epochs", type=int, default=40, help="passes over the points as anchors (default: 40)")
-    tr.add_argument("--batch-size", type=int, default=1024, help="anchors per step over all workers (default: 1024)")
-    tr.add_argument("--learning-rate", type=float, default=1e-3, help="peak Adam learning rate (default: 0.001)")
-    tr.add_argument("--early-exaggeration", type=float, default=12.0)
-    tr.add_argument("--early-exaggeration-fraction", type=float, default=0.25)
-    tr.add_argument("--exaggeration", type=float, default=1.0)
-    tr.add_argument("--dof", type=float, default=1.0, help="degrees of freedom of the Student-t kernel (default: 1)")
-    tr.add_argument("--weight-decay", type=float, default=0.0)
-    tr.add_argument("--positives-per-anchor", type=int, default=1,
-                    help="neighbours drawn per anchor in each step (default: 1)")
+    from ptsne.model import DEFAULT_HIDDEN
+    from ptsne.train import TrainConfig
+
+    d = TrainConfig()  # the core's tuned defaults
+    tr.add_argument("--epochs", type=int, default=d.n_epochs,
+                    help=f"passes over the points as anchors (default: {d.n_epochs})")
+    tr.add_argument("--batch-size", type=int, default=d.batch_size,
+                    help=f"anchors per step over all workers (default: {d.batch_size})")
+    tr.add_argument("--learning-rate", type=float, default=d.learning_rate,
+                    help=f"peak Adam learning rate (default: {d.learning_rate})")
+    tr.add_argument("--early-exaggeration", type=float, default=d.early_exaggeration)
+    tr.add_argument("--early-exaggeration-fraction", type=float, default=d.early_exaggeration_fraction)
+    tr.add_argument("--exaggeration", type=float, default=d.exaggeration,
+                    help=f"attraction factor after the early phase (default: {d.exaggeration})")
+    tr.add_argument("--dof", type=float, default=d.dof, help=f"degrees of freedom of the Student-t kernel (default: {d.dof})")
+    tr.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    tr.add_argument("--positives-per-anchor", type=int, default=d.positives_per_anchor,
+                    help=f"neighbours drawn per anchor in each step (default: {d.positives_per_anchor})")
     tr.add_argument("--n-components", type=int, default=2, help="embedding dimension (default: 2)")
-    tr.add_argument("--hidden-layers", type=_hidden_layers, default=(512, 512, 512),
-                    help="comma-separated hidden widths (default: 512,512,512)")
+    hidden = ",".join(str(h) for h in DEFAULT_HIDDEN)
+    tr.add_argument("--hidden-layers", type=_hidden_layers, default=DEFAULT_HIDDEN,
+                    help=f"comma-separated hidden widths (default: {hidden})")
     tr.add_argument("--activation", choices=("relu", "gelu", "silu", "tanh", "elu"), default="relu")
     tr.add_argument("--feature-source", choices=("auto", "object_store", "scan"), default="auto",
                     help="how workers read neighbour features (default: auto)")

@@ -106,15 +106,15 @@ class DistributedTrainConfig:
     n_components: int = 2
     hidden_layers: tuple[int, ...] = field(default=DEFAULT_HIDDEN)
     activation: str = "relu"
-    n_epochs: int = 40
-    batch_size: int = 1024
-    learning_rate: float = 1e-3
-    early_exaggeration: float = 12.0
-    early_exaggeration_fraction: float = 0.25
-    exaggeration: float = 1.0
-    dof: float = 1.0
-    weight_decay: float = 0.0
-    positives_per_anchor: int = 1
+    n_epochs: int = TrainConfig.n_epochs
+    batch_size: int = TrainConfig.batch_size
+    learning_rate: float = TrainConfig.learning_rate
+    early_exaggeration: float = TrainConfig.early_exaggeration
+    early_exaggeration_fraction: float = TrainConfig.early_exaggeration_fraction
+    exaggeration: float = TrainConfig.exaggeration
+    dof: float = TrainConfig.dof
+    weight_decay: float = TrainConfig.weight_decay
+    positives_per_anchor: int = TrainConfig.positives_per_anchor
     seed: int = 0
     feature_source: str = "auto"
     object_store_max_bytes: int = DEFAULT_OBJECT_STORE_MAX_BYTES

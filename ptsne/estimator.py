@@ -22,7 +22,7 @@ from ptsne.errors import NotFittedError
 from ptsne.knn import KNNConfig, knn_graph
 from ptsne.model import DEFAULT_HIDDEN, Mapper, ModelConfig, build_mapper
 from ptsne.pca import PCA
-from ptsne.train import Callback, TrainConfig, fit_mapper
+from ptsne.train import Callback, TrainConfig, default_epochs, fit_mapper
 from ptsne.transform import transform as batched_transform
 from ptsne.validation import check_array
 
@@ -53,8 +53,11 @@ class ParametricTSNE:
     model : torch.nn.Module, optional
         A network of your own from ``n_features`` (after PCA) to ``n_components``;
         replaces the default MLP (inputs are standardised before it).
-    n_epochs, batch_size, learning_rate, early_exaggeration,
-    early_exaggeration_fraction, exaggeration :
+    n_epochs : int or "auto"
+        Passes over the points; ``"auto"`` is 60, or more for small datasets so that
+        training takes at least 2000 steps (:func:`ptsne.train.default_epochs`).
+    batch_size, learning_rate, early_exaggeration, early_exaggeration_fraction,
+    exaggeration, positives_per_anchor :
         Optimisation, see :class:`ptsne.train.TrainConfig`.
     n_neighbors : int or "auto"
         Neighbours per point; ``"auto"`` is ``min(n - 1, 3 * max(perplexity))``.
@@ -95,12 +98,13 @@ class ParametricTSNE:
         hidden_layers: Sequence[int] = DEFAULT_HIDDEN,
         activation: str = "relu",
         model: nn.Module | None = None,
-        n_epochs: int = 40,
-        batch_size: int = 1024,
-        learning_rate: float = 1e-3,
-        early_exaggeration: float = 12.0,
-        early_exaggeration_fraction: float = 0.25,
-        exaggeration: float = 1.0,
+        n_epochs: int | str = "auto",
+        batch_size: int = TrainConfig.batch_size,
+        learning_rate: float = TrainConfig.learning_rate,
+        early_exaggeration: float = TrainConfig.early_exaggeration,
+        early_exaggeration_fraction: float = TrainConfig.early_exaggeration_fraction,
+        exaggeration: float = TrainConfig.exaggeration,
+        positives_per_anchor: int = TrainConfig.positives_per_anchor,
         n_neighbors: int | str = "auto",
         knn_method: str = "auto",
         pca_components: int | None = None,
@@ -121,6 +125,7 @@ class ParametricTSNE:
         self.early_exaggeration = early_exaggeration
         self.early_exaggeration_fraction = early_exaggeration_fraction
         self.exaggeration = exaggeration
+        self.positives_per_anchor = positives_per_anchor
         self.n_neighbors = n_neighbors
         self.knn_method = knn_method
         self.pca_components = pca_components
@@ -142,14 +147,19 @@ class ParametricTSNE:
             setattr(self, name, value)
         return self
 
-    def _train_config(self) -> TrainConfig:
+    def _train_config(self, n: int) -> TrainConfig:
+        n_epochs = self.n_epochs
+        if n_epochs == "auto":
+            batch = self.batch_size if isinstance(self.batch_size, (int, np.integer)) else 1
+            n_epochs = default_epochs(n, max(1, int(batch)))
         return TrainConfig(
-            n_epochs=self.n_epochs,
+            n_epochs=n_epochs,
             batch_size=self.batch_size,
             learning_rate=self.learning_rate,
             early_exaggeration=self.early_exaggeration,
             early_exaggeration_fraction=self.early_exaggeration_fraction,
             exaggeration=self.exaggeration,
+            positives_per_anchor=self.positives_per_anchor,
             dof=self.dof,
             seed=self._seed(),
         )
@@ -206,7 +216,7 @@ class ParametricTSNE:
         X = check_array(X, "X")
         n, dim = X.shape
         self._validate(n)
-        train_config = self._train_config()  # validates the optimisation settings early
+        train_config = self._train_config(n)  # validates the optimisation settings early
         k = self._resolve_k(n)
         device = resolve_device(self.device)
         if self.n_threads is not None:

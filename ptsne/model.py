@@ -11,7 +11,7 @@ from torch import nn
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "elu": nn.ELU}
 #: Default hidden widths, chosen on the MNIST benchmark for quality per second.
-DEFAULT_HIDDEN = (512, 512, 512)
+DEFAULT_HIDDEN = (256, 256, 256)
 #: The widths of the original parametric t-SNE network, available by name.
 LEGACY_HIDDEN = (500, 500, 2000)
 
