@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         rng = np.random.default_rng(0)
         X = rng.normal(size=(args.rows, args.dim)).astype(np.float32)
-        est = make_model(args.dim, hidden, X, tmp / "model")
+        make_model(args.dim, hidden, X, tmp / "model")
         write_shards(tmp / "in", X, args.shards)
 
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)

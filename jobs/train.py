@@ -314,7 +314,6 @@ def _read_eval_input(args, max_rows: int, seed: int):
 
 def evaluate(args, estimator, affinity_dir: str, manifest: dict) -> dict:
     """Quality on held-out points: trustworthiness and kNN recall@10, and kNN accuracy with labels."""
-    import numpy as np
 
     from ptsne.metrics import knn_accuracy, knn_recall, trustworthiness
     from ptsne.transform import transform

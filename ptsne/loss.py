@@ -112,7 +112,6 @@ def exact_kl_gradient(P: torch.Tensor, Y: torch.Tensor, dof: float = 1.0) -> tor
 
     ``dKL/dy_i = (2 (alpha + 1) / alpha) sum_j (p_ij - q_ij) (y_i - y_j) / (1 + d_ij^2 / alpha)``
     """
-    n = Y.shape[0]
     diff = Y[:, None, :] - Y[None, :, :]
     sq = diff.pow(2).sum(-1)
     w = (1.0 + sq / dof).pow(-(dof + 1.0) / 2.0)

@@ -120,7 +120,6 @@ def kill_rank_zero_once(at_epoch: int, marker: str):
     """
 
     def callback(epoch: int, metrics: dict) -> bool:
-        import os
         from pathlib import Path
 
         import ray.train
