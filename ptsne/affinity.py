@@ -117,7 +117,7 @@ def _calibrate_block(d: np.ndarray, target: float, tol: float) -> tuple[np.ndarr
     # Work on squared distances shifted by the row minimum (which leaves p_{j|i}
     # unchanged) and scaled by the row mean, so beta starts near 1 in every row.
     d2 = d * d
-    d2 -= d2[:, :1] if _sorted_rows(d) else d2.min(axis=1, keepdims=True)
+    d2 -= d2.min(axis=1, keepdims=True)
     scale = d2.mean(axis=1)
     scale[scale <= 0] = 1.0  # all neighbours at one distance: any beta gives uniform p
     d2 /= scale[:, None]
@@ -159,10 +159,6 @@ def _calibrate_block(d: np.ndarray, target: float, tol: float) -> tuple[np.ndarr
         # Unreachable targets (many exact ties at the minimum): p stays at its last value.
         log.debug("calibrate: %d rows did not reach the target entropy", active.size)
     return P.astype(np.float32), beta / scale
-
-
-def _sorted_rows(d: np.ndarray) -> bool:
-    return bool(np.all(d[:, :1] <= d))
 
 
 def conditional_probabilities(
