@@ -26,7 +26,7 @@ time against N, ``<out>/scale.png``.
 Usage::
 
     python benchmarks/scale.py                       # N = 100k, 300k, 1M
-    python benchmarks/scale.py --n 5000 10000 20000 --epochs 10 --out benchmarks/results/small
+    python benchmarks/scale.py --n 5000 10000 20000 --out benchmarks/results/small
 
 This is a benchmark, not a test: the default sizes need a machine of their own
 (about 8 cores, 32 GB); on a shared machine keep N small.
@@ -51,6 +51,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
+
+from ptsne.train import TrainConfig, default_epochs
 
 log = logging.getLogger("benchmarks.scale")
 
@@ -283,11 +285,12 @@ def run_one(n: int, args: argparse.Namespace, monitor: RssMonitor | None) -> dic
     for name, keys in AFFINITY_STAGES.items():
         seconds[name] = sum(float(timings.get(k, 0.0)) for k in keys)
 
+    epochs = args.epochs or default_epochs(n, args.batch_size)
     t = time.perf_counter()
     with stage("train"):
         result = train_distributed(
             aff_dir,
-            DistributedTrainConfig(n_epochs=args.epochs, batch_size=args.batch_size, seed=args.seed),
+            DistributedTrainConfig(n_epochs=epochs, batch_size=args.batch_size, seed=args.seed),
             num_workers=args.train_workers, use_gpu=args.gpu, storage_path=work / "ray_results",
             resume=False, cpus_per_worker=args.task_cpus,
         )
@@ -297,7 +300,7 @@ def run_one(n: int, args: argparse.Namespace, monitor: RssMonitor | None) -> dic
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path(args.out).resolve() / 'mlflow.db'}")
     configure_mlflow("ptsne-scale")
     with mlflow.start_run(run_name=f"scale-n{n}"):
-        mlflow.log_params({"n": n, "dim": args.dim, "epochs": args.epochs})
+        mlflow.log_params({"n": n, "dim": args.dim, "epochs": epochs})
         info = log_model(result.estimator)
         ref = register(info.model_uri, MODEL_NAME, alias=ALIAS)
     seconds["register"] = time.perf_counter() - t
@@ -327,7 +330,7 @@ def run_one(n: int, args: argparse.Namespace, monitor: RssMonitor | None) -> dic
         "peak_memory": dict(monitor.stages) if monitor else None,
         "knn": {"method": manifest["knn_method"], "recall": manifest["knn_recall"], "k": manifest["k"],
                 "n_edges": manifest["n_edges"]},
-        "train": {"epochs": args.epochs, "workers": args.train_workers,
+        "train": {"epochs": epochs, "workers": args.train_workers,
                   # Time inside the epochs; the rest of "train" is Ray Train start-up and checkpoints.
                   "epoch_seconds": round(sum(float(h.get("seconds", 0.0)) for h in result.history), 2),
                   "final_loss": result.history[-1].get("loss") if result.history else None},
@@ -420,8 +423,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pca", type=int, default=None, help="PCA components before the kNN (default: none)")
     p.add_argument("--perplexity", type=float, default=30.0)
     p.add_argument("--knn-method", default="auto", choices=["auto", "exact", "ivf"])
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training epochs (default: the product's choice for N, ptsne.train.default_epochs)")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--train-workers", type=int, default=1)
     p.add_argument("--task-cpus", type=int, default=1, help="CPUs per Ray task / train worker / embed actor")
     p.add_argument("--gpu", action="store_true", help="train on GPUs (one per worker)")

@@ -355,11 +355,44 @@ def _plot(args, estimator, affinity_dir: str, manifest: dict, path: Path) -> Pat
     return plot_embedding(Y, path, labels=y, title=f"{name}: {len(Y):,} training points")
 
 
-def _log_run(args, location, result, estimator, manifest, history, metrics, plot_path, train_info) -> tuple[str, str | None, str | None]:
-    """One MLflow run: params, per-epoch metrics, quality metrics, artifacts, model; returns ids."""
-    import mlflow
+def _epoch_metrics(h: dict) -> dict[str, float]:
+    """The per-epoch MLflow metrics (step = epoch) of one history entry."""
+    return {
+        "loss": float(h["loss"]), "attraction": float(h["attraction"]), "log_z": float(h["log_z"]),
+        "exaggeration": float(h["exaggeration"]), "learning_rate": float(h["learning_rate"]),
+        "epoch_seconds": float(h["seconds"]), "phase": float(PHASES.get(h["phase"], -1)),
+    }
 
-    from jobs import registry
+
+class EpochLogger:
+    """Logs per-epoch metrics to one MLflow run, each epoch once.
+
+    Passed as ``on_epoch`` to :func:`pipeline.train.train_distributed`, it logs every
+    epoch while training runs; :meth:`log_history` then adds the epochs it has not
+    seen (a training stage skipped or resumed from a checkpoint).
+    """
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.logged: set[int] = set()
+
+    def __call__(self, metrics: dict) -> None:
+        import mlflow
+
+        step = int(metrics["epoch"])
+        if step in self.logged:
+            return
+        mlflow.log_metrics(_epoch_metrics(metrics), step=step, run_id=self.run_id)
+        self.logged.add(step)
+
+    def log_history(self, history: list[dict]) -> None:
+        for h in history:
+            self(h)
+
+
+def _log_params(args, manifest: dict, train_key: str, workdir: str, feature_source: str | None) -> None:
+    """Params (resolved settings and data facts) and tags of the active run."""
+    import mlflow
 
     params = {f"{k}": (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in settings_dict(args).items()}
     params.update({
@@ -367,45 +400,51 @@ def _log_run(args, location, result, estimator, manifest, history, metrics, plot
         "data.k": manifest["k"], "data.knn_method": manifest.get("knn_method"),
         "data.knn_recall": manifest.get("knn_recall"), "data.n_edges": manifest.get("n_edges"),
         "data.config_hash": manifest.get("config_hash"),
-        "train.feature_source": train_info.get("feature_source"),
+        "train.feature_source": feature_source,
     })
-    with mlflow.start_run(run_name=args.run_name) as run:
-        mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
-        mlflow.set_tags({"ptsne.train_key": train_info["key"], "ptsne.workdir": result.workdir,
-                         "ptsne.resumed_from": json.dumps(train_info.get("resumed_from", []))})
-        for h in history:
-            step = int(h["epoch"])
-            mlflow.log_metrics(
-                {
-                    "loss": h["loss"], "attraction": h["attraction"], "log_z": h["log_z"],
-                    "exaggeration": h["exaggeration"], "learning_rate": h["learning_rate"],
-                    "epoch_seconds": h["seconds"], "phase": PHASES.get(h["phase"], -1),
-                },
-                step=step,
-            )
-        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        numeric.update({k: float(v) for k, v in train_info.get("timings", {}).items()})
-        mlflow.log_metrics(numeric)
-        mlflow.set_tag("eval_source", metrics.get("eval_source", ""))
-        with tempfile.TemporaryDirectory(prefix="ptsne-run-") as tmp:
-            tmp = Path(tmp)
-            (tmp / "resolved_config.json").write_text(json.dumps(settings_dict(args), indent=2, sort_keys=True))
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-            (tmp / "history.json").write_text(json.dumps(history, indent=2))
-            for name in ("resolved_config.json", "manifest.json", "history.json"):
-                mlflow.log_artifact(str(tmp / name))
-        if plot_path is not None:
-            mlflow.log_artifact(str(plot_path))
-        info = registry.log_model(estimator, metadata={"train_key": train_info["key"]})
-        registered = None
-        if args.register:
-            ref = registry.register(info.model_uri, args.register, alias=args.alias)
-            registered = f"models:/{ref.name}@{args.alias}" if args.alias else ref.uri
-        return run.info.run_id, info.model_uri, registered
+    mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
+    mlflow.set_tags({"ptsne.train_key": train_key, "ptsne.workdir": workdir})
+
+
+def _log_run(args, estimator, manifest, history, metrics, plot_path, train_info,
+             epochs: EpochLogger) -> tuple[str | None, str | None]:
+    """The rest of the active run: epochs not logged live, quality metrics, artifacts, model."""
+    import mlflow
+
+    from jobs import registry
+
+    epochs.log_history(history)
+    mlflow.set_tag("ptsne.resumed_from", json.dumps(train_info.get("resumed_from", [])))
+    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    numeric.update({k: float(v) for k, v in train_info.get("timings", {}).items()})
+    mlflow.log_metrics(numeric)
+    mlflow.set_tag("eval_source", metrics.get("eval_source", ""))
+    with tempfile.TemporaryDirectory(prefix="ptsne-run-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "resolved_config.json").write_text(json.dumps(settings_dict(args), indent=2, sort_keys=True))
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        (tmp / "history.json").write_text(json.dumps(history, indent=2))
+        for name in ("resolved_config.json", "manifest.json", "history.json"):
+            mlflow.log_artifact(str(tmp / name))
+    if plot_path is not None:
+        mlflow.log_artifact(str(plot_path))
+    info = registry.log_model(estimator, metadata={"train_key": train_info["key"]})
+    registered = None
+    if args.register:
+        ref = registry.register(info.model_uri, args.register, alias=args.alias)
+        registered = f"models:/{ref.name}@{args.alias}" if args.alias else ref.uri
+    return info.model_uri, registered
 
 
 def train_job(args: argparse.Namespace) -> TrainJobResult:
-    """Run the whole job for resolved ``args``; raises on failure (see :func:`run` for exit codes)."""
+    """Run the whole job for resolved ``args``; raises on failure (see :func:`run` for exit codes).
+
+    One MLflow run per job: it starts before training, so that the per-epoch metrics
+    appear while the workers train, and ends after the model is registered (status
+    FAILED when a stage raises).
+    """
+    import mlflow
+
     from jobs.tracking import configure_mlflow
     from pipeline.train import read_manifest, train_distributed
     from ptsne.estimator import ParametricTSNE
@@ -448,52 +487,61 @@ def train_job(args: argparse.Namespace) -> TrainJobResult:
         model_dir = workdir / MODEL_DIR
         key = _train_key(manifest, config, args.workers)
         stamp = None if args.fresh else _read_stamp(model_dir)
+        out = TrainJobResult(
+            workdir=str(workdir), affinity_dir=affinity_dir, model_dir=str(model_dir), plot=None, run_id=None,
+            experiment_id=location.experiment_id, tracking_uri=location.tracking_uri, model_uri=None,
+            registered=None, skipped=skipped,
+        )
         t = time.perf_counter()
         if stamp is not None and stamp.get("key") == key:
             log.info("train: %s already holds the model of these settings; skipping training", model_dir)
             estimator = ParametricTSNE.load(model_dir, device="cpu")
             history, train_info = stamp["history"], stamp["train_info"]
             skipped.append("train")
+            timings["train_stage_seconds"] = time.perf_counter() - t
+            logged = stamp.get("logged")
+            if logged and logged.get("register") == args.register and logged.get("alias") == args.alias \
+                    and logged.get("tracking_uri") == location.tracking_uri and _run_exists(logged.get("run_id")):
+                log.info("register: run %s already logged and registered this model; skipping", logged["run_id"])
+                out.run_id, out.model_uri, out.registered = logged["run_id"], logged["model_uri"], logged["registered"]
+                out.plot, out.metrics = logged.get("plot"), logged.get("metrics", {})
+                out.skipped.append("register")
+                return out
+            feature_source = train_info.get("feature_source")
         else:
-            storage = args.storage_path or str(workdir / "ray_results")
-            result = train_distributed(
-                affinity_dir, config, num_workers=args.workers, use_gpu=args.gpus_per_worker > 0,
-                storage_path=storage, resume=not args.fresh, cpus_per_worker=args.cpus_per_worker,
-                gpus_per_worker=args.gpus_per_worker or 1.0, max_failures=args.max_failures,
-            )
-            estimator, history = result.estimator, result.history
-            epoch_s = [h["seconds"] for h in history]
-            train_info = {
-                "key": key, "resumed_from": result.resumed_from, "checkpoint": result.checkpoint_path,
-                "feature_source": _feature_source(config, manifest),
-                "timings": {"train_seconds": result.seconds,
-                            "seconds_per_epoch": sum(epoch_s) / max(1, len(epoch_s))},
-            }
-            estimator.save(model_dir)
-            stamp = {"key": key, "history": history, "train_info": train_info}
-            _write_json_atomic(model_dir / STAMP_FILE, stamp)
-        timings["train_stage_seconds"] = time.perf_counter() - t
-        train_info = {**train_info, "timings": {**train_info.get("timings", {}), **timings}}
+            stamp = None
+            feature_source = _feature_source(config, manifest)
 
-        out = TrainJobResult(
-            workdir=str(workdir), affinity_dir=affinity_dir, model_dir=str(model_dir), plot=None, run_id=None,
-            experiment_id=location.experiment_id, tracking_uri=location.tracking_uri, model_uri=None,
-            registered=None, skipped=skipped,
-        )
-        logged = stamp.get("logged") if "train" in skipped else None
-        if logged and logged.get("register") == args.register and logged.get("alias") == args.alias \
-                and logged.get("tracking_uri") == location.tracking_uri and _run_exists(logged.get("run_id")):
-            log.info("register: run %s already logged and registered this model; skipping", logged["run_id"])
-            out.run_id, out.model_uri, out.registered = logged["run_id"], logged["model_uri"], logged["registered"]
-            out.plot, out.metrics = logged.get("plot"), logged.get("metrics", {})
-            out.skipped.append("register")
-            return out
+        with mlflow.start_run(run_name=args.run_name) as run:
+            _log_params(args, manifest, key, str(workdir), feature_source)
+            epochs = EpochLogger(run.info.run_id)
+            if stamp is None:
+                storage = args.storage_path or str(workdir / "ray_results")
+                # Per-epoch metrics reach the run while training goes on (on_epoch runs here, in the driver).
+                result = train_distributed(
+                    affinity_dir, config, num_workers=args.workers, use_gpu=args.gpus_per_worker > 0,
+                    storage_path=storage, resume=not args.fresh, cpus_per_worker=args.cpus_per_worker,
+                    gpus_per_worker=args.gpus_per_worker or 1.0, max_failures=args.max_failures,
+                    on_epoch=epochs,
+                )
+                estimator, history = result.estimator, result.history
+                epoch_s = [h["seconds"] for h in history]
+                train_info = {
+                    "key": key, "resumed_from": result.resumed_from, "checkpoint": result.checkpoint_path,
+                    "feature_source": feature_source,
+                    "timings": {"train_seconds": result.seconds,
+                                "seconds_per_epoch": sum(epoch_s) / max(1, len(epoch_s))},
+                }
+                estimator.save(model_dir)
+                stamp = {"key": key, "history": history, "train_info": train_info}
+                _write_json_atomic(model_dir / STAMP_FILE, stamp)
+                timings["train_stage_seconds"] = time.perf_counter() - t
+            train_info = {**train_info, "timings": {**train_info.get("timings", {}), **timings}}
 
-        metrics = evaluate(args, estimator, affinity_dir, manifest)
-        plot_path = _plot(args, estimator, affinity_dir, manifest, workdir / PLOT_FILE)
-        run_id, model_uri, registered = _log_run(
-            args, location, out, estimator, manifest, history, metrics, plot_path, train_info
-        )
+            metrics = evaluate(args, estimator, affinity_dir, manifest)
+            plot_path = _plot(args, estimator, affinity_dir, manifest, workdir / PLOT_FILE)
+            model_uri, registered = _log_run(args, estimator, manifest, history, metrics, plot_path, train_info, epochs)
+            run_id = run.info.run_id
         out.run_id, out.model_uri, out.registered, out.plot = run_id, model_uri, registered, str(plot_path)
         out.metrics = {**metrics, **train_info.get("timings", {})}
         stamp["logged"] = {"run_id": run_id, "model_uri": model_uri, "registered": registered,

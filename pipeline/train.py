@@ -11,9 +11,11 @@ Sharding
     fixed integer hash). A hash rather than contiguous ranges keeps each
     worker's anchors a uniform sample of the whole dataset even when the input
     is sorted (by class, by date, ...), so the batch anchors still estimate the
-    normaliser ``Z`` without bias, exactly as in a single process. A worker
-    streams the edge shards once at start-up and keeps only the edges whose
-    ``head`` it owns: its slice of P.
+    normaliser ``Z`` without bias, exactly as in a single process. The edges
+    reach the workers through Ray Data: the driver hands ``TorchTrainer`` a
+    ``read_parquet`` dataset of the edge shards, unsplit, and each worker
+    streams it once at start-up, keeping only the edges whose ``head`` it owns:
+    its slice of P.
 
 Features
     Each epoch a worker needs the features of its anchors (fixed) and of the
@@ -30,6 +32,11 @@ Reproducibility
     epoch)``, so the same seed and worker count give the same weights on CPU,
     and a run resumed from an epoch checkpoint continues exactly where the
     interrupted one left off.
+
+Progress
+    Rank 0 reports each epoch's metrics to Ray Train; a driver-side
+    ``on_epoch`` callback receives them as they arrive (through a Ray Train
+    ``UserCallback`` on the controller and a queue to the driver).
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -71,10 +78,18 @@ CHECKPOINT_WEIGHTS = "model.safetensors"
 CHECKPOINT_OPTIMIZER = "optimizer.pt"
 CHECKPOINT_STATE = "state.json"
 
+#: Ways the edges reach the workers through Ray Data (see :func:`train_distributed`).
+EDGES_INGEST = ("auto", "stream", "materialize")
+#: Name of the edges dataset handed to ``TorchTrainer``.
+EDGES_DATASET = "edges"
+
 #: A worker callback gets ``(epoch, metrics)`` after each epoch and returns True to stop.
 WorkerCallback = Callable[[int, dict], bool | None]
+#: A driver callback gets each epoch's metrics (a history entry) while training runs.
+EpochCallback = Callable[[dict], None]
 
 _SCAN_BATCH_ROWS = 65536
+_EDGE_BATCH_ROWS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -337,21 +352,43 @@ class ScannedFeatures:
         return out[inverse]
 
 
-def load_edge_shard(files: Sequence[str], rank: int, world_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The edges whose head this worker owns: ``(head, tail, weight)``, one pass over the shards."""
+def edge_shard(
+    batches: Iterable[Mapping[str, np.ndarray]], rank: int, world_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The edges whose head worker ``rank`` owns, from a stream of edge batches.
+
+    ``batches`` are ``{head, tail, weight}`` column dicts (as Ray Data's
+    ``iter_batches(batch_format="numpy")`` yields them), in any order and any
+    batch size; only the kept edges are held. Returns ``(head int64, tail int64,
+    weight float32)`` in stream order; :class:`NeighborSampler` sorts them, so the
+    order of the blocks does not change training.
+    """
     heads, tails, weights = [], [], []
-    for path in files:
-        pf = pq.ParquetFile(path)
-        cols = [schema.HEAD, schema.TAIL, schema.WEIGHT]
-        for batch in pf.iter_batches(batch_size=1 << 20, columns=cols):
-            h = batch.column(0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-            keep = shard_of(h, world_size) == rank
-            heads.append(h[keep])
-            tails.append(batch.column(1).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)[keep])
-            weights.append(batch.column(2).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)[keep])
+    for batch in batches:
+        h = np.asarray(batch[schema.HEAD]).astype(np.int64, copy=False)
+        keep = shard_of(h, world_size) == rank
+        heads.append(h[keep])
+        tails.append(np.asarray(batch[schema.TAIL]).astype(np.int64, copy=False)[keep])
+        weights.append(np.asarray(batch[schema.WEIGHT]).astype(np.float32, copy=False)[keep])
     if not heads:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     return np.concatenate(heads), np.concatenate(tails), np.concatenate(weights)
+
+
+def edges_dataset(edges_files: Sequence[str], materialize: bool = False):
+    """The edge shards as a Ray Dataset of ``head``, ``tail``, ``weight``.
+
+    Lazy by default: each worker's iteration runs the read. ``materialize=True``
+    reads it now into the object store (one copy for the cluster), for clusters
+    where the training workers hold every CPU and Ray Data read tasks could not
+    be scheduled once they start.
+    """
+    import ray.data
+
+    # The manifest names the files: read exactly those, whatever their extension.
+    ds = ray.data.read_parquet(list(edges_files), file_extensions=None)
+    ds = ds.select_columns([schema.HEAD, schema.TAIL, schema.WEIGHT])
+    return ds.materialize() if materialize else ds
 
 
 # -- checkpoints ------------------------------------------------------------------------
@@ -432,7 +469,12 @@ def _train_loop_per_worker(loop_config: dict) -> None:
     else:
         source = ScannedFeatures(loop_config["features_files"], dim)
 
-    head, tail, weight = load_edge_shard(loop_config["edges_files"], rank, world)
+    # Every worker streams the whole (unsplit) edges dataset and keeps the heads it owns:
+    # anchor sampling needs all edges of a row on one worker.
+    edges = ray.train.get_dataset_shard(EDGES_DATASET)
+    head, tail, weight = edge_shard(
+        edges.iter_batches(batch_format="numpy", batch_size=_EDGE_BATCH_ROWS), rank, world
+    )
     rows = np.unique(head)  # the anchors this worker owns, sorted
     X_anchor = source.fetch(rows)
     sampler = NeighborSampler(Edges(np.searchsorted(rows, head), tail, weight), len(rows), "cpu")
@@ -564,6 +606,8 @@ def train_distributed(
     max_failures: int = 1,
     name: str | None = None,
     callbacks: Sequence[WorkerCallback] = (),
+    on_epoch: EpochCallback | None = None,
+    edges_ingest: str = "auto",
 ) -> TrainResult:
     """Train a mapper on an affinity directory with ``num_workers`` DDP workers.
 
@@ -591,6 +635,20 @@ def train_distributed(
     callbacks : sequence of callables
         Picklable ``(epoch, metrics) -> bool`` called in every worker after each
         epoch; True from any worker stops training after that epoch's checkpoint.
+    on_epoch : callable, optional
+        ``(metrics) -> None`` called in the calling thread of the driver with each
+        epoch's metrics (the entries of ``TrainResult.history``) as rank 0 reports
+        them, once per epoch and in epoch order, while training runs. Ray Train
+        runs in a background thread meanwhile (so Ctrl-C interrupts the driver
+        instead of asking Ray Train for a graceful abort). An exception from
+        ``on_epoch`` is logged and does not stop training.
+    edges_ingest : {"auto", "stream", "materialize"}
+        How the Ray Data edges dataset reaches the workers: ``"stream"`` reads the
+        shards lazily in each worker (Ray Data read tasks then need CPUs beyond
+        those of the training workers); ``"materialize"`` reads them once on the
+        driver into the object store before the workers start; ``"auto"``
+        streams when the cluster has at least one CPU more than the workers
+        reserve, else materialises. The trained model is the same either way.
 
     Returns
     -------
@@ -605,6 +663,10 @@ def train_distributed(
     for pname, v, lo in (("num_workers", num_workers, 1), ("cpus_per_worker", cpus_per_worker, 1), ("max_failures", max_failures, 0)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
             raise ValueError(f"train_distributed: {pname} must be an integer >= {lo}, got {v!r}")
+    if edges_ingest not in EDGES_INGEST:
+        raise ValueError(f"train_distributed: edges_ingest must be one of {EDGES_INGEST}, got {edges_ingest!r}")
+    if on_epoch is not None and not callable(on_epoch):
+        raise TypeError(f"train_distributed: on_epoch must be callable, got {type(on_epoch).__name__}")
     manifest = read_manifest(affinity_dir)
     n, dim = int(manifest["n"]), int(manifest["dim"])
     if config.batch_size // num_workers < 2:
@@ -630,7 +692,14 @@ def train_distributed(
         del X
     else:
         mean, scale = feature_moments((v for _, v in _iter_features(features_files)), dim)
-    log.info("training on n=%d dim=%d with %d worker(s); features via %s", n, dim, num_workers, source)
+    if edges_ingest == "auto":
+        spare = ray.cluster_resources().get("CPU", 0) - num_workers * cpus_per_worker
+        edges_ingest = "stream" if spare >= 1 else "materialize"
+    edges = edges_dataset(edges_files, materialize=edges_ingest == "materialize")
+    log.info(
+        "training on n=%d dim=%d with %d worker(s); features via %s, edges %s through Ray Data",
+        n, dim, num_workers, source, "streamed" if edges_ingest == "stream" else "materialised",
+    )
 
     loop_config = {
         "train": config.to_dict(),
@@ -640,7 +709,6 @@ def train_distributed(
         "cpus_per_worker": int(cpus_per_worker),
         "features_ref": features_ref,
         "features_files": features_files,
-        "edges_files": edges_files,
         "mean": mean.tolist(),
         "scale": float(scale),
         "callbacks": list(callbacks),
@@ -652,21 +720,30 @@ def train_distributed(
     if not resume:
         name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     storage_path = str(Path(storage_path).resolve()) if "://" not in str(storage_path) else str(storage_path)
-    trainer = TorchTrainer(
-        _train_loop_per_worker,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=int(num_workers), use_gpu=bool(use_gpu), resources_per_worker=resources
-        ),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=int(max_failures)),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    result = trainer.fit()
+    queue = _metrics_queue() if on_epoch is not None else None
+    try:
+        trainer = TorchTrainer(
+            _train_loop_per_worker,
+            train_loop_config=loop_config,
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=int(num_workers), use_gpu=bool(use_gpu), resources_per_worker=resources
+            ),
+            run_config=ray.train.RunConfig(
+                name=name,
+                storage_path=storage_path,
+                failure_config=ray.train.FailureConfig(max_failures=int(max_failures)),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                callbacks=[_epoch_relay(queue)] if queue is not None else None,
+            ),
+            # Unsplit: every worker sees all edges and keeps the rows it owns.
+            datasets={EDGES_DATASET: edges},
+            dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        )
+        result = trainer.fit() if queue is None else _fit_relaying(trainer, queue, on_epoch)
+    finally:
+        if queue is not None:
+            queue.shutdown(force=True)
     seconds = time.perf_counter() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"train_distributed: run {name!r} finished without a checkpoint")
@@ -680,6 +757,94 @@ def train_distributed(
         resumed_from=list(state.get("resumed_from", [])),
         seconds=seconds,
     )
+
+
+# -- live per-epoch metrics -----------------------------------------------------------------
+
+
+def _metrics_queue():
+    """A queue actor (no CPU reserved) that carries rank 0's epoch metrics to the driver."""
+    from ray.util.queue import Queue
+
+    return Queue(actor_options={"num_cpus": 0})
+
+
+def _epoch_relay(queue):
+    """A Ray Train ``UserCallback`` that puts rank 0's metrics of each report on ``queue``.
+
+    Ray Train calls it on its controller actor, not on the driver, hence the queue.
+    """
+    from ray.train import UserCallback
+
+    class EpochRelay(UserCallback):
+        def __init__(self, queue):
+            self.queue = queue
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if not metrics:
+                return
+            try:
+                self.queue.put(dict(metrics[0]), timeout=30)
+            except Exception:  # metrics are a side channel: never fail training for them
+                logging.getLogger(__name__).warning("could not relay epoch metrics to the driver", exc_info=True)
+
+    return EpochRelay(queue)
+
+
+def _fit_relaying(trainer, queue, on_epoch: EpochCallback):
+    """``trainer.fit()`` in a background thread; ``on_epoch`` here with each epoch's metrics."""
+    import threading
+
+    from ray.util.queue import Empty
+
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 -- re-raised in the calling thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="ptsne-train-fit", daemon=True)
+    thread.start()
+    last_epoch = -1
+
+    def deliver(metrics: dict) -> None:
+        nonlocal last_epoch
+        epoch = int(metrics.get("epoch", -1))
+        if epoch <= last_epoch:  # a report repeated after a restart: once per epoch
+            return
+        last_epoch = epoch
+        try:
+            on_epoch(metrics)
+        except Exception:
+            log.exception("train_distributed: on_epoch failed for epoch %d; training goes on", epoch)
+
+    def receive(timeout: float | None) -> dict | None:
+        """The next queued metrics; None when there are none (yet) or the queue is gone."""
+        nonlocal relaying
+        try:
+            return queue.get(timeout=timeout) if timeout is not None else queue.get_nowait()
+        except Empty:
+            return None
+        except Exception:  # the queue actor died: training goes on without live metrics
+            log.warning("train_distributed: lost the epoch metrics queue; on_epoch stops", exc_info=True)
+            relaying = False
+            return None
+
+    relaying = True
+    while thread.is_alive():
+        if not relaying:
+            thread.join(0.5)
+        elif (metrics := receive(0.5)) is not None:
+            deliver(metrics)
+    thread.join()
+    # The controller puts each report before its run can end: what is left is queued now.
+    while relaying and (metrics := receive(None)) is not None:
+        deliver(metrics)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _estimator(mapper: Mapper, manifest: dict, config: DistributedTrainConfig, pca: PCA | None) -> ParametricTSNE:

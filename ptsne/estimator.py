@@ -54,8 +54,10 @@ class ParametricTSNE:
         A network of your own from ``n_features`` (after PCA) to ``n_components``;
         replaces the default MLP (inputs are standardised before it).
     n_epochs : int or "auto"
-        Passes over the points; ``"auto"`` is 60, or more for small datasets so that
-        training takes at least 2000 steps (:func:`ptsne.train.default_epochs`).
+        Passes over the points; ``"auto"`` aims at about 7000 steps within 10 to 60
+        epochs (60 for 60k points, 10 from a million on), and more epochs for small
+        datasets so that training takes at least 2000 steps
+        (:func:`ptsne.train.default_epochs`).
     batch_size, learning_rate, early_exaggeration, early_exaggeration_fraction,
     exaggeration, positives_per_anchor :
         Optimisation, see :class:`ptsne.train.TrainConfig`.

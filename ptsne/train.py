@@ -98,13 +98,22 @@ class TrainConfig:
 
 #: ``n_epochs="auto"`` trains for at least this many optimisation steps.
 MIN_STEPS = 2000
+#: ... and aims at this many, in at most ``TrainConfig.n_epochs`` epochs.
+TARGET_STEPS = 7000
+#: ... and at least this many epochs, so that every point is an anchor a few times.
+MIN_EPOCHS = 10
 
 
 def default_epochs(n: int, batch_size: int = TrainConfig.batch_size) -> int:
-    """Epochs for ``n`` points: ``TrainConfig.n_epochs``, or more when that makes fewer
-    than :data:`MIN_STEPS` steps (small datasets need more passes)."""
+    """Epochs for ``n`` points at ``batch_size`` anchors per step.
+
+    About :data:`TARGET_STEPS` steps, within ``[MIN_EPOCHS, TrainConfig.n_epochs]``
+    epochs (60 for MNIST's 60k points at 512, 10 for a million points), and never
+    fewer than :data:`MIN_STEPS` steps (small datasets need more passes).
+    """
     steps_per_epoch = max(1, n // max(1, min(batch_size, n)))
-    return max(TrainConfig.n_epochs, math.ceil(MIN_STEPS / steps_per_epoch))
+    epochs = min(TrainConfig.n_epochs, max(MIN_EPOCHS, math.ceil(TARGET_STEPS / steps_per_epoch)))
+    return max(epochs, math.ceil(MIN_STEPS / steps_per_epoch))
 
 
 def _positive_int(name: str, v, minimum: int = 1) -> None:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from jobs.cli import EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, build_parser, main
 from jobs.config import apply_config, load_config_file
-from jobs.train import resolve_args
+from jobs.train import STAMP_FILE, resolve_args
+from ptsne.estimator import WEIGHTS_FILE
 
 TRAIN_OPTS = [
     "--vector-col", "vector", "--id-col", "id", "--label-col", "label", "--perplexity", "10",
@@ -55,6 +57,17 @@ def test_train_logs_registers_and_pyfunc_predicts_like_the_estimator(
     assert sorted(m.step for m in losses) == list(range(20))
     phases = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "phase")}
     assert phases[0] == 0 and phases[19] == 1
+    # One value per epoch of every per-epoch metric, logged live: the driver logged them
+    # while Ray Train ran, so all before the trained model was saved (after-the-fact
+    # logging would come seconds later, after evaluation and the plot; the 50 ms allow
+    # for the coarse clock of file times).
+    saved = (Path(summary["model_dir"]) / WEIGHTS_FILE).stat().st_mtime
+    history = json.loads((Path(summary["model_dir"]) / STAMP_FILE).read_text())["history"]
+    for name in ("loss", "attraction", "log_z", "exaggeration", "learning_rate", "epoch_seconds", "phase"):
+        values = client.get_metric_history(run.info.run_id, name)
+        assert sorted(m.step for m in values) == list(range(20)), name
+        assert max(m.timestamp for m in values) / 1000 <= saved + 0.05, name
+    assert [m.value for m in sorted(losses, key=lambda m: m.step)] == pytest.approx([h["loss"] for h in history])
     for name in ("trustworthiness", "knn_recall", "knn_accuracy"):
         assert 0.0 <= run.data.metrics[name] <= 1.0
     # Digits are easy: held-out kNN accuracy far above the 10% of chance.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -17,6 +18,7 @@ from pipeline.train import (
     DistributedTrainConfig,
     ScannedFeatures,
     SharedFeatures,
+    edge_shard,
     load_features,
     read_manifest,
     shard_files,
@@ -99,6 +101,26 @@ def test_scanned_features_equal_shared(affinity_dir):
     np.testing.assert_array_equal(ScannedFeatures(files, m["dim"]).fetch(rows), SharedFeatures(X).fetch(rows))
 
 
+def test_edge_shards_partition_the_edges_whatever_the_batch_order(affinity_dir):
+    """Each worker keeps exactly the edges of its heads, int64/int64/float32, in any block order."""
+    m = read_manifest(affinity_dir)
+    table = pq.ParquetDataset(shard_files(affinity_dir, m, "edges")).read()
+    cols = {c: table.column(c).to_numpy() for c in (schema.HEAD, schema.TAIL, schema.WEIGHT)}
+    # Batches as Ray Data may hand them: any size, any order, int32 columns included.
+    bounds = np.linspace(0, table.num_rows, 8).astype(int)
+    batches = [{c: v[a:b] for c, v in cols.items()} for a, b in itertools.pairwise(bounds)]
+    batches[0][schema.HEAD] = batches[0][schema.HEAD].astype(np.int32)
+    parts = [edge_shard(reversed(batches) if w else batches, w, 3) for w in range(3)]
+    for w, (h, t, wt) in enumerate(parts):
+        assert (h.dtype, t.dtype, wt.dtype) == (np.int64, np.int64, np.float32)
+        assert np.all(shard_of(h, 3) == w)
+    got = np.concatenate([np.stack([h, t]) for h, t, _ in parts], axis=1)
+    want = np.stack([cols[schema.HEAD], cols[schema.TAIL]])
+    np.testing.assert_array_equal(got[:, np.lexsort(got[::-1])], want[:, np.lexsort(want[::-1])])
+    empty = edge_shard([], 0, 2)
+    assert [a.dtype for a in empty] == [np.int64, np.int64, np.float32] and all(len(a) == 0 for a in empty)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [dict(feature_source="disk"), dict(object_store_max_bytes=-1), dict(n_epochs=0), dict(hidden_layers="64")],
@@ -111,6 +133,13 @@ def test_config_rejects_bad_values(kwargs):
 def test_rejects_too_many_workers_for_batch(affinity_dir, tmp_path):
     with pytest.raises(ValueError, match="batch_size"):
         train_distributed(affinity_dir, DistributedTrainConfig(batch_size=4), num_workers=3, storage_path=tmp_path)
+
+
+def test_rejects_bad_edges_ingest_and_on_epoch(affinity_dir, tmp_path):
+    with pytest.raises(ValueError, match="edges_ingest"):
+        train_distributed(affinity_dir, DistributedTrainConfig(), storage_path=tmp_path, edges_ingest="disk")
+    with pytest.raises(TypeError, match="on_epoch"):
+        train_distributed(affinity_dir, DistributedTrainConfig(), storage_path=tmp_path, on_epoch="log")
 
 
 def kill_rank_zero_once(at_epoch: int, marker: str):
@@ -133,10 +162,19 @@ def kill_rank_zero_once(at_epoch: int, marker: str):
 
 
 @pytest.fixture(scope="module")
-def two_worker_run(ray_local, affinity_dir, tmp_path_factory):
+def epoch_reports() -> list[dict]:
+    """What ``on_epoch`` received during the ``two_worker_run`` fixture, in call order."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(ray_local, affinity_dir, tmp_path_factory, epoch_reports):
     config = DistributedTrainConfig(**FAST, seed=3)
     storage = tmp_path_factory.mktemp("ray_results")
-    return config, train_distributed(affinity_dir, config, num_workers=2, storage_path=storage)
+    # 2 workers on the 2-CPU local Ray leave no CPU for Ray Data: "auto" materialises the edges.
+    return config, train_distributed(
+        affinity_dir, config, num_workers=2, storage_path=storage, on_epoch=epoch_reports.append
+    )
 
 
 def test_two_workers_train_a_good_map(two_worker_run, digits_split):
@@ -156,6 +194,24 @@ def test_two_workers_train_a_good_map(two_worker_run, digits_split):
     assert dist_acc >= single_acc - 0.1, (dist_acc, single_acc)
 
 
+def test_on_epoch_gets_each_epoch_once_in_order_while_training(two_worker_run, epoch_reports):
+    config, result = two_worker_run
+    assert [m["epoch"] for m in epoch_reports] == list(range(config.n_epochs))
+    # The same metrics as the history that the last checkpoint carries.
+    assert epoch_reports == result.history
+
+
+def test_streamed_and_materialised_edges_train_the_same_model(ray_local, affinity_dir, tmp_path):
+    """One worker leaves a CPU of the local Ray free, so Ray Data can stream the edges in the worker."""
+    config = DistributedTrainConfig(**{**FAST, "n_epochs": 2}, seed=5)
+    runs = {
+        mode: train_distributed(affinity_dir, config, num_workers=1, storage_path=tmp_path / mode, edges_ingest=mode)
+        for mode in ("stream", "materialize")
+    }
+    a, b = _weights(runs["stream"].estimator), _weights(runs["materialize"].estimator)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # The kill and scan tests below also compare weights with the same fixture run, so the
 # default suite checks reproducibility already; this is the plain statement of it.
 @pytest.mark.slow
@@ -170,10 +226,14 @@ def test_killed_worker_resumes_from_last_checkpoint(two_worker_run, affinity_dir
     config, clean = two_worker_run
     X, y, Xt, yt = digits_split
     killer = kill_rank_zero_once(2, str(tmp_path / "killed"))
+    reports = []
     result = train_distributed(
-        affinity_dir, config, num_workers=2, storage_path=tmp_path / "runs", max_failures=1, callbacks=[killer]
+        affinity_dir, config, num_workers=2, storage_path=tmp_path / "runs", max_failures=1, callbacks=[killer],
+        on_epoch=reports.append,
     )
     assert (tmp_path / "killed").exists()
+    # The restart re-runs the epochs after the last checkpoint; the driver still sees each epoch once.
+    assert [m["epoch"] for m in reports] == list(range(config.n_epochs))
     # The restarted workers continue after the last checkpoint the controller registered
     # (epoch 1, or epoch 0 when the kill overtook the report of epoch 1), never from scratch.
     assert len(result.resumed_from) == 1 and 1 <= result.resumed_from[0] <= 2, result.resumed_from

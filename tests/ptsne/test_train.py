@@ -5,7 +5,7 @@ import torch
 from ptsne.affinity import joint_probabilities
 from ptsne.knn import knn_graph
 from ptsne.model import ModelConfig, build_mapper
-from ptsne.train import NeighborSampler, TrainConfig, fit_mapper
+from ptsne.train import MIN_STEPS, NeighborSampler, TrainConfig, default_epochs, fit_mapper
 
 
 def problem(blobs):
@@ -96,3 +96,17 @@ def test_callback_stops_training(blobs):
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
+
+
+def test_default_epochs_scale_with_n():
+    # MNIST-sized data gets the full schedule, large data fewer passes of many steps.
+    assert default_epochs(60_000, 512) == TrainConfig.n_epochs
+    assert default_epochs(1_000_000, 512) == 10
+    assert default_epochs(10_000_000, 512) == 10
+    sizes = [60_000, 100_000, 300_000, 1_000_000]
+    epochs = [default_epochs(n, 512) for n in sizes]
+    assert epochs == sorted(epochs, reverse=True)
+    # Small data: never fewer than MIN_STEPS steps.
+    for n in (100, 700, 5_000):
+        steps = max(1, n // min(512, n))
+        assert default_epochs(n, 512) * steps >= MIN_STEPS
