@@ -88,8 +88,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     from ptsne.train import TrainConfig
 
     d = TrainConfig()  # the core's tuned defaults
-    tr.add_argument("--epochs", type=int, default=d.n_epochs,
-                    help=f"passes over the points as anchors (default: {d.n_epochs})")
+    tr.add_argument("--epochs", type=epochs_arg, default="auto",
+                    help="passes over the points as anchors, or 'auto': about 7000 steps within "
+                         f"10 to {d.n_epochs} epochs, more for small data (default: auto)")
     tr.add_argument("--batch-size", type=int, default=d.batch_size,
                     help=f"anchors per step over all workers (default: {d.batch_size})")
     tr.add_argument("--learning-rate", type=float, default=d.learning_rate,
@@ -178,6 +179,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if (args.input is None) == (args.affinities is None):
         raise UsageError("give exactly one of --input (Parquet shards) and --affinities (an affinity directory)")
     for name in ("workers", "cpus_per_worker", "epochs", "eval_samples", "plot_points"):
+        if name == "epochs" and args.epochs == "auto":
+            continue
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.gpus_per_worker < 0:
@@ -187,14 +190,30 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def train_config_from_args(args: argparse.Namespace):
-    from pipeline.train import DistributedTrainConfig
+def epochs_arg(value: str) -> int | str:
+    """``--epochs``: a positive integer or ``auto``."""
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {value!r}") from None
 
+
+def train_config_from_args(args: argparse.Namespace, n: int | None = None):
+    """The training settings; ``--epochs auto`` resolves for ``n`` points
+    (:func:`ptsne.train.default_epochs`; the core default when ``n`` is not known yet)."""
+    from pipeline.train import DistributedTrainConfig
+    from ptsne.train import TrainConfig, default_epochs
+
+    epochs = args.epochs
+    if epochs == "auto":
+        epochs = default_epochs(n, args.batch_size) if n else TrainConfig.n_epochs
     return DistributedTrainConfig(
         n_components=args.n_components,
         hidden_layers=tuple(args.hidden_layers),
         activation=args.activation,
-        n_epochs=args.epochs,
+        n_epochs=epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         early_exaggeration=args.early_exaggeration,
@@ -390,7 +409,8 @@ class EpochLogger:
             self(h)
 
 
-def _log_params(args, manifest: dict, train_key: str, workdir: str, feature_source: str | None) -> None:
+def _log_params(args, manifest: dict, train_key: str, workdir: str, feature_source: str | None,
+                n_epochs: int | None = None) -> None:
     """Params (resolved settings and data facts) and tags of the active run."""
     import mlflow
 
@@ -401,6 +421,7 @@ def _log_params(args, manifest: dict, train_key: str, workdir: str, feature_sour
         "data.knn_recall": manifest.get("knn_recall"), "data.n_edges": manifest.get("n_edges"),
         "data.config_hash": manifest.get("config_hash"),
         "train.feature_source": feature_source,
+        "train.n_epochs": n_epochs,
     })
     mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
     mlflow.set_tags({"ptsne.train_key": train_key, "ptsne.workdir": workdir})
@@ -483,6 +504,7 @@ def train_job(args: argparse.Namespace) -> TrainJobResult:
             if before is not None and before == manifest.get("config_hash"):
                 skipped.append("affinities")
         timings["affinities_seconds"] = time.perf_counter() - t
+        config = train_config_from_args(args, n=int(manifest["n"]))
 
         model_dir = workdir / MODEL_DIR
         key = _train_key(manifest, config, args.workers)
@@ -513,7 +535,7 @@ def train_job(args: argparse.Namespace) -> TrainJobResult:
             feature_source = _feature_source(config, manifest)
 
         with mlflow.start_run(run_name=args.run_name) as run:
-            _log_params(args, manifest, key, str(workdir), feature_source)
+            _log_params(args, manifest, key, str(workdir), feature_source, config.n_epochs)
             epochs = EpochLogger(run.info.run_id)
             if stamp is None:
                 storage = args.storage_path or str(workdir / "ray_results")

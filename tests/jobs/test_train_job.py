@@ -164,3 +164,17 @@ def test_train_from_an_affinity_directory_with_pca_and_a_config_file(ray_local, 
     run = mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name("pca-test").experiment_id])[0]
     assert run.data.params["workers"] == "1" and run.data.params["data.dim"] == "20"
     assert run.data.tags["eval_source"] == "training_sample"
+
+
+def test_epochs_auto_resolves_for_the_data_size():
+    from jobs.train import train_config_from_args
+    from ptsne.train import default_epochs
+
+    args = resolve_args(_parse(["train", "--input", "data"]))
+    assert args.epochs == "auto"
+    assert train_config_from_args(args, n=1_000_000).n_epochs == default_epochs(1_000_000, args.batch_size) == 10
+    assert train_config_from_args(args, n=60_000).n_epochs == 60
+    assert resolve_args(_parse(["train", "--input", "data", "--epochs", "7"])).epochs == 7
+    with pytest.raises(SystemExit):
+        _parse(["train", "--input", "data", "--epochs", "many"])
+    assert main(["train", "--input", "x", "--epochs", "0"]) == EXIT_USAGE
