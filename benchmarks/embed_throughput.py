@@ -1,21 +1,30 @@
 """Parquet-to-Parquet embedding throughput of ``pipeline.embed`` against the raw model forward.
 
 The pipeline runs ``--num-actors`` actors of ``--cpus-per-actor`` CPUs each on a
-local Ray of ``--cpus`` CPUs; the raw forward is ``ParametricTSNE.transform`` of
-the same rows already in memory, in a Ray task of ``num_actors * cpus_per_actor``
-CPUs (same process setup and threads as the actors), timed ``--repeats`` times
-before and after the pipeline; the median is the reference (the best is
-reported too). On a shared machine run it a few times: other processes move
-both numbers by tens of percent.
+local Ray of ``--cpus`` CPUs. The raw forward is ``ParametricTSNE.transform`` of
+the same rows already in memory, at the same batch size, in a Ray task of
+``num_actors * cpus_per_actor`` CPUs (a Ray worker like the actors, on the same
+number of torch threads).
+
+Raw and pipeline runs are interleaved ``--repeats`` times (raw, pipeline, raw,
+pipeline, ...; each on all ``--rows`` rows, each pipeline run into a fresh output
+directory with fresh actors), so that slow drifts of the machine's load hit
+both alike. Reported: the median of each, the overhead of the medians and the
+median of the per-pair overheads (each pipeline run against the raw run just
+before it). On a shared machine run it a few times: other processes move both
+numbers by tens of percent; ``load_average_1min`` is recorded with the result.
+
 Actor start-up (a process importing torch) is a fixed cost per run, so the
-steady-state rate (``EmbedSummary.stream_rows_per_s``: rows after the first
-output batch over the time from the first to the last batch, which includes
-reading, the model, and writing each shard with its ledger line) is compared
-with the raw rate; the end-to-end rate (start-up included) is reported too.
+steady-state rate (``EmbedSummary.stream_rows_per_s``: all embedded rows over
+the time from the first model call in an actor to the last shard written,
+which includes reading, the model, and writing each shard with its ledger
+line) is compared with the raw rate; the end-to-end rate (start-up included)
+is reported too, and so is the share of the stream time the actors spent in
+the model (``model_seconds``) and in their per-batch calls (``actor_seconds``).
 
 Example::
 
-    python benchmarks/embed_throughput.py --rows 400000 --dim 64 --shards 16 --cpus 2
+    python benchmarks/embed_throughput.py --cpus 2 --json /tmp/embed_bench/result.json
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -34,10 +44,10 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.embed import EmbedConfig, ModelSpec, embed_shards  # noqa: E402
-from ptsne import ParametricTSNE  # noqa: E402
-from ptsne.device import set_num_threads  # noqa: E402
-from ptsne.model import DEFAULT_HIDDEN, ModelConfig, build_mapper  # noqa: E402
+from pipeline.embed import EmbedConfig, ModelSpec, embed_shards
+from ptsne import ParametricTSNE
+from ptsne.device import set_num_threads
+from ptsne.model import DEFAULT_HIDDEN, ModelConfig, build_mapper
 
 
 def make_model(dim: int, hidden: tuple[int, ...], X: np.ndarray, path: Path) -> ParametricTSNE:
@@ -60,7 +70,7 @@ def write_shards(root: Path, X: np.ndarray, n_shards: int) -> None:
 
 
 def raw_forward(model_dir: str, X: np.ndarray, threads: int, batch_size: int) -> float:
-    """Seconds of ``transform(X)`` after a warm-up, on ``threads`` threads."""
+    """Seconds of ``transform(X)`` (batches of ``batch_size`` rows) after a warm-up, on ``threads`` threads."""
     set_num_threads(threads)
     est = ParametricTSNE.load(model_dir, device="cpu")
     est.transform(X[:batch_size], batch_size=batch_size)
@@ -71,19 +81,24 @@ def raw_forward(model_dir: str, X: np.ndarray, threads: int, batch_size: int) ->
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("Example")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=400_000)
+    p.add_argument("--rows", type=int, default=2_000_000)
     p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--shards", type=int, default=16)
+    p.add_argument("--shards", type=int, default=32)
     p.add_argument("--hidden", default=",".join(map(str, DEFAULT_HIDDEN)), help="hidden widths, comma-separated")
-    p.add_argument("--batch-size", type=int, default=8192)
+    p.add_argument("--batch-size", type=int, default=EmbedConfig.batch_size,
+                   help=f"rows per model call, raw and pipeline (default: the pipeline's, {EmbedConfig.batch_size})")
+    p.add_argument("--block-mb", type=float, default=EmbedConfig.block_bytes / (1 << 20),
+                   help=f"Ray Data block size in MiB (default: the pipeline's, {EmbedConfig.block_bytes >> 20})")
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
     p.add_argument("--num-actors", type=int, default=1)
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
-    p.add_argument("--repeats", type=int, default=2, help="raw forward timings before and after the pipeline")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved raw and pipeline runs")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     if args.shards < 2 or args.rows < args.shards:
         p.error("need --shards >= 2 and --rows >= --shards")
+    if args.repeats < 1:
+        p.error("need --repeats >= 1")
     hidden = tuple(int(h) for h in args.hidden.split(","))
     threads = max(1, int(args.num_actors * args.cpus_per_actor))
 
@@ -97,37 +112,50 @@ def main(argv=None) -> int:
         write_shards(tmp / "in", X, args.shards)
 
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        raw_times, runs = [], []
         try:
             raw_task = ray.remote(num_cpus=threads)(raw_forward)
             X_ref = ray.put(X)
-            raw_times = [ray.get(raw_task.remote(str(tmp / "model"), X_ref, threads, args.batch_size))
-                         for _ in range(args.repeats)]
+            del X
             spec = ModelSpec(path=str(tmp / "model"), name="bench", version="1", tag="v1")
             cfg = EmbedConfig(batch_size=args.batch_size, num_actors=args.num_actors,
-                              cpus_per_actor=args.cpus_per_actor, progress=False)
-            s_all = embed_shards(tmp / "in", tmp / "out", spec, cfg)
-            raw_times += [ray.get(raw_task.remote(str(tmp / "model"), X_ref, threads, args.batch_size))
-                          for _ in range(args.repeats)]
+                              cpus_per_actor=args.cpus_per_actor, progress=False,
+                              block_bytes=int(args.block_mb * (1 << 20)))
+            for i in range(args.repeats):
+                raw_times.append(ray.get(raw_task.remote(str(tmp / "model"), X_ref, threads, args.batch_size)))
+                runs.append(embed_shards(tmp / "in", tmp / f"out-{i}", spec, cfg))
+                shutil.rmtree(tmp / f"out-{i}")
+                print(f"repeat {i + 1}/{args.repeats}: raw {args.rows / raw_times[-1]:,.0f} rows/s, "
+                      f"pipeline steady {runs[-1].stream_rows_per_s:,.0f} rows/s", file=sys.stderr)
         finally:
             ray.shutdown()
 
-    raw = args.rows / float(np.median(raw_times))
-    raw_best = args.rows / min(raw_times)
-    steady = s_all.stream_rows_per_s
+    raw_rates = [args.rows / t for t in raw_times]
+    steady = [s.stream_rows_per_s for s in runs]
+    raw, pipe = float(np.median(raw_rates)), float(np.median(steady))
     result = {
         "rows": args.rows, "dim": args.dim, "shards": args.shards, "hidden": list(hidden),
-        "batch_size": args.batch_size, "ray_cpus": args.cpus, "num_actors": args.num_actors,
-        "cpus_per_actor": args.cpus_per_actor, "threads_raw": threads,
-        "raw_rows_per_s_median": round(raw), "raw_rows_per_s_best": round(raw_best), "pipeline_rows_per_s_end_to_end": round(s_all.rows_per_s),
-        "pipeline_rows_per_s_steady": round(steady),
-        "overhead_steady": round(1 - steady / raw, 3),
-        "pipeline_seconds": round(s_all.seconds, 2), "pipeline_stream_seconds": round(s_all.stream_seconds, 2),
-        "raw_seconds": [round(t, 2) for t in raw_times],
+        "batch_size": args.batch_size, "block_mb": args.block_mb, "ray_cpus": args.cpus, "num_actors": args.num_actors,
+        "cpus_per_actor": args.cpus_per_actor, "threads_raw": threads, "repeats": args.repeats,
+        "raw_rows_per_s_median": round(raw), "raw_rows_per_s_best": round(max(raw_rates)),
+        "pipeline_rows_per_s_steady_median": round(pipe),
+        "overhead_steady": round(1 - pipe / raw, 3),
+        "overhead_steady_paired_median": round(float(np.median([1 - s / r for s, r in zip(steady, raw_rates)])), 3),
+        "raw_rows_per_s": [round(r) for r in raw_rates],
+        "pipeline_rows_per_s_steady": [round(r) for r in steady],
+        "pipeline_rows_per_s_end_to_end": [round(s.rows_per_s) for s in runs],
+        "pipeline_seconds": [round(s.seconds, 2) for s in runs],
+        "pipeline_stream_seconds": [round(s.stream_seconds, 2) for s in runs],
+        "actor_model_share": [round(s.model_seconds / (s.stream_seconds * args.num_actors), 3) for s in runs],
+        "actor_busy_share": [round(s.actor_seconds / (s.stream_seconds * args.num_actors), 3) for s in runs],
+        "model_rows_per_s_in_actors": [round(s.stream_rows * args.num_actors / s.model_seconds) if s.model_seconds else 0
+                                       for s in runs],
         "load_average_1min": round(os.getloadavg()[0], 2),
     }
     for k, v in result.items():
-        print(f"{k:34s} {v}")
+        print(f"{k:36s} {v}")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
     return 0
 

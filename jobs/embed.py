@@ -71,12 +71,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--watch", action="store_true", help="keep polling the input for new shards")
     p.add_argument("--interval", type=_positive_float, default=60.0, help="seconds between polls (default 60)")
     p.add_argument("--max-polls", type=int, default=None, help="with --watch: stop after this many polls")
-    p.add_argument("--batch-size", type=int, default=8192, help="rows per model call (default 8192)")
+    # Defaults as in pipeline.embed.EmbedConfig (a test checks), chosen with benchmarks/embed_throughput.py.
+    p.add_argument("--batch-size", type=int, default=16384, help="rows per model call (default 16384)")
     p.add_argument("--num-actors", type=int, default=None, help="model actors (default: one per GPU, or CPUs - 1)")
     p.add_argument("--cpus-per-actor", type=_positive_float, default=1.0, help="CPUs (torch threads) per actor")
     p.add_argument("--gpus-per-actor", type=float, default=None, help="default 1 when the cluster has GPUs")
-    p.add_argument("--block-mb", type=_positive_float, default=4.0,
-                   help="Ray Data block size in MiB; smaller blocks stream finished shards out sooner (default 4)")
+    p.add_argument("--block-mb", type=_positive_float, default=32.0,
+                   help="Ray Data block size in MiB: one actor task per block; smaller blocks stream finished "
+                        "shards out sooner, at a cost per block (default 32)")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")

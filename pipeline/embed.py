@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import posixpath
+import resource
 import tempfile
 import time
 from collections.abc import Iterator
@@ -64,6 +65,10 @@ RAY_PATH = "path"
 _PATH = "__ptsne_path"
 _STATUS = "__ptsne_status"
 _T0 = "__ptsne_t0"
+#: Per-row share of the actor's seconds in the model / in the whole call (summed by the driver).
+_MODEL_S = "__ptsne_model_s"
+_CALL_S = "__ptsne_call_s"
+_INTERNAL = (_PATH, _STATUS, _T0, _MODEL_S, _CALL_S)
 
 #: Row status codes computed by the actors.
 OK, NULL_VECTOR, NON_FINITE, WRONG_DIM = 0, 1, 2, 3
@@ -146,7 +151,11 @@ class EmbedConfig:
         their shard (nothing written for it, exit with counts); ``"reject"``
         writes them to ``_rejects/`` and embeds the rest.
     batch_size : int
-        Rows per model call.
+        Rows per model call. 16384 gave the fastest Parquet-to-Parquet rate
+        with ``benchmarks/embed_throughput.py`` on a 2-core CPU (64-D input,
+        256-256-256 network): the pipeline's per-batch costs weigh less than
+        at 8192, where the bare forward pass alone is faster (see
+        ``docs/embedding.md``).
     num_actors : int, optional
         Size of the actor pool; default one per GPU, or one per
         ``cpus_per_actor`` CPUs of the cluster leaving one CPU for reading.
@@ -157,9 +166,13 @@ class EmbedConfig:
     progress : bool
         Show a tqdm progress bar of rows.
     block_bytes : int
-        Target size of Ray Data blocks during the run. Ray's default (128 MiB)
-        would hand a run's embeddings to the writer in a few large pieces;
-        smaller blocks let finished shards stream out (and be in the ledger) sooner.
+        Target size of Ray Data blocks during the run; each input block is one
+        actor task. 32 MiB is about 100,000 rows of 64 float32 values: every
+        task costs Ray Data work besides the model (4 MiB blocks measured
+        about 10 points more overhead on a 2-core CPU). Ray's default
+        (128 MiB) would hand a run's embeddings to the writer in a few large
+        pieces; smaller blocks let finished shards stream out (and be in the
+        ledger) sooner.
     """
 
     vector_col: str | None = None
@@ -167,12 +180,12 @@ class EmbedConfig:
     id_col: str = "id"
     passthrough: tuple[str, ...] = ()
     on_invalid: str = "error"
-    batch_size: int = 8192
+    batch_size: int = 16384
     num_actors: int | None = None
     cpus_per_actor: float = 1.0
     gpus_per_actor: float | None = None
     progress: bool = True
-    block_bytes: int = 4 << 20
+    block_bytes: int = 32 << 20
 
     def __post_init__(self) -> None:
         if self.vector_col is not None and self.feature_cols is not None:
@@ -214,6 +227,10 @@ class EmbedSummary:
     ``stream_rows`` / ``stream_seconds``: the rows embedded and the time from
     the first model call in an actor to the last shard written, i.e. the rate
     without the start-up of the actors (``stream_rows_per_s``).
+    ``model_seconds`` / ``actor_seconds``: summed over the actors, the time in
+    the model's forward pass and in the whole per-batch call (conversion from
+    and to Arrow included); ``actor_seconds`` well below ``stream_seconds``
+    times the number of actors means the actors waited for input.
     """
 
     output: str
@@ -230,6 +247,8 @@ class EmbedSummary:
     failures: list[str] = field(default_factory=list)
     stream_rows: int = 0
     stream_seconds: float = 0.0
+    model_seconds: float = 0.0
+    actor_seconds: float = 0.0
 
     @property
     def rows_per_s(self) -> float:
@@ -244,6 +263,8 @@ class EmbedSummary:
         d["rows_per_s"] = round(self.rows_per_s, 1)
         d["stream_rows_per_s"] = round(self.stream_rows_per_s, 1)
         d["seconds"] = round(self.seconds, 3)
+        for k in ("stream_seconds", "model_seconds", "actor_seconds"):
+            d[k] = round(d[k], 3)
         return d
 
     def line(self) -> str:
@@ -562,7 +583,6 @@ def _vectors(table: pa.Table, spec: _Spec) -> tuple[np.ndarray, np.ndarray]:
     """Features float32 (n, D) and a status code per row (``OK``, ``NULL_VECTOR``, ...)."""
     n, D = table.num_rows, spec.n_features
     status = np.zeros(n, dtype=np.int8)
-    X = np.zeros((n, D), dtype=np.float32)
     if spec.vector_col is not None:
         col = table.column(spec.vector_col)
         col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
@@ -574,19 +594,27 @@ def _vectors(table: pa.Table, spec: _Spec) -> tuple[np.ndarray, np.ndarray]:
         good_len = (lengths == D) & ~null
         status[null] = NULL_VECTOR
         status[~null & (lengths != D)] = WRONG_DIM
-        if good_len.any():
-            sub = col if good_len.all() else col.filter(pa.array(good_len))
-            # flatten() honours slice offsets and skips null rows (none are left here).
-            flat = sub.flatten()
-            vals = flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-            X[good_len] = vals.reshape(-1, D)
+        # flatten() honours slice offsets and skips null rows. For float32 values without
+        # nulls (the usual case) it is a read-only view of the Arrow buffer, copied once
+        # because torch wants a writable array; no per-row Python objects either way.
+        if good_len.all():
+            X = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, D)
+            if not X.flags.writeable:
+                X = X.copy()
+        else:
+            X = np.zeros((n, D), dtype=np.float32)
+            if good_len.any():
+                vals = col.filter(pa.array(good_len)).flatten().to_numpy(zero_copy_only=False)
+                X[good_len] = vals.astype(np.float32, copy=False).reshape(-1, D)
     else:
+        X = np.empty((n, D), dtype=np.float32)
         for j, c in enumerate(spec.feature_cols):
             col = table.column(c)
             status[col.is_null().to_numpy(zero_copy_only=False) & (status == OK)] = NULL_VECTOR
             X[:, j] = col.to_numpy().astype(np.float32, copy=False)
-    bad = (status == OK) & ~np.isfinite(X).all(axis=1)
-    status[bad] = NON_FINITE
+    if not np.isfinite(X).all():  # whole-array test first: 5x faster than per row on clean batches
+        bad = (status == OK) & ~np.isfinite(X).all(axis=1)
+        status[bad] = NON_FINITE
     return X, status
 
 
@@ -598,10 +626,32 @@ def _output_columns(emb: np.ndarray) -> dict[str, pa.Array]:
     return cols
 
 
-class _Embedder:
-    """Ray Data callable class: one model per actor, Arrow batches in and out."""
+def _model_columns(table: pa.Table, spec: _Spec, model: ModelSpec) -> pa.Table:
+    """``table`` with the ``model_name`` / ``model_version`` columns after the coordinates.
 
-    def __init__(self, files: dict[str, bytes], spec: _Spec, name: str, version: str, threads: int, device: str):
+    Added by the driver per shard rather than by the actors per batch: two string
+    columns less to serialize and ship for every row.
+    """
+    pos = table.schema.get_field_index(COORDS[min(spec.n_components, len(COORDS)) - 1]) + 1
+    n = table.num_rows
+    table = table.add_column(pos, MODEL_NAME, pa.repeat(pa.scalar(model.name, pa.string()), n))
+    return table.add_column(pos + 1, MODEL_VERSION, pa.repeat(pa.scalar(model.version, pa.string()), n))
+
+
+def _minor_faults() -> int:
+    """Page faults of the calling thread so far (of the process where the OS cannot tell)."""
+    return resource.getrusage(getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)).ru_minflt
+
+
+class _Embedder:
+    """Ray Data callable class: one model per actor, Arrow batches in and out.
+
+    Output per row: the id, the embedding and its coordinates, the passthrough
+    columns, and for the driver the row's shard (dictionary-encoded), its status
+    code, when the batch started and the per-row share of the batch's seconds.
+    """
+
+    def __init__(self, files: dict[str, bytes], spec: _Spec, threads: int, device: str):
         from ptsne.device import set_num_threads
         from ptsne.estimator import ParametricTSNE
 
@@ -611,28 +661,46 @@ class _Embedder:
             for fname, data in files.items():
                 Path(tmp, fname).write_bytes(data)
             self.estimator = ParametricTSNE.load(tmp, device=device)
-        self.spec, self.name, self.version = spec, name, version
+        self.spec = spec
+        self._last_end: float | None = None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         t0 = time.time()  # wall clock: comparable across the processes of a node
+        c0 = time.perf_counter()
         spec = self.spec
         n = batch.num_rows
         X, status = _vectors(batch, spec)
-        emb = np.full((n, spec.n_components), np.nan, dtype=np.float32)
+        c1, cpu1 = time.perf_counter(), time.thread_time()
+        faults = _minor_faults()
         ok = status == OK
         if ok.all():
-            emb = self.estimator.transform(X)
-        elif ok.any():
-            emb[ok] = self.estimator.transform(X[ok])
+            emb = self.estimator.transform(X, batch_size=max(n, 1))
+        else:
+            emb = np.full((n, spec.n_components), np.nan, dtype=np.float32)
+            if ok.any():
+                emb[ok] = self.estimator.transform(X[ok], batch_size=max(n, 1))
+        c2, cpu2 = time.perf_counter(), time.thread_time()
+        faults = _minor_faults() - faults
         cols = {spec.id_col: batch.column(spec.id_col)}
         cols.update(_output_columns(emb))
-        cols[MODEL_NAME] = pa.repeat(pa.scalar(self.name, pa.string()), n)
-        cols[MODEL_VERSION] = pa.repeat(pa.scalar(self.version, pa.string()), n)
         for c in spec.passthrough:
             cols[c] = batch.column(c)
-        cols[_PATH] = batch.column(RAY_PATH)
+        # One small dictionary instead of the path string on every row.
+        cols[_PATH] = pc.dictionary_encode(batch.column(RAY_PATH))
         cols[_STATUS] = pa.array(status)
         cols[_T0] = pa.array(np.full(n, t0))
+        c3 = time.perf_counter()
+        # Per-row shares, so that the driver's sums are right however Ray re-blocks the rows.
+        cols[_MODEL_S] = pa.array(np.full(n, (c2 - c1) / max(n, 1), dtype=np.float32))
+        cols[_CALL_S] = pa.array(np.full(n, (c3 - c0) / max(n, 1), dtype=np.float32))
+        if log.isEnabledFor(logging.DEBUG):
+            idle = c0 - self._last_end if self._last_end is not None else 0.0
+            log.debug(
+                "batch of %d rows: waited %.1f ms, to numpy %.1f ms, model %.1f ms (%.1f ms CPU, %d page faults), "
+                "to Arrow %.1f ms",
+                n, 1e3 * idle, 1e3 * (c1 - c0), 1e3 * (c2 - c1), 1e3 * (cpu2 - cpu1), faults, 1e3 * (c3 - c2),
+            )
+        self._last_end = time.perf_counter()
         return pa.table(cols)
 
 
@@ -644,14 +712,30 @@ def _model_files(model: ModelSpec) -> dict[str, bytes]:
 def _empty_output(schema: pa.Schema, spec: _Spec, model: ModelSpec) -> pa.Table:
     cols = {spec.id_col: pa.array([], type=schema.field(spec.id_col).type)}
     cols.update(_output_columns(np.zeros((0, spec.n_components), np.float32)))
-    cols[MODEL_NAME] = pa.array([], type=pa.string())
-    cols[MODEL_VERSION] = pa.array([], type=pa.string())
     for c in spec.passthrough:
         cols[c] = pa.array([], type=schema.field(c).type)
-    return pa.table(cols)
+    return _model_columns(pa.table(cols), spec, model)
 
 
 # --------------------------------------------------------------------------- driver side
+
+
+def _shard_codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
+    """Per row an index into the returned list of distinct paths, from the actors' path column.
+
+    The chunks are dictionary arrays (each with its own dictionary) or, should Ray
+    decode them on the way, plain strings.
+    """
+    index: dict[str, int] = {}
+    parts = []
+    for chunk in column.chunks:
+        if not pa.types.is_dictionary(chunk.type):
+            chunk = pc.dictionary_encode(chunk)
+        to_global = np.array([index.setdefault(p, len(index)) for p in chunk.dictionary.to_pylist()], dtype=np.int64)
+        parts.append(to_global[chunk.indices.to_numpy(zero_copy_only=False)] if len(to_global) else
+                     np.zeros(len(chunk), dtype=np.int64))
+    codes = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return codes, list(index)
 
 
 class _Collector:
@@ -667,10 +751,11 @@ class _Collector:
         self.local = pafs.LocalFileSystem()
 
     def add(self, batch: pa.Table) -> None:
-        paths = batch.column(_PATH)
-        unique = pc.unique(paths).to_pylist()
-        for p in unique:
-            part = batch if len(unique) == 1 else batch.filter(pc.equal(paths, p))
+        codes, paths = _shard_codes(batch.column(_PATH))
+        unique = np.unique(codes)
+        for code in unique:
+            p = paths[code]
+            part = batch if len(unique) == 1 else batch.filter(pa.array(codes == code))
             if p not in self.shards:
                 raise RuntimeError(f"Ray Data returned rows of an unexpected file {p!r}")
             self.parts.setdefault(p, []).append(part)
@@ -710,7 +795,7 @@ class _Collector:
             )
             self._write(rejects_rel, rejects)
             table = table.filter(pa.array(~bad))
-        out = table.drop_columns([_PATH, _STATUS, _T0])
+        out = _model_columns(table.drop_columns(list(_INTERNAL)), self.spec, self.model)
         sha = self._write(shard.rel, out)
         self.ledger.record(
             {
@@ -737,7 +822,13 @@ class _Collector:
     def _write(self, rel: str, table: pa.Table) -> str:
         path = self.target / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        return shards.write_parquet_atomic(self.local, str(path), table)
+        # Dictionary encoding only where values repeat (model name/version, labels, reasons):
+        # Parquet's default tries it on every column, and on the float embedding and the ids
+        # it costs 4x the rest of the write for a larger file.
+        repeated = {MODEL_NAME, MODEL_VERSION, "reason", "shard", *self.spec.passthrough} - {self.spec.id_col}
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd", use_dictionary=[c for c in table.column_names if c in repeated])
+        return shards.write_bytes_atomic(self.local, str(path), sink.getvalue().to_pybytes())
 
 
 def _describe_bad(shard: _Shard, table: pa.Table, status: np.ndarray, spec: _Spec) -> str:
@@ -894,15 +985,16 @@ def _run(fs, planned, spec, schema, target, ledger, model, config, summary) -> N
             fn_constructor_kwargs={
                 "files": _model_files(model),
                 "spec": spec,
-                "name": model.name,
-                "version": model.version,
                 "threads": max(1, int(cpus)),
                 "device": "cuda" if gpus > 0 else "cpu",
             },
             batch_size=config.batch_size,
             batch_format="pyarrow",
             zero_copy_batch=True,
-            compute=ray.data.ActorPoolStrategy(size=n_actors),
+            # Two calls per actor: Ray Data then slices and ships one task's blocks while the
+            # model works on another's batch (the model itself still runs one batch at a time);
+            # with one, the actor idles 10-40 ms between tasks.
+            compute=ray.data.ActorPoolStrategy(size=n_actors, max_concurrent_calls_per_actor=2),
             num_cpus=cpus,
             num_gpus=gpus,
         )
@@ -911,6 +1003,8 @@ def _run(fs, planned, spec, schema, target, ledger, model, config, summary) -> N
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
             t = pc.min(batch.column(_T0)).as_py()
             first = t if first is None else min(first, t)
+            summary.model_seconds += pc.sum(batch.column(_MODEL_S)).as_py() or 0.0
+            summary.actor_seconds += pc.sum(batch.column(_CALL_S)).as_py() or 0.0
             collector.add(batch)
             summary.stream_rows += batch.num_rows
         if first is not None:

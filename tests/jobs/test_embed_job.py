@@ -233,7 +233,7 @@ def test_killed_three_times_then_rerun_exactly_once(ray_local, store, tmp_path):
         assert alive, f"the run ended before the kill: {proc.stderr.read().decode()[-2000:]}"
     assert all(before < len(data) for _, before in kills)
 
-    final = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    final = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert final.returncode == EXIT_OK, final.stderr[-3000:]
     table = load_output(target)
     ids_in = np.concatenate([d[0] for d in data.values()])
@@ -244,3 +244,15 @@ def test_killed_three_times_then_rerun_exactly_once(ray_local, store, tmp_path):
     files = sorted(p.name for p in target.rglob("*") if p.is_file())
     assert files == sorted([LEDGER_FILE, *data])
     assert sum(pq.ParquetFile(p).metadata.num_rows for p in target.glob("*.parquet")) == len(ids_in)
+
+
+def test_cli_defaults_are_the_pipeline_defaults():
+    from jobs.cli import build_parser
+    from pipeline.embed import EmbedConfig
+
+    args = build_parser().parse_args(["embed", "--model", "m", "--input", "i", "--output", "o"])
+    default = EmbedConfig()
+    assert args.batch_size == default.batch_size
+    assert int(args.block_mb * (1 << 20)) == default.block_bytes
+    assert args.cpus_per_actor == default.cpus_per_actor
+

@@ -97,6 +97,50 @@ def test_two_batches_then_nothing_new_matches_transform(ray_local, model_dir, tm
     assert load_output(out).equals(load_output(out / "v1"))  # the location reads its current version
 
 
+def test_output_schema_is_the_same_for_every_shard(ray_local, model_dir, tmp_path):
+    """Batches that span shards are split per shard; empty shards get the same columns."""
+    inp, out = tmp_path / "in", tmp_path / "out"
+    sizes = {"a.parquet": 70, "b.parquet": 0, "c.parquet": 45, "d.parquet": 130}
+    start = 0
+    for i, (rel, n) in enumerate(sizes.items()):
+        ids, X, y = shard_data(i, max(n, 3), start)
+        write_shard(inp / rel, ids[:n], X[:n], y[:n])
+        start += n
+    cfg = EmbedConfig(passthrough=("label",), batch_size=64, num_actors=1, progress=False)
+    summary = embed_shards(inp, out, spec(model_dir), cfg)
+    assert (summary.shards_written, summary.rows, summary.stream_rows) == (4, 245, 245)
+    assert 0 < summary.model_seconds <= summary.actor_seconds
+    names = ["id", "embedding", "x", "y", "model_name", "model_version", "label"]
+    schemas = {rel: pq.read_schema(out / "v1" / rel) for rel in sizes}
+    for rel, schema in schemas.items():
+        assert schema.names == names, rel
+        assert schema.equals(schemas["a.parquet"]), rel
+        assert pq.read_metadata(out / "v1" / rel).num_rows == sizes[rel]
+    table = load_output(out)
+    assert table.column("id").to_pylist() == list(range(245))
+    assert set(table.column("model_name").to_pylist()) == {"demo"}
+
+
+def test_vectors_from_sliced_and_chunked_batches():
+    """The copy-free path honours slice offsets and chunking, and hands torch a writable array."""
+    from pipeline.embed import NON_FINITE, NULL_VECTOR, OK, WRONG_DIM, _Spec, _vectors
+
+    X = np.arange(40 * DIM, dtype=np.float32).reshape(40, DIM)
+    col = pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), DIM)
+    table = pa.table({"id": np.arange(40), "vector": col})
+    s = _Spec("vector", None, "id", (), DIM, 2)
+    chunked = pa.concat_tables([table.slice(5, 10), table.slice(20, 7)])
+    got, status = _vectors(chunked, s)
+    np.testing.assert_array_equal(got, np.concatenate([X[5:15], X[20:27]]))
+    assert got.flags.writeable and got.dtype == np.float32 and (status == OK).all()
+
+    rows = [X[0].tolist(), None, X[1, :3].tolist(), [*X[2, :-1].tolist(), float("nan")], X[3].tolist()]
+    lists = pa.table({"id": np.arange(5), "vector": pa.array(rows, pa.list_(pa.float64()))}).slice(0, 5)
+    got, status = _vectors(lists, s)
+    assert status.tolist() == [OK, NULL_VECTOR, WRONG_DIM, NON_FINITE, OK]
+    np.testing.assert_array_equal(got[[0, 4]], X[[0, 3]])
+
+
 def test_changed_shard_is_reembedded_and_leftovers_removed(ray_local, model_dir, tmp_path):
     inp, out = tmp_path / "in", tmp_path / "out"
     ids, X, y = shard_data(0, 100, 0)
