@@ -857,7 +857,17 @@ def _actor_resources(config: EmbedConfig, n_batches: int) -> tuple[int, float, f
         n = max(1, int(resources.get("GPU", 0) // gpus))
     else:
         n = max(1, int((resources.get("CPU", 1) - 1) // config.cpus_per_actor))
-    return max(1, min(n, n_batches)), float(config.cpus_per_actor), float(gpus)
+    n = max(1, min(n, n_batches))
+    total = float(resources.get("CPU", 0))
+    if n * config.cpus_per_actor > total - 1:
+        # The actors hold their CPUs for the whole run; Ray Data's read tasks need one more,
+        # or the pipeline waits forever.
+        raise ValueError(
+            f"embed: {n} actor(s) x cpus_per_actor={config.cpus_per_actor:g} reserve "
+            f"{n * config.cpus_per_actor:g} of the cluster's {total:g} CPUs; Ray Data's read tasks "
+            f"need 1 CPU left over: lower cpus_per_actor or num_actors"
+        )
+    return n, float(config.cpus_per_actor), float(gpus)
 
 
 def embed_shards(

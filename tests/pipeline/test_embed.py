@@ -248,3 +248,14 @@ def test_config_validation():
         EmbedConfig(vector_col="v", feature_cols=("a",))
     with pytest.raises(TypeError, match="passthrough must be a list"):
         EmbedConfig(passthrough="label")
+
+
+def test_actors_that_leave_no_cpu_for_reading_are_refused(ray_local, model_dir, tmp_path):
+    # On the 2-CPU test cluster, one actor of 2 CPUs would starve Ray Data's read tasks forever.
+    inp, out = tmp_path / "in", tmp_path / "out"
+    ids, X, y = shard_data(0, 40, 0)
+    write_shard(inp / "a.parquet", ids, X, y)
+    cfg = EmbedConfig(num_actors=1, cpus_per_actor=2, progress=False)
+    with pytest.raises(ValueError, match=r"cpus_per_actor=2 reserve 2 of the cluster's 2 CPUs"):
+        embed_shards(inp, out, spec(model_dir), cfg)
+    assert not (out / "v1" / "a.parquet").exists()
