@@ -311,7 +311,7 @@ def run_one(n: int, args: argparse.Namespace, monitor: RssMonitor | None) -> dic
         summary = embed_shards(
             holdout_dir, work / "embedded",
             ModelSpec(str(resolved.path), resolved.name, resolved.version, f"v{resolved.version}"),
-            EmbedConfig(progress=False, cpus_per_actor=args.task_cpus),
+            EmbedConfig(progress=False, cpus_per_actor=args.embed_cpus),
         )
     seconds["embed"] = time.perf_counter() - t
     if summary.rows != holdout:
@@ -428,6 +428,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--train-workers", type=int, default=1)
     p.add_argument("--task-cpus", type=int, default=1, help="CPUs per Ray task / train worker / embed actor")
+    p.add_argument("--embed-cpus", type=int, default=1,
+                   help="CPUs per embed actor; keep one CPU free for Ray Data's read tasks")
     p.add_argument("--gpu", action="store_true", help="train on GPUs (one per worker)")
     p.add_argument("--shard-rows", type=int, default=None, help="rows per shard (default: N/4, at most 100k)")
     p.add_argument("--quality-sample", type=int, default=2000, help="held-out rows scored")
@@ -466,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         with (RssMonitor() if not args.address else contextlib.nullcontext()) as monitor:
             if args.warmup:
                 log.info("warm-up at N = %d (not recorded)", args.warmup)
-                run_one(args.warmup, args, monitor)
+                run_one(args.warmup, argparse.Namespace(**{**vars(args), "epochs": args.epochs or 2}), monitor)
             for n in args.n:
                 log.info("N = %d", n)
                 t = time.perf_counter()
