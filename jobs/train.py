@@ -470,7 +470,6 @@ def train_job(args: argparse.Namespace) -> TrainJobResult:
     from pipeline.train import read_manifest, train_distributed
     from ptsne.estimator import ParametricTSNE
 
-    config = train_config_from_args(args)
     workdir = Path(args.workdir).resolve()
     started_ray = _init_ray(args)
     if started_ray:

@@ -826,9 +826,9 @@ class _Collector:
         # Parquet's default tries it on every column, and on the float embedding and the ids
         # it costs 4x the rest of the write for a larger file.
         repeated = {MODEL_NAME, MODEL_VERSION, "reason", "shard", *self.spec.passthrough} - {self.spec.id_col}
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd", use_dictionary=[c for c in table.column_names if c in repeated])
-        return shards.write_bytes_atomic(self.local, str(path), sink.getvalue().to_pybytes())
+        return shards.write_parquet_atomic(
+            self.local, str(path), table, use_dictionary=[c for c in table.column_names if c in repeated]
+        )
 
 
 def _describe_bad(shard: _Shard, table: pa.Table, status: np.ndarray, spec: _Spec) -> str:
@@ -1001,9 +1001,9 @@ def _run(fs, planned, spec, schema, target, ledger, model, config, summary) -> N
             batch_size=config.batch_size,
             batch_format="pyarrow",
             zero_copy_batch=True,
-            # Two calls per actor: Ray Data then slices and ships one task's blocks while the
-            # model works on another's batch (the model itself still runs one batch at a time);
-            # with one, the actor idles 10-40 ms between tasks.
+            # Two calls per actor (a threaded actor): Ray Data slices and ships one task's blocks
+            # while the model works on another's batch, and two batches' forward passes may
+            # overlap; with one call, the actor idles 10-40 ms between tasks.
             compute=ray.data.ActorPoolStrategy(size=n_actors, max_concurrent_calls_per_actor=2),
             num_cpus=cpus,
             num_gpus=gpus,

@@ -122,10 +122,15 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_parquet_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> str:
-    """Write ``table`` as Parquet to ``path`` through a temporary name; return its sha256."""
+def write_parquet_atomic(
+    fs: pafs.FileSystem, path: str, table: pa.Table, use_dictionary: bool | list[str] = True
+) -> str:
+    """Write ``table`` as Parquet to ``path`` through a temporary name; return its sha256.
+
+    ``use_dictionary``: dictionary-encode every column (Parquet's default) or only those named.
+    """
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd", use_dictionary=use_dictionary)
     return write_bytes_atomic(fs, path, sink.getvalue().to_pybytes())
 
 
