@@ -85,11 +85,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     add_affinity_arguments(aff)
     tr = p.add_argument_group("training")
     from ptsne.model import DEFAULT_HIDDEN
-    from ptsne.train import TrainConfig
+    from ptsne.train import TARGET_STEPS, TrainConfig
 
     d = TrainConfig()  # the core's tuned defaults
     tr.add_argument("--epochs", type=epochs_arg, default="auto",
-                    help="passes over the points as anchors, or 'auto': about 7000 steps within "
+                    help="passes over the points as anchors, or 'auto': about {TARGET_STEPS} steps within "
                          f"10 to {d.n_epochs} epochs, more for small data (default: auto)")
     tr.add_argument("--batch-size", type=int, default=d.batch_size,
                     help=f"anchors per step over all workers (default: {d.batch_size})")

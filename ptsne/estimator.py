@@ -54,8 +54,8 @@ class ParametricTSNE:
         A network of your own from ``n_features`` (after PCA) to ``n_components``;
         replaces the default MLP (inputs are standardised before it).
     n_epochs : int or "auto"
-        Passes over the points; ``"auto"`` aims at about 7000 steps within 10 to 60
-        epochs (60 for 60k points, 10 from a million on), and more epochs for small
+        Passes over the points; ``"auto"`` aims at about 3500 steps within 10 to 60
+        epochs (30 for 60k points, 10 from 300k points on), and more epochs for small
         datasets so that training takes at least 2000 steps
         (:func:`ptsne.train.default_epochs`).
     batch_size, learning_rate, early_exaggeration, early_exaggeration_fraction,

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -5,7 +7,7 @@ import torch
 from ptsne.affinity import joint_probabilities
 from ptsne.knn import knn_graph
 from ptsne.model import ModelConfig, build_mapper
-from ptsne.train import MIN_STEPS, NeighborSampler, TrainConfig, default_epochs, fit_mapper
+from ptsne.train import MIN_STEPS, TARGET_STEPS, NeighborSampler, TrainConfig, default_epochs, fit_mapper
 
 
 def problem(blobs):
@@ -99,8 +101,8 @@ def test_config_validation(kwargs, match):
 
 
 def test_default_epochs_scale_with_n():
-    # MNIST-sized data gets the full schedule, large data fewer passes of many steps.
-    assert default_epochs(60_000, 512) == TrainConfig.n_epochs
+    # MNIST-sized data gets about TARGET_STEPS steps, large data fewer passes of many steps.
+    assert default_epochs(60_000, 512) == math.ceil(TARGET_STEPS / (60_000 // 512)) == 30
     assert default_epochs(1_000_000, 512) == 10
     assert default_epochs(10_000_000, 512) == 10
     sizes = [60_000, 100_000, 300_000, 1_000_000]
