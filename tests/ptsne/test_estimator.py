@@ -111,9 +111,12 @@ def test_seeded_fit_is_deterministic(blobs):
 
 
 def test_quality_on_digits(digits):
-    # Held-out quality on a real dataset: digits (1797 x 64), train on 1400 points.
+    # Held-out quality on a real dataset: digits (1797 x 64), train on the first 1400
+    # points, map the last 397 (other writers). For scale on this split: 10-NN in the
+    # 64-D input space scores 0.952, openTSNE's transform 0.945, ptsne at batch 256
+    # 0.914-0.924 over seeds 0-2 (the default 512 is 2 steps per epoch here: slower).
     X, y = digits
-    est = ParametricTSNE(random_state=0, device="cpu", batch_size=128).fit(X[:1400])
+    est = ParametricTSNE(random_state=0, device="cpu", batch_size=256).fit(X[:1400])
     assert len(est.history_) >= 60
     acc = knn_accuracy(est.embedding_, y[:1400], est.transform(X[1400:]), y[1400:], k=10)
     assert acc > 0.9
