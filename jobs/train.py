@@ -89,7 +89,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
     d = TrainConfig()  # the core's tuned defaults
     tr.add_argument("--epochs", type=epochs_arg, default="auto",
-                    help="passes over the points as anchors, or 'auto': about {TARGET_STEPS} steps within "
+                    help=f"passes over the points as anchors, or 'auto': about {TARGET_STEPS} steps within "
                          f"10 to {d.n_epochs} epochs, more for small data (default: auto)")
     tr.add_argument("--batch-size", type=int, default=d.batch_size,
                     help=f"anchors per step over all workers (default: {d.batch_size})")
@@ -103,6 +103,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     tr.add_argument("--weight-decay", type=float, default=d.weight_decay)
     tr.add_argument("--positives-per-anchor", type=int, default=d.positives_per_anchor,
                     help=f"neighbours drawn per anchor in each step (default: {d.positives_per_anchor})")
+    tr.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default=d.precision,
+                    help="forward pass of training: 'auto' is bfloat16 autocast where the device has it "
+                         "in hardware (recent x86 CPUs, CUDA GPUs), else float32 (default: auto)")
     tr.add_argument("--n-components", type=int, default=2, help="embedding dimension (default: 2)")
     hidden = ",".join(str(h) for h in DEFAULT_HIDDEN)
     tr.add_argument("--hidden-layers", type=_hidden_layers, default=DEFAULT_HIDDEN,
@@ -223,6 +226,7 @@ def train_config_from_args(args: argparse.Namespace, n: int | None = None):
         weight_decay=args.weight_decay,
         positives_per_anchor=args.positives_per_anchor,
         seed=args.seed,
+        precision=args.precision,
         feature_source=args.feature_source,
         object_store_max_bytes=args.object_store_max_bytes,
     )

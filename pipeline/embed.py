@@ -674,11 +674,11 @@ class _Embedder:
         faults = _minor_faults()
         ok = status == OK
         if ok.all():
-            emb = self.estimator.transform(X, batch_size=max(n, 1))
+            emb = self.estimator.transform(X)
         else:
             emb = np.full((n, spec.n_components), np.nan, dtype=np.float32)
             if ok.any():
-                emb[ok] = self.estimator.transform(X[ok], batch_size=max(n, 1))
+                emb[ok] = self.estimator.transform(X[ok])
         c2, cpu2 = time.perf_counter(), time.thread_time()
         faults = _minor_faults() - faults
         cols = {spec.id_col: batch.column(spec.id_col)}

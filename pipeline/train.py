@@ -60,7 +60,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import schema
 from ptsne.affinity import Edges
-from ptsne.device import set_num_threads
+from ptsne.device import resolve_precision, set_num_threads
 from ptsne.estimator import ParametricTSNE
 from ptsne.loss import TSNELoss
 from ptsne.model import DEFAULT_HIDDEN, Mapper, ModelConfig, build_mapper
@@ -105,7 +105,7 @@ class DistributedTrainConfig:
     activation : str
         Hidden activation, one of ``ptsne.model.ACTIVATIONS``.
     n_epochs, learning_rate, early_exaggeration, early_exaggeration_fraction,
-    exaggeration, dof, weight_decay, positives_per_anchor, seed :
+    exaggeration, dof, weight_decay, positives_per_anchor, seed, precision :
         As in :class:`ptsne.train.TrainConfig`.
     batch_size : int
         Anchors per optimisation step over all workers together; each worker
@@ -131,6 +131,7 @@ class DistributedTrainConfig:
     weight_decay: float = TrainConfig.weight_decay
     positives_per_anchor: int = TrainConfig.positives_per_anchor
     seed: int = 0
+    precision: str = TrainConfig.precision
     feature_source: str = "auto"
     object_store_max_bytes: int = DEFAULT_OBJECT_STORE_MAX_BYTES
 
@@ -169,6 +170,7 @@ class DistributedTrainConfig:
             dof=self.dof,
             weight_decay=self.weight_decay,
             seed=self.seed,
+            precision=self.precision,
             **({"positives_per_anchor": self.positives_per_anchor} if self.positives_per_anchor != 1 else {}),
         )
 
@@ -514,6 +516,7 @@ def _train_loop_per_worker(loop_config: dict) -> None:
         optimizer.load_state_dict(optimizer_state["optimizer"])
         scheduler.load_state_dict(optimizer_state["scheduler"])
     loss_fn = TSNELoss(tc.dof)
+    autocast_dtype = resolve_precision(tc.precision, device)
     callbacks = loop_config.get("callbacks") or ()
     checkpoint_config = {key: loop_config[key] for key in ("train", "n", "dim", "num_workers")}
 
@@ -547,7 +550,9 @@ def _train_loop_per_worker(loop_config: dict) -> None:
             sl_m = slice(s * batch * m, (s + 1) * batch * m)  # neighbours, anchor-major
             xa = torch.from_numpy(X_anchor[anchors_np[sl]]).to(device)
             xn = torch.from_numpy(np.ascontiguousarray(X_tail[sl_m])).to(device)
-            out = train_step(model, optimizer, loss_fn, xa, xn, importance[sl_m].to(device), n, exaggeration)
+            out = train_step(
+                model, optimizer, loss_fn, xa, xn, importance[sl_m].to(device), n, exaggeration, autocast_dtype
+            )
             scheduler.step()
             sums += torch.tensor([out["loss"], out["attraction"], out["log_z"]], dtype=torch.float64)
         sums = _all_reduce(sums / steps, "sum") / world

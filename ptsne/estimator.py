@@ -71,6 +71,11 @@ class ParametricTSNE:
         Seed; with a seed, CPU training is deterministic.
     device : {"auto", "cpu", "cuda"}
         ``"auto"`` takes a GPU when one is visible.
+    precision : {"auto", "float32", "bfloat16"}
+        Arithmetic of the training forward pass. ``"auto"`` trains the default MLP
+        with bfloat16 autocast where the device has bfloat16 in hardware (recent
+        x86 CPUs, CUDA GPUs) and a custom ``model`` in float32; the output layer,
+        the loss and ``transform`` are always float32.
     n_threads : int, optional
         Threads for torch and FAISS on CPU; ``None`` keeps the current settings.
     verbose : bool
@@ -112,6 +117,7 @@ class ParametricTSNE:
         pca_components: int | None = None,
         random_state: int | None = None,
         device: str = "auto",
+        precision: str = TrainConfig.precision,
         n_threads: int | None = None,
         verbose: bool = False,
     ):
@@ -133,6 +139,7 @@ class ParametricTSNE:
         self.pca_components = pca_components
         self.random_state = random_state
         self.device = device
+        self.precision = precision
         self.n_threads = n_threads
         self.verbose = verbose
 
@@ -164,6 +171,8 @@ class ParametricTSNE:
             positives_per_anchor=self.positives_per_anchor,
             dof=self.dof,
             seed=self._seed(),
+            # A network of the user's own may hold layers that are unsafe in bfloat16.
+            precision="float32" if self.precision == "auto" and self.model is not None else self.precision,
         )
 
     def _seed(self) -> int:
@@ -299,17 +308,19 @@ class ParametricTSNE:
                 "This ParametricTSNE instance is not fitted yet; call fit(X) or load(path) first"
             )
 
-    def transform(self, X: np.ndarray, batch_size: int = 65536) -> np.ndarray:
+    def transform(self, X: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """Embed new points: float32 ``(m, n_components)``.
 
-        Each row is mapped independently, so a batch gives the same result as its rows one by one.
+        Each row is mapped independently, so a batch gives the same result as its rows
+        one by one; ``batch_size`` rows go through the network at a time (default: 2048
+        on CPU, 65536 on GPU, see :data:`ptsne.transform.DEFAULT_BATCH`).
         """
         self._check_fitted()
         X = check_array(X, "X", n_features=self.n_features_in_)
         Z = self.pca_.transform(X) if self.pca_ is not None else X
         return self._forward(Z, batch_size)
 
-    def _forward(self, Z: np.ndarray, batch_size: int = 65536) -> np.ndarray:
+    def _forward(self, Z: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         return batched_transform(self.model_, Z, batch_size=batch_size, device=self.device_)
 
     # -- persistence -----------------------------------------------------------------

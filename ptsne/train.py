@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ptsne.affinity import Edges
+from ptsne.device import PRECISIONS, resolve_precision
 from ptsne.loss import TSNELoss
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,10 @@ class TrainConfig:
         Neighbours drawn per anchor for the attraction in each step.
     seed : int
         Seed of the anchor order, the neighbour draws and the initial weights.
+    precision : str
+        Forward pass of training: ``"auto"`` (bfloat16 autocast where the device
+        has it in hardware, else float32), ``"float32"`` or ``"bfloat16"``. The
+        loss, the optimiser state and ``transform`` stay in float32.
     """
 
     n_epochs: int = 60
@@ -71,6 +76,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     positives_per_anchor: int = 4
     seed: int = 0
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         _positive_int("n_epochs", self.n_epochs)
@@ -87,6 +93,8 @@ class TrainConfig:
             )
         if not self.weight_decay >= 0:
             raise ValueError(f"TrainConfig: weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainConfig: precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     @property
     def early_epochs(self) -> int:
@@ -176,11 +184,19 @@ def train_step(
     weight: torch.Tensor | None,
     n_total: int,
     exaggeration: float,
+    autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
-    """One optimisation step on a batch of anchors and their sampled neighbours."""
+    """One optimisation step on a batch of anchors and their sampled neighbours.
+
+    With ``autocast_dtype`` (see :func:`ptsne.device.resolve_precision`) the
+    forward pass runs under autocast; the loss is computed in float32.
+    """
     b = x_anchor.shape[0]
     m = x_neighbor.shape[0] // b  # neighbours per anchor, anchor-major order
-    y = model(torch.cat([x_anchor, x_neighbor]))
+    x = torch.cat([x_anchor, x_neighbor])
+    with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        y = model(x)
+    y = y.float()
     y_anchor, y_neighbor = y[:b], y[b:]
     y_head = y_anchor if m == 1 else y_anchor.repeat_interleave(m, dim=0)
     loss, parts = loss_fn(y_head, y_neighbor, y_anchor, n_total, weight, exaggeration)
@@ -249,6 +265,7 @@ def fit_mapper(
     sampler = NeighborSampler(edges, n, device)
     loss_fn = TSNELoss(config.dof)
     optimizer = make_optimizer(model, config)
+    autocast_dtype = resolve_precision(config.precision, device)
     batch = min(config.batch_size, n)
     m = config.positives_per_anchor
     steps = n // batch  # the partial last batch is dropped: Z needs full batches
@@ -267,7 +284,8 @@ def fit_mapper(
                 heads = anchors if m == 1 else anchors.repeat_interleave(m)
                 tails, weight = sampler.sample(heads, gen)
                 out = train_step(
-                    model, optimizer, loss_fn, Xt[anchors], Xt[tails], weight, n, exaggeration
+                    model, optimizer, loss_fn, Xt[anchors], Xt[tails], weight, n, exaggeration,
+                    autocast_dtype,
                 )
                 scheduler.step()
                 for key in sums:

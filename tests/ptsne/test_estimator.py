@@ -42,6 +42,17 @@ def test_transform_batch_equals_rows_one_by_one(fitted):
     np.testing.assert_allclose(est.transform(X[:20], batch_size=3), batch, rtol=1e-5, atol=1e-5)
 
 
+def test_default_transform_chunks_match_one_pass(fitted):
+    from ptsne.transform import DEFAULT_BATCH
+
+    est, X, _ = fitted
+    big = np.tile(X, (DEFAULT_BATCH["cpu"] // len(X) + 2, 1))[: DEFAULT_BATCH["cpu"] + 7]
+    one_pass = est.transform(big, batch_size=len(big))
+    np.testing.assert_allclose(est.transform(big), one_pass, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        est.transform(big, batch_size=0)
+
+
 def test_transform_empty_input(fitted):
     est, X, _ = fitted
     assert est.transform(X[:0]).shape == (0, 2)
@@ -103,6 +114,13 @@ def test_custom_network_and_reload(blobs, tmp_path):
     np.testing.assert_array_equal(loaded.transform(X[:5]), est.transform(X[:5]))
 
 
+def test_custom_network_trains_in_float32_by_default(blobs):
+    net = torch.nn.Sequential(torch.nn.Linear(10, 2))
+    assert ParametricTSNE(model=net)._train_config(100).precision == "float32"
+    assert ParametricTSNE(model=net, precision="bfloat16")._train_config(100).precision == "bfloat16"
+    assert ParametricTSNE()._train_config(100).precision == "auto"
+
+
 def test_seeded_fit_is_deterministic(blobs):
     X, _ = blobs
     a = ParametricTSNE(perplexity=10.0, **FAST).fit_transform(X)
@@ -114,7 +132,8 @@ def test_quality_on_digits(digits):
     # Held-out quality on a real dataset: digits (1797 x 64), train on the first 1400
     # points, map the last 397 (other writers). For scale on this split: 10-NN in the
     # 64-D input space scores 0.952, openTSNE's transform 0.945, ptsne at batch 256
-    # 0.914-0.924 over seeds 0-2 (the default 512 is 2 steps per epoch here: slower).
+    # 0.912-0.924 over seeds 0-2, in bfloat16 or float32 (the default 512 is 2 steps per
+    # epoch here: slower).
     X, y = digits
     est = ParametricTSNE(random_state=0, device="cpu", batch_size=256).fit(X[:1400])
     assert len(est.history_) >= 60
@@ -181,6 +200,7 @@ def test_one_dimensional_input():
         ({"pca_components": 0}, ValueError, "pca_components"),
         ({"pca_components": 11}, ValueError, "pca_components=11 exceeds"),
         ({"device": "tpu"}, ValueError, "device must be"),
+        ({"precision": "fp16"}, ValueError, "precision must be one of"),
         ({"model": "mlp"}, TypeError, "model must be"),
         ({"random_state": "x"}, TypeError, "random_state"),
     ],

@@ -93,6 +93,7 @@ def test_callback_stops_training(blobs):
         ({"dof": 0}, "dof"),
         ({"weight_decay": -1}, "weight_decay"),
         ({"positives_per_anchor": 0}, "positives_per_anchor"),
+        ({"precision": "float16"}, "precision must be one of"),
     ],
 )
 def test_config_validation(kwargs, match):
@@ -112,3 +113,70 @@ def test_default_epochs_scale_with_n():
     for n in (100, 700, 5_000):
         steps = max(1, n // min(512, n))
         assert default_epochs(n, 512) * steps >= MIN_STEPS
+
+
+# -- mixed precision ----------------------------------------------------------
+
+
+def test_resolve_precision():
+    from ptsne.device import native_bfloat16, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("float32", cpu) is None
+    assert resolve_precision("bfloat16", cpu) is torch.bfloat16
+    assert resolve_precision("auto", cpu) is (torch.bfloat16 if native_bfloat16(cpu) else None)
+    with pytest.raises(ValueError, match="precision must be one of .* got 'half'"):
+        resolve_precision("half", cpu)
+
+
+def test_output_layer_stays_float32_under_autocast():
+    torch.manual_seed(0)
+    net = build_mapper(ModelConfig(8, 2, (16, 16))).net
+    x = torch.randn(5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = net[:-1](x)
+        out = net(x)
+    assert hidden.dtype == torch.bfloat16
+    assert out.dtype == torch.float32
+    # The output layer's float32 product of the bfloat16 hidden features, exactly.
+    torch.testing.assert_close(out, torch.nn.functional.linear(hidden.float(), net[-1].weight, net[-1].bias))
+
+
+def test_bfloat16_step_follows_the_float32_gradient(blobs):
+    # One step's gradient under bfloat16 autocast points where the float32 one does.
+    from ptsne.loss import TSNELoss
+    from ptsne.train import train_step
+
+    X, _, edges = problem(blobs)
+    sampler = NeighborSampler(edges, len(X))
+    anchors = torch.arange(128)
+    tails, weight = sampler.sample(anchors.repeat_interleave(2), torch.Generator().manual_seed(0))
+    grads = {}
+    for dtype in (None, torch.bfloat16):
+        torch.manual_seed(0)
+        model = build_mapper(ModelConfig(X.shape[1], 2, (64, 64)))
+        model.standardize.fit(X)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        Xt = torch.from_numpy(X)
+        out = train_step(model, opt, TSNELoss(), Xt[anchors], Xt[tails], weight, len(X), 4.0, dtype)
+        assert math.isfinite(out["loss"])
+        grads[dtype] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    cos = torch.nn.functional.cosine_similarity(grads[None], grads[torch.bfloat16], dim=0)
+    assert cos > 0.99
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_training_separates_clusters_in_each_precision(blobs, precision):
+    from ptsne.metrics import knn_accuracy
+
+    X, y, edges = problem(blobs)
+    torch.manual_seed(0)
+    model = build_mapper(ModelConfig(X.shape[1], 2, (32, 32)))
+    model.standardize.fit(X)
+    cfg = TrainConfig(n_epochs=30, batch_size=128, learning_rate=3e-3, precision=precision)
+    history = fit_mapper(model, X, edges, cfg)
+    assert history[-1]["loss"] < history[3]["loss"]
+    with torch.no_grad():
+        Y = model(torch.from_numpy(X))
+    assert Y.dtype == torch.float32
+    assert knn_accuracy(Y[:300].numpy(), y[:300], Y[300:].numpy(), y[300:], k=5) > 0.95
