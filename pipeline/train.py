@@ -870,8 +870,10 @@ def _estimator(mapper: Mapper, manifest: dict, config: DistributedTrainConfig, p
         early_exaggeration=config.early_exaggeration,
         early_exaggeration_fraction=config.early_exaggeration_fraction,
         exaggeration=config.exaggeration,
+        positives_per_anchor=config.positives_per_anchor,
         knn_method=str(manifest.get("knn_method", "auto")),
         pca_components=int(manifest["dim"]) if pca is not None else None,
         random_state=config.seed,
         device="cpu",
+        precision=config.precision,
     )

@@ -184,6 +184,10 @@ def test_two_workers_train_a_good_map(two_worker_run, digits_split):
     assert result.resumed_from == []
     assert result.history[-1]["loss"] < result.history[config.train_config().early_epochs]["loss"]
     est = result.estimator
+    # The estimator records the settings it was trained with.
+    params = est.get_params()
+    for name in ("batch_size", "learning_rate", "exaggeration", "positives_per_anchor", "precision", "dof"):
+        assert params[name] == getattr(config, name), name
     dist_acc = knn_accuracy(est.transform(X), y, est.transform(Xt), yt)
     single = ParametricTSNE(
         perplexity=10.0, n_neighbors=30, knn_method="exact", random_state=3, device="cpu", **FAST
