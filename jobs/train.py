@@ -84,6 +84,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     aff = p.add_argument_group("kNN and affinities (see `ptsne affinities`)")
     add_affinity_arguments(aff)
     tr = p.add_argument_group("training")
+    from ptsne.device import PRECISIONS
     from ptsne.model import DEFAULT_HIDDEN
     from ptsne.train import TARGET_STEPS, TrainConfig
 
@@ -103,7 +104,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     tr.add_argument("--weight-decay", type=float, default=d.weight_decay)
     tr.add_argument("--positives-per-anchor", type=int, default=d.positives_per_anchor,
                     help=f"neighbours drawn per anchor in each step (default: {d.positives_per_anchor})")
-    tr.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default=d.precision,
+    tr.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                     help="forward pass of training: 'auto' is bfloat16 autocast where the device has it "
                          "in hardware (recent x86 CPUs, CUDA GPUs), else float32 (default: auto)")
     tr.add_argument("--n-components", type=int, default=2, help="embedding dimension (default: 2)")
