@@ -85,7 +85,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     add_affinity_arguments(aff)
     tr = p.add_argument_group("training")
     from ptsne.device import PRECISIONS
-    from ptsne.model import DEFAULT_HIDDEN
+    from ptsne.model import ACTIVATIONS, DEFAULT_HIDDEN
     from ptsne.train import TARGET_STEPS, TrainConfig
 
     d = TrainConfig()  # the core's tuned defaults
@@ -111,7 +111,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     hidden = ",".join(str(h) for h in DEFAULT_HIDDEN)
     tr.add_argument("--hidden-layers", type=_hidden_layers, default=DEFAULT_HIDDEN,
                     help=f"comma-separated hidden widths (default: {hidden})")
-    tr.add_argument("--activation", choices=("relu", "gelu", "silu", "tanh", "elu"), default="relu")
+    tr.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu",
+                    help="hidden activation (default: relu)")
     tr.add_argument("--feature-source", choices=("auto", "object_store", "scan"), default="auto",
                     help="how workers read neighbour features (default: auto)")
     tr.add_argument("--object-store-max-bytes", type=int, default=2 << 30,
