@@ -46,12 +46,15 @@ class TrainConfig:
     learning_rate : float
         Peak Adam learning rate; it decays along a cosine to 1% at the end.
     early_exaggeration : float
-        Attraction factor during the first ``early_exaggeration_fraction`` of the epochs.
+        Attraction factor during the first ``early_exaggeration_fraction`` of the epochs
+        (>= 1, like ``exaggeration``).
     early_exaggeration_fraction : float
         Share of the epochs run with early exaggeration, in ``[0, 1)``.
     exaggeration : float
         Attraction factor after the early phase (1 is plain t-SNE; the default 1.5
-        separates clusters a little more, which the MNIST benchmark rewards).
+        separates clusters a little more, which the MNIST benchmark rewards). At least 1:
+        with a factor ``rho < 1`` the loss falls like ``2 (rho - 1) log s`` as the map is
+        scaled by ``s``, so it has no minimum.
     dof : float
         Degrees of freedom of the Student-t kernel.
     weight_decay : float
@@ -82,10 +85,19 @@ class TrainConfig:
         _positive_int("n_epochs", self.n_epochs)
         _positive_int("batch_size", self.batch_size, minimum=2)
         _positive_int("positives_per_anchor", self.positives_per_anchor)
-        for name in ("learning_rate", "early_exaggeration", "exaggeration", "dof"):
+        for name in ("learning_rate", "dof"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"TrainConfig: {name} must be a finite number > 0, got {v!r}")
+        for name in ("early_exaggeration", "exaggeration"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 1:
+                # rho * attraction + log Z falls like 2 (rho - 1) log s when the map is scaled
+                # by s: below 1 the loss has no minimum and training blows the map apart.
+                raise ValueError(
+                    f"TrainConfig: {name} must be a finite number >= 1, got {v!r} "
+                    "(below 1 the loss decreases without bound as the map expands)"
+                )
         if not 0.0 <= self.early_exaggeration_fraction < 1.0:
             raise ValueError(
                 "TrainConfig: early_exaggeration_fraction must be in [0, 1), "

@@ -6,6 +6,7 @@ import torch
 
 from ptsne.affinity import joint_probabilities
 from ptsne.knn import knn_graph
+from ptsne.loss import TSNELoss
 from ptsne.model import ModelConfig, build_mapper
 from ptsne.train import MIN_STEPS, TARGET_STEPS, NeighborSampler, TrainConfig, default_epochs, fit_mapper
 
@@ -93,6 +94,8 @@ def test_callback_stops_training(blobs):
         ({"early_exaggeration": 0}, "early_exaggeration"),
         ({"early_exaggeration_fraction": 1.0}, "early_exaggeration_fraction"),
         ({"exaggeration": float("nan")}, "exaggeration"),
+        ({"exaggeration": 0.8}, "exaggeration must be a finite number >= 1, got 0.8"),
+        ({"early_exaggeration": 0.5}, "early_exaggeration must be a finite number >= 1"),
         ({"dof": 0}, "dof"),
         ({"weight_decay": -1}, "weight_decay"),
         ({"positives_per_anchor": 0}, "positives_per_anchor"),
@@ -166,3 +169,23 @@ def test_bfloat16_step_follows_the_float32_gradient(blobs):
         grads[dtype] = torch.cat([p.grad.flatten() for p in model.parameters()])
     cos = torch.nn.functional.cosine_similarity(grads[None], grads[torch.bfloat16], dim=0)
     assert cos > 0.99
+
+
+def test_exaggeration_below_one_has_no_minimum():
+    """Why exaggeration must be >= 1: scaling a map out lowers rho * attraction + log Z without bound."""
+    torch.manual_seed(0)
+    Y = torch.randn(200, 2, dtype=torch.float64)
+    head = torch.arange(200).repeat_interleave(3)
+    tail = torch.randint(0, 200, (600,))
+    tail = torch.where(tail == head, (tail + 1) % 200, tail)
+    fn = TSNELoss()
+
+    def loss(scale, rho):
+        Ys = Y * scale
+        return float(fn(Ys[head], Ys[tail], Ys, 200, exaggeration=rho)[0])
+
+    below = [loss(s, 0.8) for s in (1e4, 1e5, 1e6)]
+    assert all(b < a for a, b in zip(below, below[1:]))  # keeps falling as the map expands
+    assert below[-2] - below[-1] == pytest.approx(2 * (0.8 - 1) * -math.log(10), rel=1e-3)
+    at_one = [loss(s, 1.0) for s in (1e4, 1e5, 1e6)]
+    assert max(at_one) - min(at_one) < 1e-2  # flat: no gain from expanding at rho = 1
