@@ -87,13 +87,11 @@ class TrainConfig:
         _positive_int("positives_per_anchor", self.positives_per_anchor)
         for name in ("learning_rate", "dof"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            if not (_finite_number(v) and v > 0):
                 raise ValueError(f"TrainConfig: {name} must be a finite number > 0, got {v!r}")
         for name in ("early_exaggeration", "exaggeration"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 1:
-                # rho * attraction + log Z falls like 2 (rho - 1) log s when the map is scaled
-                # by s: below 1 the loss has no minimum and training blows the map apart.
+            if not (_finite_number(v) and v >= 1):
                 raise ValueError(
                     f"TrainConfig: {name} must be a finite number >= 1, got {v!r} "
                     "(below 1 the loss decreases without bound as the map expands)"
@@ -134,6 +132,10 @@ def default_epochs(n: int, batch_size: int = TrainConfig.batch_size) -> int:
     steps_per_epoch = max(1, n // max(1, min(batch_size, n)))
     epochs = min(TrainConfig.n_epochs, max(MIN_EPOCHS, math.ceil(TARGET_STEPS / steps_per_epoch)))
     return max(epochs, math.ceil(MIN_STEPS / steps_per_epoch))
+
+
+def _finite_number(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def _positive_int(name: str, v, minimum: int = 1) -> None:
