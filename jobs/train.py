@@ -86,6 +86,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     tr = p.add_argument_group("training")
     from ptsne.device import PRECISIONS
     from ptsne.model import ACTIVATIONS, DEFAULT_HIDDEN
+    from pipeline.train import DEFAULT_OBJECT_STORE_MAX_BYTES, FEATURE_SOURCES
     from ptsne.train import TARGET_STEPS, TrainConfig
 
     d = TrainConfig()  # the core's tuned defaults
@@ -113,10 +114,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                     help=f"comma-separated hidden widths (default: {hidden})")
     tr.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu",
                     help="hidden activation (default: relu)")
-    tr.add_argument("--feature-source", choices=("auto", "object_store", "scan"), default="auto",
-                    help="how workers read neighbour features (default: auto)")
-    tr.add_argument("--object-store-max-bytes", type=int, default=2 << 30,
-                    help="features up to this size go through the object store (default: 2 GiB)")
+    tr.add_argument("--feature-source", choices=FEATURE_SOURCES, default="auto",
+                    help="how workers read neighbour features: the object store, streaming scans of "
+                         "the feature shards, or 'auto' (the object store up to --object-store-max-bytes; "
+                         "default: auto)")
+    tr.add_argument("--object-store-max-bytes", type=int, default=DEFAULT_OBJECT_STORE_MAX_BYTES,
+                    help=f"features up to this size go through the object store "
+                         f"(default: {DEFAULT_OBJECT_STORE_MAX_BYTES >> 30} GiB)")
     sc = p.add_argument_group("scaling")
     sc.add_argument("--workers", type=int, default=1, help="data-parallel training workers (default: 1)")
     sc.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (torch threads) per worker (default: 1)")

@@ -144,9 +144,6 @@ class DistributedTrainConfig:
         # The core configs validate their own fields; build them once to fail early.
         self.train_config()
         ModelConfig(1, self.n_components, self.hidden_layers, self.activation)
-        v = self.positives_per_anchor
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"DistributedTrainConfig: positives_per_anchor must be an integer >= 1, got {v!r}")
         if self.feature_source not in FEATURE_SOURCES:
             raise ValueError(
                 f"DistributedTrainConfig: feature_source must be one of {FEATURE_SOURCES}, "
@@ -169,9 +166,9 @@ class DistributedTrainConfig:
             exaggeration=self.exaggeration,
             dof=self.dof,
             weight_decay=self.weight_decay,
+            positives_per_anchor=self.positives_per_anchor,
             seed=self.seed,
             precision=self.precision,
-            **({"positives_per_anchor": self.positives_per_anchor} if self.positives_per_anchor != 1 else {}),
         )
 
     def model_config(self, n_inputs: int) -> ModelConfig:

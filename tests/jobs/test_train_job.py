@@ -178,3 +178,20 @@ def test_epochs_auto_resolves_for_the_data_size():
     with pytest.raises(SystemExit):
         _parse(["train", "--input", "data", "--epochs", "many"])
     assert main(["train", "--input", "x", "--epochs", "0"]) == EXIT_USAGE
+
+
+def test_train_choices_and_defaults_come_from_the_library():
+    from pipeline.train import DEFAULT_OBJECT_STORE_MAX_BYTES, FEATURE_SOURCES, DistributedTrainConfig
+    from ptsne.device import PRECISIONS
+    from ptsne.model import ACTIVATIONS
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    options = {a.dest: a for a in train._actions}
+    assert tuple(options["feature_source"].choices) == FEATURE_SOURCES
+    assert tuple(options["precision"].choices) == PRECISIONS
+    assert sorted(options["activation"].choices) == sorted(ACTIVATIONS)
+    args = resolve_args(_parse(["train", "--input", "data"]))
+    assert args.object_store_max_bytes == DEFAULT_OBJECT_STORE_MAX_BYTES == DistributedTrainConfig().object_store_max_bytes
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--input", "data", "--feature-source", "disk"])
+    assert exc.value.code == EXIT_USAGE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -29,6 +30,7 @@ from ptsne.affinity import joint_probabilities
 from ptsne.estimator import ParametricTSNE
 from ptsne.knn import KNNConfig, knn_graph
 from ptsne.metrics import knn_accuracy
+from ptsne.train import TrainConfig
 
 FAST = dict(hidden_layers=(64, 64), n_epochs=20, batch_size=128, learning_rate=3e-3)
 
@@ -128,6 +130,24 @@ def test_edge_shards_partition_the_edges_whatever_the_batch_order(affinity_dir):
 def test_config_rejects_bad_values(kwargs):
     with pytest.raises((ValueError, TypeError)):
         DistributedTrainConfig(**kwargs)
+
+
+def test_config_rejects_bad_optimisation_values_by_name():
+    with pytest.raises(ValueError, match="positives_per_anchor must be an integer >= 1, got 0"):
+        DistributedTrainConfig(positives_per_anchor=0)
+
+
+def test_train_config_carries_every_optimisation_setting():
+    # Every TrainConfig field has a twin here with the same default, and a changed value reaches the core.
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    default = DistributedTrainConfig()
+    assert set(fields) <= {f.name for f in dataclasses.fields(DistributedTrainConfig)}
+    assert all(getattr(default, name) == f.default for name, f in fields.items())
+    changed = dict(n_epochs=7, batch_size=64, learning_rate=3e-3, early_exaggeration=6.0,
+                   early_exaggeration_fraction=0.5, exaggeration=1.0, dof=0.7, weight_decay=1e-5,
+                   positives_per_anchor=1, seed=9, precision="float32")
+    assert set(changed) == set(fields)
+    assert dataclasses.asdict(DistributedTrainConfig(**changed).train_config()) == changed
 
 
 def test_rejects_too_many_workers_for_batch(affinity_dir, tmp_path):
