@@ -84,9 +84,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     aff = p.add_argument_group("kNN and affinities (see `ptsne affinities`)")
     add_affinity_arguments(aff)
     tr = p.add_argument_group("training")
+    from pipeline.train import DEFAULT_OBJECT_STORE_MAX_BYTES, FEATURE_SOURCES
     from ptsne.device import PRECISIONS
     from ptsne.model import ACTIVATIONS, DEFAULT_HIDDEN
-    from pipeline.train import DEFAULT_OBJECT_STORE_MAX_BYTES, FEATURE_SOURCES
     from ptsne.train import TARGET_STEPS, TrainConfig
 
     d = TrainConfig()  # the core's tuned defaults

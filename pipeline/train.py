@@ -49,7 +49,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -156,20 +156,8 @@ class DistributedTrainConfig:
             )
 
     def train_config(self) -> TrainConfig:
-        """The optimisation settings as the core's :class:`TrainConfig`."""
-        return TrainConfig(
-            n_epochs=self.n_epochs,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            early_exaggeration=self.early_exaggeration,
-            early_exaggeration_fraction=self.early_exaggeration_fraction,
-            exaggeration=self.exaggeration,
-            dof=self.dof,
-            weight_decay=self.weight_decay,
-            positives_per_anchor=self.positives_per_anchor,
-            seed=self.seed,
-            precision=self.precision,
-        )
+        """The optimisation settings as the core's :class:`TrainConfig` (each of its fields, by name)."""
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
 
     def model_config(self, n_inputs: int) -> ModelConfig:
         return ModelConfig(n_inputs, self.n_components, self.hidden_layers, self.activation)
