@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,12 +17,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ptsne.affinity import as_perplexities, default_k, joint_probabilities
-from ptsne.device import resolve_device, set_num_threads
+from ptsne.affinity import Edges, as_perplexities, default_k, joint_probabilities
+from ptsne.device import default_num_threads, resolve_device, set_num_threads
 from ptsne.errors import NotFittedError
 from ptsne.knn import KNNConfig, knn_graph
 from ptsne.model import DEFAULT_HIDDEN, Mapper, ModelConfig, build_mapper
 from ptsne.pca import PCA
+from ptsne.reference import METHODS, Reference, ReferenceConfig, fold_similarity, optimize_map, similarity_fit
 from ptsne.train import Callback, TrainConfig, default_epochs, fit_mapper
 from ptsne.transform import transform as batched_transform
 from ptsne.validation import check_array
@@ -67,6 +69,14 @@ class ParametricTSNE:
         kNN search, see :mod:`ptsne.knn`.
     pca_components : int, optional
         Fit a PCA to this many dimensions inside ``fit`` and apply it in ``transform``.
+    reference_size : int
+        The model keeps up to this many training points (a uniform sample beyond
+        it) as a *reference*: their coordinates optimised to t-SNE's own objective
+        on the same P, starting from the network's map, and the network turned to
+        the same frame. ``transform`` then places new points on that map at
+        t-SNE quality (:mod:`ptsne.reference`); 0 keeps a network-only model.
+    reference_iter : int
+        Gradient-descent iterations of the reference map.
     random_state : int, optional
         Seed; with a seed, CPU training is deterministic.
     device : {"auto", "cpu", "cuda"}
@@ -86,7 +96,11 @@ class ParametricTSNE:
     model_ : torch.nn.Module
         The trained mapper (standardisation + network).
     embedding_ : ndarray, float32 (n, n_components)
-        The training points' embedding.
+        The training points' embedding: the reference map when the model has one
+        (training points beyond the reference sample placed on it), else the
+        network's map.
+    reference_ : Reference or None
+        The reference points and their map (see ``reference_size``).
     history_ : list of dict
         Per-epoch training metrics.
     n_features_in_ : int
@@ -115,6 +129,8 @@ class ParametricTSNE:
         n_neighbors: int | str = "auto",
         knn_method: str = "auto",
         pca_components: int | None = None,
+        reference_size: int = ReferenceConfig.size,
+        reference_iter: int = ReferenceConfig.n_iter,
         random_state: int | None = None,
         device: str = "auto",
         precision: str = TrainConfig.precision,
@@ -137,6 +153,8 @@ class ParametricTSNE:
         self.n_neighbors = n_neighbors
         self.knn_method = knn_method
         self.pca_components = pca_components
+        self.reference_size = reference_size
+        self.reference_iter = reference_iter
         self.random_state = random_state
         self.device = device
         self.precision = precision
@@ -215,6 +233,14 @@ class ParametricTSNE:
                 f"ParametricTSNE: model must be a torch.nn.Module or None, got {type(self.model).__name__}"
             )
         resolve_device(self.device)
+        self._reference_config()
+
+    def _reference_config(self) -> ReferenceConfig:
+        for name in ("reference_size", "reference_iter"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise ValueError(f"ParametricTSNE: {name} must be an integer >= 0, got {v!r}")
+        return ReferenceConfig(size=int(self.reference_size), n_iter=int(self.reference_iter))
 
     # -- fitting ---------------------------------------------------------------------
 
@@ -277,9 +303,57 @@ class ParametricTSNE:
         t = time.perf_counter()
         self.embedding_ = self._forward(Z)
         timings["embed"] = time.perf_counter() - t
+        self.reference_ = None
+        if self.reference_size > 0:
+            t = time.perf_counter()
+            self.reference_, self.embedding_ = self._fit_reference(Z, edges, train_config.seed)
+            timings["reference"] = time.perf_counter() - t
         self.timings_ = timings
         if self.verbose:
             log.info("fit: %s", {k: round(v, 2) for k, v in timings.items()})
+        return self
+
+    def _fit_reference(self, Z: np.ndarray, edges: Edges, seed: int) -> tuple[Reference, np.ndarray]:
+        """The reference map of (a sample of) the training points, and the training embedding."""
+        n = len(Z)
+        if n <= self.reference_size:
+            self.fit_reference(Z, edges, random_state=seed)
+            return self.reference_, self.reference_.embedding
+        ids = np.sort(np.random.default_rng(seed).choice(n, self.reference_size, replace=False))
+        self.fit_reference(Z[ids], random_state=seed)
+        embedding = self.reference_.place(Z, self._forward(Z))
+        embedding[ids] = self.reference_.embedding
+        return self.reference_, embedding
+
+    def fit_reference(
+        self, Z: np.ndarray, edges: Edges | None = None, random_state: int | None = None
+    ) -> ParametricTSNE:
+        """Give a fitted network a reference: ``Z`` with coordinates optimised to t-SNE's objective.
+
+        ``Z`` are points in the network's input space (after the PCA, if any), e.g. the
+        training points or a sample of them; ``edges`` their joint P (computed with the
+        estimator's perplexity when not given). The map starts from the network's and
+        the network is then turned, scaled and shifted onto it, so both modes share one
+        frame. ``fit`` calls this; ``pipeline.train`` calls it on one node after
+        distributed training.
+        """
+        self._check_fitted()
+        config = self._reference_config()
+        Z = check_array(Z, "Z", n_features=int(self.model_.standardize.mean.shape[0]))
+        seed = self._seed() if random_state is None else int(random_state)
+        on_gpu = self.device_.type == "cuda"
+        if edges is None:
+            k = min(int(self.n_neighbors_), len(Z) - 1)
+            graph = knn_graph(Z, KNNConfig(k=k, method=self.knn_method, device="cuda" if on_gpu else "cpu",
+                                           random_state=seed))
+            edges = joint_probabilities(graph, self.perplexity)
+        init = self._forward(Z)
+        threads = self.n_threads or default_num_threads()
+        Yr = optimize_map(edges, init, config.n_iter, self.dof, config.learning_rate, threads, seed, self.verbose)
+        A, shift = similarity_fit(init, Yr)
+        if not fold_similarity(self.model_.net, A, shift):
+            log.warning("reference: the network does not end in a linear layer; its map keeps its own frame")
+        self.reference_ = Reference(Z, Yr, dof=self.dof, config=config)
         return self
 
     def _build_model(self, n_inputs: int, seed: int) -> Mapper:
@@ -308,17 +382,36 @@ class ParametricTSNE:
                 "This ParametricTSNE instance is not fitted yet; call fit(X) or load(path) first"
             )
 
-    def transform(self, X: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+    def transform(self, X: np.ndarray, batch_size: int | None = None, method: str = "auto") -> np.ndarray:
         """Embed new points: float32 ``(m, n_components)``.
 
+        ``method="network"`` is one forward pass of the network; ``"refine"`` starts
+        each point there and optimises it against the reference map (see
+        :mod:`ptsne.reference`; a training point lands on its reference coordinate);
+        ``"auto"`` is ``"refine"`` when the model has a reference, else ``"network"``.
         Each row is mapped independently, so a batch gives the same result as its rows
         one by one; ``batch_size`` rows go through the network at a time (default: 2048
         on CPU, 65536 on GPU, see :data:`ptsne.transform.DEFAULT_BATCH`).
         """
         self._check_fitted()
+        method = self._resolve_method(method)
         X = check_array(X, "X", n_features=self.n_features_in_)
         Z = self.pca_.transform(X) if self.pca_ is not None else X
-        return self._forward(Z, batch_size)
+        Y = self._forward(Z, batch_size)
+        return self.reference_.place(Z, Y) if method == "refine" else Y
+
+    def _resolve_method(self, method: str) -> str:
+        if method not in METHODS:
+            raise ValueError(f"ParametricTSNE.transform: method must be one of {METHODS}, got {method!r}")
+        reference = getattr(self, "reference_", None)
+        if method == "refine" and reference is None:
+            raise ValueError(
+                "ParametricTSNE.transform: method='refine' needs a model with a reference "
+                "(fit with reference_size > 0); this one has none, use method='network'"
+            )
+        if method == "auto":
+            return "refine" if reference is not None else "network"
+        return method
 
     def _forward(self, Z: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         return batched_transform(self.model_, Z, batch_size=batch_size, device=self.device_)
@@ -329,10 +422,13 @@ class ParametricTSNE:
         """Write the fitted mapper to directory ``path`` (``config.json`` + safetensors weights).
 
         The directory is written under a temporary name and renamed into place, so
-        an interrupted save never leaves a half-written model.
+        an interrupted save never leaves a half-written model. An existing ``path``
+        is replaced only when it is a saved model itself; any other file or
+        directory there is left alone (``FileExistsError``).
         """
         self._check_fitted()
         path = Path(path)
+        _check_replaceable(path)
         params = self.get_params()
         params.pop("model")
         config = {
@@ -346,11 +442,18 @@ class ParametricTSNE:
         tensors = {f"mapper.{k}": v.detach().cpu().contiguous() for k, v in self.model_.state_dict().items()}
         if self.pca_ is not None:
             tensors.update({f"pca.{k}": torch.from_numpy(v) for k, v in self.pca_.state().items()})
+        reference = getattr(self, "reference_", None)
+        if reference is not None:
+            config["reference"] = {"dof": reference.dof, "config": dataclasses.asdict(reference.config),
+                                   "size": len(reference)}
+            tensors["reference.vectors"] = torch.from_numpy(reference.vectors)
+            tensors["reference.embedding"] = torch.from_numpy(reference.embedding)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
             save_file(tensors, str(tmp / WEIGHTS_FILE))
+            _share_like_umask(tmp)
             _replace_dir(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -397,6 +500,13 @@ class ParametricTSNE:
         est.model_ = mapper.to(est.device_).eval()
         est.n_features_in_ = int(config["n_features_in"])
         est.n_neighbors_ = int(config["n_neighbors"])
+        est.reference_ = None
+        if "reference" in config:
+            ref = config["reference"]
+            est.reference_ = Reference(
+                tensors["reference.vectors"].numpy(), tensors["reference.embedding"].numpy(),
+                dof=float(ref["dof"]), config=ReferenceConfig(**ref["config"]),
+            )
         return est
 
     @classmethod
@@ -406,16 +516,19 @@ class ParametricTSNE:
         n_features_in: int,
         n_neighbors: int,
         pca: PCA | None = None,
+        reference: Reference | None = None,
         **params,
     ) -> ParametricTSNE:
         """A fitted estimator around a mapper trained elsewhere (e.g. by ``pipeline.train``).
 
         ``params`` are the constructor arguments the mapper was trained with;
-        ``pca`` is the projection applied before it, if any.
+        ``pca`` is the projection applied before it, if any; ``reference`` a reference
+        in the mapper's frame (or call :meth:`fit_reference` on the result).
         """
         est = cls(**params)
         est.model_ = mapper.eval()
         est.pca_ = pca
+        est.reference_ = reference
         est.n_features_in_ = int(n_features_in)
         est.n_neighbors_ = int(n_neighbors)
         est.device_ = next(mapper.parameters()).device
@@ -452,13 +565,53 @@ def _jsonable(params: dict) -> dict:
     return out
 
 
+MODEL_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE})
+
+
+def _is_saved_model(path: Path) -> bool:
+    """Whether directory ``path`` holds a saved model and nothing else."""
+    try:
+        names = {p.name for p in path.iterdir()}
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return names <= MODEL_FILES and isinstance(config, dict) and "format_version" in config
+
+
+def _check_replaceable(path: Path) -> None:
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise FileExistsError(
+            f"ParametricTSNE.save: {str(path)!r} exists and is not a model directory; "
+            "choose another path or remove it"
+        )
+    if path.is_dir() and not _is_saved_model(path):
+        raise FileExistsError(
+            f"ParametricTSNE.save: {str(path)!r} is a directory that does not hold a saved model "
+            f"(only {sorted(MODEL_FILES)}); it is left as it is: choose another path"
+        )
+
+
+def _share_like_umask(directory: Path) -> None:
+    """Give a temporary directory (0700) and its files the modes of ordinary new files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for f in directory.iterdir():
+        os.chmod(f, 0o666 & ~umask)
+
+
 def _replace_dir(src: Path, dst: Path) -> None:
-    """Move directory ``src`` to ``dst``, replacing ``dst`` if it exists."""
+    """Move directory ``src`` to ``dst``, replacing a saved model at ``dst`` if there is one."""
     if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+        os.replace(dst, old / dst.name)
+        try:
+            os.replace(src, dst)
+        except BaseException:
+            os.replace(old / dst.name, dst)  # put the previous model back
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
 

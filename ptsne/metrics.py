@@ -91,6 +91,31 @@ def trustworthiness(X: np.ndarray, embedding: np.ndarray, k: int = 12) -> float:
     return 1.0 - 2.0 / (n * k * (2.0 * n - 3.0 * k - 1.0)) * penalty
 
 
+def kl_divergence(edges, embedding: np.ndarray, dof: float = 1.0, block: int = 2048) -> float:
+    """Exact t-SNE objective KL(P || Q) of ``embedding`` for sparse joint ``edges``.
+
+    ``Q`` is normalised over all ``n (n - 1)`` ordered pairs, summed block by block
+    (``O(n^2)`` time, ``O(block * n)`` memory); ``P`` must sum to one.
+    """
+    from ptsne.loss import log_kernel
+
+    Y = torch.from_numpy(_f32(embedding, "embedding"))
+    n = len(Y)
+    head, tail = torch.from_numpy(edges.head), torch.from_numpy(edges.tail)
+    p = torch.from_numpy(edges.weight).double()
+    sq = (Y[head] - Y[tail]).double().pow(2).sum(1)
+    cross = float((p * log_kernel(sq, dof)).sum())
+    entropy = float((p[p > 0] * p[p > 0].log()).sum())
+    z = 0.0
+    sq_norm = (Y.double() ** 2).sum(1)
+    for start in range(0, n, block):
+        rows = Y[start : start + block].double()
+        d = (sq_norm[start : start + block, None] - 2.0 * rows @ Y.double().T + sq_norm[None, :]).clamp(min=0)
+        w = torch.exp(log_kernel(d, dof))
+        z += float(w.sum()) - len(rows)  # less the diagonal, where w = 1
+    return entropy - cross + float(np.log(z))
+
+
 def _check_pair(X: np.ndarray, embedding: np.ndarray, k: int) -> None:
     if len(X) != len(embedding):
         raise ValueError(
