@@ -33,6 +33,13 @@ Reproducibility
     and a run resumed from an epoch checkpoint continues exactly where the
     interrupted one left off.
 
+Reference
+    After training, :func:`fit_reference` gives the estimator a reference on the
+    driver: up to ``reference_size`` training points (a seeded uniform sample
+    beyond it, drawn as ``ParametricTSNE.fit`` draws it), with the affinity
+    directory's P when every row is in the reference and a P of the sample
+    otherwise (see ``ParametricTSNE.fit_reference``).
+
 Progress
     Rank 0 reports each epoch's metrics to Ray Train; a driver-side
     ``on_epoch`` callback receives them as they arrive (through a Ray Train
@@ -65,6 +72,7 @@ from ptsne.estimator import ParametricTSNE
 from ptsne.loss import TSNELoss
 from ptsne.model import DEFAULT_HIDDEN, Mapper, ModelConfig, build_mapper
 from ptsne.pca import PCA
+from ptsne.reference import ReferenceConfig
 from ptsne.train import NeighborSampler, TrainConfig, make_optimizer, make_scheduler, train_step
 
 log = logging.getLogger(__name__)
@@ -116,6 +124,12 @@ class DistributedTrainConfig:
         to ``object_store_max_bytes`` and streaming gathers beyond.
     object_store_max_bytes : int
         Threshold of ``"auto"``.
+    reference_size : int
+        Training points kept as the model's reference (a uniform seeded sample
+        beyond it), fitted on the driver after training; 0 trains a network-only
+        model. Otherwise more than ``ReferenceConfig().transform_k`` points.
+    reference_iter : int
+        Gradient-descent iterations of the reference map.
     """
 
     n_components: int = 2
@@ -134,6 +148,8 @@ class DistributedTrainConfig:
     precision: str = TrainConfig.precision
     feature_source: str = "auto"
     object_store_max_bytes: int = DEFAULT_OBJECT_STORE_MAX_BYTES
+    reference_size: int = ReferenceConfig.size
+    reference_iter: int = ReferenceConfig.n_iter
 
     def __post_init__(self) -> None:
         if isinstance(self.hidden_layers, (str, bytes)):
@@ -154,6 +170,17 @@ class DistributedTrainConfig:
             raise ValueError(
                 f"DistributedTrainConfig: object_store_max_bytes must be an integer >= 0, got {v!r}"
             )
+        for name in ("reference_size", "reference_iter"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise ValueError(f"DistributedTrainConfig: {name} must be an integer >= 0, got {v!r}")
+        # A placed point needs more reference points than its neighbours: fail before training.
+        k = ReferenceConfig().transform_k
+        if 0 < self.reference_size <= k:
+            raise ValueError(
+                f"DistributedTrainConfig: reference_size must be 0 (no reference) or more than {k} "
+                f"(the reference neighbours of a placed point), got {self.reference_size!r}"
+            )
 
     def train_config(self) -> TrainConfig:
         """The optimisation settings as the core's :class:`TrainConfig` (each of its fields, by name)."""
@@ -171,11 +198,19 @@ class DistributedTrainConfig:
     def from_dict(cls, d: dict) -> DistributedTrainConfig:
         return cls(**d)
 
-    def fingerprint(self) -> str:
-        """Hash of the settings that change the trained model (not the data path)."""
+    def fingerprint(self, reference: bool = True) -> str:
+        """Hash of the settings that change the trained model (not the data path).
+
+        ``reference=False`` leaves the reference settings out: the hash of what
+        changes the trained network, which names the Ray Train run, so that a
+        finished run is reused when only the reference settings change.
+        """
         d = self.to_dict()
         d.pop("feature_source")
         d.pop("object_store_max_bytes")
+        if not reference:
+            d.pop("reference_size")
+            d.pop("reference_iter")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -198,6 +233,8 @@ class TrainResult:
         run was never interrupted).
     seconds : float
         Wall time of the Ray Train run.
+    reference_seconds : float
+        Wall time of the reference stage (reading the points included; 0 without one).
     """
 
     estimator: ParametricTSNE
@@ -205,6 +242,7 @@ class TrainResult:
     checkpoint_path: str
     resumed_from: list[int]
     seconds: float
+    reference_seconds: float = 0.0
 
 
 # -- the affinity directory ------------------------------------------------------------
@@ -579,7 +617,8 @@ def run_name(affinity_dir: str | os.PathLike, config: DistributedTrainConfig, nu
     """A name that identifies (data, settings, worker count): same name, same run to resume."""
     manifest = read_manifest(affinity_dir)
     key = json.dumps(
-        [manifest.get("config_hash"), str(Path(affinity_dir).resolve()), config.fingerprint(), num_workers]
+        [manifest.get("config_hash"), str(Path(affinity_dir).resolve()), config.fingerprint(reference=False),
+         num_workers]
     )
     return "ptsne-train-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
@@ -740,13 +779,70 @@ def train_distributed(
     with result.checkpoint.as_directory() as d:
         mapper, ckpt_config, state = mapper_from_checkpoint(d)
     estimator = _estimator(mapper, manifest, config, load_pca(affinity_dir))
+    t = time.perf_counter()
+    fit_reference(estimator, affinity_dir, manifest, config)
     return TrainResult(
         estimator=estimator,
         history=state["history"],
         checkpoint_path=str(result.checkpoint.path),
         resumed_from=list(state.get("resumed_from", [])),
         seconds=seconds,
+        reference_seconds=time.perf_counter() - t if config.reference_size > 0 else 0.0,
     )
+
+
+# -- the reference ---------------------------------------------------------------------------
+
+
+def reference_rows(n: int, size: int, seed: int) -> np.ndarray | None:
+    """Rows of the reference: None for all ``n`` rows when ``n <= size``, else a sorted sample.
+
+    The sample is the one ``ParametricTSNE.fit`` draws for the same ``n``, size and seed.
+    """
+    if n <= size:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+
+
+def load_edges(files: Sequence[str]) -> Edges:
+    """Every edge of the edges shards, as ``Edges`` (int64 head and tail, float32 weight)."""
+    heads, tails, weights = [], [], []
+    for path in files:
+        t = pq.read_table(path, columns=[schema.HEAD, schema.TAIL, schema.WEIGHT])
+        heads.append(t.column(schema.HEAD).to_numpy().astype(np.int64, copy=False))
+        tails.append(t.column(schema.TAIL).to_numpy().astype(np.int64, copy=False))
+        weights.append(t.column(schema.WEIGHT).to_numpy().astype(np.float32, copy=False))
+    return Edges(np.concatenate(heads), np.concatenate(tails), np.concatenate(weights))
+
+
+def fit_reference(
+    estimator: ParametricTSNE, affinity_dir: str | os.PathLike, manifest: dict, config: DistributedTrainConfig
+) -> ParametricTSNE:
+    """Give a distributed-trained estimator its reference, here on the driver.
+
+    Reads the training features of the reference rows (:func:`reference_rows`)
+    from the affinity directory; they are already in the network's input space
+    (after the PCA). With every row in the reference, the directory's P (its
+    edges, indexed by ``row``) is the reference's P; with a sample, P is computed
+    on the sample. Memory: the reference points, their kNN graph or the edges,
+    and openTSNE's optimisation of their map. The estimator takes the reference
+    settings of ``config``; ``config.reference_size == 0`` leaves it without a
+    reference.
+    """
+    estimator.set_params(reference_size=config.reference_size, reference_iter=config.reference_iter)
+    estimator.reference_ = None
+    if config.reference_size == 0:
+        return estimator
+    n, dim = int(manifest["n"]), int(manifest["dim"])
+    features = shard_files(affinity_dir, manifest, "features")
+    rows = reference_rows(n, config.reference_size, config.seed)
+    if rows is None:
+        Z, edges = load_features(features, n, dim), load_edges(shard_files(affinity_dir, manifest, "edges"))
+    else:
+        Z, edges = ScannedFeatures(features, dim).fetch(rows), None
+    log.info("reference: %d of %d training points, %d iterations%s", len(Z), n, config.reference_iter,
+             "" if edges is None else ", P from the affinity directory")
+    return estimator.fit_reference(Z, edges, random_state=config.seed)
 
 
 # -- live per-epoch metrics -----------------------------------------------------------------
@@ -858,6 +954,8 @@ def _estimator(mapper: Mapper, manifest: dict, config: DistributedTrainConfig, p
         positives_per_anchor=config.positives_per_anchor,
         knn_method=str(manifest.get("knn_method", "auto")),
         pca_components=int(manifest["dim"]) if pca is not None else None,
+        reference_size=config.reference_size,
+        reference_iter=config.reference_iter,
         random_state=config.seed,
         device="cpu",
         precision=config.precision,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import itertools
@@ -20,8 +21,12 @@ from pipeline.train import (
     ScannedFeatures,
     SharedFeatures,
     edge_shard,
+    fit_reference,
+    load_edges,
     load_features,
     read_manifest,
+    reference_rows,
+    run_name,
     shard_files,
     shard_of,
     train_distributed,
@@ -32,7 +37,8 @@ from ptsne.knn import KNNConfig, knn_graph
 from ptsne.metrics import knn_accuracy
 from ptsne.train import TrainConfig
 
-FAST = dict(hidden_layers=(64, 64), n_epochs=20, batch_size=128, learning_rate=3e-3)
+# Network-only: the reference stage has its own tests below.
+FAST = dict(hidden_layers=(64, 64), n_epochs=20, batch_size=128, learning_rate=3e-3, reference_size=0)
 
 
 def write_affinity_dir(path: Path, X: np.ndarray, labels=None, perplexity: float = 10.0, parts: int = 3) -> Path:
@@ -130,6 +136,28 @@ def test_edge_shards_partition_the_edges_whatever_the_batch_order(affinity_dir):
 def test_config_rejects_bad_values(kwargs):
     with pytest.raises((ValueError, TypeError)):
         DistributedTrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(reference_size=-1), "reference_size must be an integer >= 0, got -1"),
+        (dict(reference_size=True), "reference_size must be an integer >= 0, got True"),
+        (dict(reference_iter=-5), "reference_iter must be an integer >= 0, got -5"),
+        (dict(reference_size=10), "reference_size must be 0 .* or more than 15 .*, got 10"),
+    ],
+)
+def test_config_rejects_bad_reference_settings_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=f"DistributedTrainConfig: {message}"):
+        DistributedTrainConfig(**kwargs)
+
+
+def test_reference_settings_change_the_model_but_not_the_ray_train_run(affinity_dir):
+    base = DistributedTrainConfig(**FAST)
+    other = dataclasses.replace(base, reference_size=500, reference_iter=10)
+    assert base.fingerprint() != other.fingerprint()
+    assert base.fingerprint(reference=False) == other.fingerprint(reference=False)
+    assert run_name(affinity_dir, base, 2) == run_name(affinity_dir, other, 2)
 
 
 def test_config_rejects_bad_optimisation_values_by_name():
@@ -314,3 +342,58 @@ def test_mnist_protocol_distributed_matches_single_process(ray_local, mnist_smal
         record_property(f"workers_{workers}_seconds_per_epoch",
                         float(np.mean([h["seconds"] for h in result.history])))
         assert acc >= single_acc - 0.03, (workers, acc, single_acc)
+
+
+# -- the reference stage ---------------------------------------------------------------------
+
+REF = dict(reference_size=1000, reference_iter=50)
+
+
+def test_distributed_training_builds_a_reference_like_the_single_process_one(two_worker_run, affinity_dir,
+                                                                                digits_split):
+    """Only the reference settings change: Ray Train hands the finished run back, the driver adds a reference."""
+    config, clean = two_worker_run
+    X, _, Xt, _ = digits_split
+    with_ref = dataclasses.replace(config, **REF)
+    storage = Path(clean.checkpoint_path).parents[1]
+    result = train_distributed(affinity_dir, with_ref, num_workers=2, storage_path=storage)
+    assert [h["epoch"] for h in result.history] == list(range(config.n_epochs))
+    est = result.estimator
+    assert result.reference_seconds > 0 and est.reference_size == REF["reference_size"]
+    rows = reference_rows(len(X), REF["reference_size"], config.seed)
+    assert len(est.reference_) == len(rows) == REF["reference_size"]
+    np.testing.assert_array_equal(est.reference_.vectors, X[rows])
+    # The single-process estimator's reference of the same network, sample and seed.
+    single = copy.deepcopy(clean.estimator).set_params(**REF)
+    single.fit_reference(X[rows], random_state=config.seed)
+    np.testing.assert_allclose(est.reference_.embedding, single.reference_.embedding, rtol=1e-5, atol=1e-5)
+    for method in ("auto", "network"):
+        np.testing.assert_allclose(est.transform(Xt, method=method), single.transform(Xt, method=method),
+                                   rtol=1e-4, atol=1e-4)
+    # Training points land on their reference coordinates; the network alone does not.
+    np.testing.assert_array_equal(est.transform(X[rows]), est.reference_.embedding)
+    network = est.transform(X[rows], method="network")
+    assert not np.allclose(network, est.reference_.embedding, atol=1e-2)
+    # Both modes share one frame: the network's map lies near the reference map.
+    spread = np.linalg.norm(est.reference_.embedding - est.reference_.embedding.mean(0), axis=1).mean()
+    assert np.linalg.norm(network - est.reference_.embedding, axis=1).mean() < spread
+
+
+def test_reference_of_every_row_uses_the_affinity_directory_p(two_worker_run, affinity_dir, digits_split):
+    config, clean = two_worker_run
+    X = digits_split[0]
+    manifest = read_manifest(affinity_dir)
+    edges = load_edges(shard_files(affinity_dir, manifest, "edges"))
+    want = joint_probabilities(knn_graph(X, KNNConfig(k=manifest["k"], method="exact", device="cpu")), 10.0)
+    np.testing.assert_allclose(edges.to_csr(len(X)).toarray(), want.to_csr(len(X)).toarray(), rtol=1e-6)
+    whole = dataclasses.replace(config, reference_size=len(X), reference_iter=50)
+    est = fit_reference(copy.deepcopy(clean.estimator), affinity_dir, manifest, whole)
+    single = copy.deepcopy(clean.estimator).set_params(reference_size=len(X), reference_iter=50)
+    single.fit_reference(X, want, random_state=config.seed)
+    assert len(est.reference_) == len(X)
+    np.testing.assert_array_equal(est.reference_.vectors, X)
+    np.testing.assert_allclose(est.reference_.embedding, single.reference_.embedding, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(est.transform(X), est.reference_.embedding)
+    # reference_size 0: a network-only model.
+    none = fit_reference(copy.deepcopy(clean.estimator), affinity_dir, manifest, config)
+    assert none.reference_ is None
