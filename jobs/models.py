@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
     ls = sub.add_parser("list", help="registered models with their latest version and aliases")
     ls.add_argument("--json", action="store_true", help="print JSON")
     ls.set_defaults(func=run_list)
-    show = sub.add_parser("show", help="versions, aliases, source run and metrics of one model")
+    show = sub.add_parser("show", help="versions, aliases, source run, reference size and metrics of one model")
     show.add_argument("name", help="registered model name")
     show.add_argument("--json", action="store_true", help="print JSON")
     show.set_defaults(func=run_show)
@@ -68,6 +68,15 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
+def _reference_cells(version: dict) -> list[str]:
+    """``REF_POINTS`` and ``REF_MB`` of a version: ``0`` for a network-only model, ``-`` unknown."""
+    size, nbytes = version.get("reference_size"), version.get("reference_bytes")
+    return [
+        "-" if size is None else str(size),
+        "-" if nbytes is None else (f"{nbytes / 1e6:.3g}" if nbytes else "0"),
+    ]
+
+
 def run_show(args) -> int:
     from jobs import registry
     from jobs.tracking import configure_mlflow
@@ -96,9 +105,10 @@ def run_show(args) -> int:
                 v["status"],
                 v["created"] or "-",
                 v["run_id"] or "-",
+                *_reference_cells(v),
                 *[_fmt(v["metrics"][m]) if m in v["metrics"] else "-" for m in metric_cols],
             ]
         )
-    out.append(_table(rows, ["VERSION", "ALIASES", "STATUS", "CREATED", "SOURCE RUN", *metric_cols]))
+    out.append(_table(rows, ["VERSION", "ALIASES", "STATUS", "CREATED", "SOURCE RUN", "REF_POINTS", "REF_MB", *metric_cols]))
     sys.stdout.write("".join(out))
     return EXIT_OK

@@ -94,14 +94,19 @@ class ModelRef:
 
 
 class _PyfuncModel:
-    """What ``mlflow.pyfunc.load_model`` wraps: ``predict`` = ``ParametricTSNE.transform``."""
+    """What ``mlflow.pyfunc.load_model`` wraps: ``predict`` = ``ParametricTSNE.transform``.
+
+    ``params={"method": "network"}`` (or ``"refine"``, default ``"auto"``) is
+    ``transform``'s ``method``.
+    """
 
     def __init__(self, estimator):
         self.estimator = estimator
 
     def predict(self, model_input, params=None) -> np.ndarray:
         values = getattr(model_input, "values", model_input)  # DataFrame -> ndarray
-        return self.estimator.transform(np.asarray(values, dtype=np.float32))
+        method = (params or {}).get("method") or "auto"
+        return self.estimator.transform(np.asarray(values, dtype=np.float32), method=method)
 
 
 def _load_pyfunc(data_path: str) -> _PyfuncModel:
@@ -125,12 +130,21 @@ def pip_requirements() -> list[str]:
 
 def _signature(n_features: int, n_components: int):
     from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(n_features)))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(n_components)))]),
+        params=ParamSchema([ParamSpec("method", "string", "auto")]),
     )
+
+
+def reference_facts(estimator) -> dict[str, int]:
+    """``reference_size`` (points, 0 for a network-only model) and ``reference_bytes`` of a model."""
+    reference = getattr(estimator, "reference_", None)
+    if reference is None:
+        return {"reference_size": 0, "reference_bytes": 0}
+    return {"reference_size": len(reference), "reference_bytes": int(reference.nbytes)}
 
 
 def _stage_code(dst: Path) -> list[str]:
@@ -198,6 +212,7 @@ def log_model(
         "n_components": n_components,
         "n_neighbors": int(estimator.n_neighbors_),
         "pca": estimator.pca_ is not None,
+        **reference_facts(estimator),
     }
     meta.update(metadata or {})
     with tempfile.TemporaryDirectory(prefix="ptsne-log-") as tmp:
@@ -216,6 +231,8 @@ def log_model(
                 metadata=meta,
                 registered_model_name=registered_model_name,
                 tags=tags,
+                # Logged-model params: `describe_model` reads them for each registered version.
+                params=reference_facts(estimator),
             )
     log.info("logged model %s (%d -> %d)", info.model_uri, n_features, n_components)
     return info
@@ -490,12 +507,25 @@ def list_models() -> list[dict]:
     return out
 
 
+def _logged_model_params(client, source: str | None) -> dict[str, str]:
+    """Params of the logged model a version was registered from (``models:/m-...``), or {}."""
+    if not source or not source.startswith("models:/m-"):
+        return {}
+    try:
+        return dict(client.get_logged_model(source[len("models:/") :].strip("/")).params or {})
+    except Exception:  # a store without logged models, or the model is gone
+        log.debug("no logged model for %s", source, exc_info=True)
+        return {}
+
+
 def describe_model(name: str) -> dict:
     """One registered model with each version's aliases, source run, status and quality metrics.
 
     Metrics are those of the version's source run (``knn_accuracy``,
     ``trustworthiness``, ... as logged by training) merged with metrics logged
-    on the model itself.
+    on the model itself. ``reference_size`` (points) and ``reference_bytes`` are
+    those :func:`log_model` recorded (0 for a network-only model, None when the
+    version was logged without them).
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -516,6 +546,9 @@ def describe_model(name: str) -> dict:
                 log.warning("model %s version %s: source run %s is gone", name, mv.version, mv.run_id)
         for m in getattr(mv, "metrics", None) or []:
             metrics.setdefault(m.key, m.value)
+        params = _logged_model_params(client, mv.source)
+        facts = {k: int(params[k]) if str(params.get(k, "")).isdigit() else None
+                 for k in ("reference_size", "reference_bytes")}
         versions.append(
             {
                 "version": str(mv.version),
@@ -526,6 +559,7 @@ def describe_model(name: str) -> dict:
                 "created": _iso(mv.creation_timestamp),
                 "source": mv.source,
                 "tags": dict(mv.tags or {}),
+                **facts,
                 "metrics": dict(sorted(metrics.items())),
             }
         )

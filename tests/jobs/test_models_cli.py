@@ -20,7 +20,9 @@ def two_versions(mlflow_store):
     X, _ = gaussian_blobs(200, 5, 3, seed=0)
     runs = []
     for i, alias in enumerate(("candidate", "prod")):
-        est = ParametricTSNE(n_epochs=2, perplexity=8, hidden_layers=(16,), random_state=i, device="cpu").fit(X)
+        # Version 1 keeps a reference of its 200 points, version 2 is network-only.
+        est = ParametricTSNE(n_epochs=2, perplexity=8, hidden_layers=(16,), random_state=i, device="cpu",
+                             reference_size=0 if i else 1000, reference_iter=50).fit(X)
         with mlflow.start_run() as run:
             mlflow.log_metrics({"trustworthiness": 0.81 + i / 10, "knn_accuracy": 0.7 + i / 10})
             info = log_model(est)
@@ -49,10 +51,14 @@ def test_show(two_versions, capsys):
     assert header[-2:] == ["knn_accuracy", "trustworthiness"]
     assert v1[:2] == ["1", "candidate"] and v2[:2] == ["2", "prod"]
     assert v1[4] == two_versions[0] and v2[4] == two_versions[1]
+    # Reference points and size (MB): 200 points of 5 + 2 float32 values; none in version 2.
+    assert header[6:8] == ["REF_POINTS", "REF_MB"]  # after SOURCE RUN
+    assert v1[5:7] == ["200", "0.0056"] and v2[5:7] == ["0", "0"]
     assert v2[-2:] == ["0.8", "0.91"]
     assert main(["models", "show", "digits-map", "--json"]) == EXIT_OK
     info = json.loads(capsys.readouterr().out)
     assert [v["metrics"]["trustworthiness"] for v in info["versions"]] == pytest.approx([0.81, 0.91])
+    assert [(v["reference_size"], v["reference_bytes"]) for v in info["versions"]] == [(200, 5600), (0, 0)]
 
 
 def test_unknown_and_empty(mlflow_store, capsys, caplog):

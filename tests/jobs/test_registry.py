@@ -18,10 +18,12 @@ DIM = 6
 
 @pytest.fixture(scope="module")
 def estimators():
+    """Two fitted models: the first with a reference of its 200 points, the second network-only."""
     out = []
-    for seed in (0, 1):
+    for seed, reference_size in ((0, 1000), (1, 0)):
         X, _ = gaussian_blobs(200, DIM, 3, seed=seed)
-        out.append(ParametricTSNE(n_epochs=2, perplexity=8, hidden_layers=(16,), random_state=seed, device="cpu").fit(X))
+        out.append(ParametricTSNE(n_epochs=2, perplexity=8, hidden_layers=(16,), random_state=seed, device="cpu",
+                                  reference_size=reference_size, reference_iter=50).fit(X))
     return out
 
 
@@ -64,10 +66,14 @@ def test_log_register_resolve_every_uri_form(mlflow_store, estimators, rng):
 
     X = rng.normal(size=(40, DIM)).astype(np.float32)
     expected = est.transform(X)
+    network = est.transform(X, method="network")
+    assert len(est.reference_) == 200 and not np.allclose(expected, network, atol=1e-3)
     for uri in ("models:/demo@prod", "models:/demo/1", "demo/1", "demo@prod", "demo", "models:/demo/latest"):
         loaded, got = registry.resolve_model(uri)
         assert (got.name, got.version, got.aliases) == ("demo", "1", ("prod",)), uri
         np.testing.assert_allclose(loaded.transform(X), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(loaded.transform(X, method="network"), network, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(loaded.reference_.embedding, est.reference_.embedding)
     loaded, got = registry.resolve_model(f"runs:/{run.info.run_id}/mapper")
     assert (got.name, got.version, got.tag) == ("mapper", run.info.run_id, f"run-{run.info.run_id}")
     np.testing.assert_allclose(loaded.transform(X), expected, rtol=1e-6, atol=1e-6)
@@ -79,6 +85,9 @@ def test_log_register_resolve_every_uri_form(mlflow_store, estimators, rng):
     # the pyfunc flavour: signature float32 (n, D) -> float32 (n, 2), predict == transform
     pyfunc = mlflow.pyfunc.load_model("models:/demo@prod")
     np.testing.assert_allclose(pyfunc.predict(X), expected, rtol=1e-6, atol=1e-6)
+    # transform's method as a predict param
+    np.testing.assert_allclose(pyfunc.predict(X, params={"method": "network"}), network, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(pyfunc.predict(X, params={"method": "refine"}), expected, rtol=1e-6, atol=1e-6)
     sig = pyfunc.metadata.signature
     assert sig.inputs.inputs[0].shape == (-1, DIM) and sig.inputs.inputs[0].type == np.dtype(np.float32)
     assert sig.outputs.inputs[0].shape == (-1, 2)
@@ -128,6 +137,8 @@ def test_list_and_describe(mlflow_store, estimators):
     assert [v["aliases"] for v in info["versions"]] == [["candidate"], ["prod"]]
     assert info["versions"][1]["metrics"] == pytest.approx({"knn_accuracy": 0.6, "trustworthiness": 0.9})
     assert all(v["run_id"] for v in info["versions"])
+    reference = estimators[0].reference_
+    assert [(v["reference_size"], v["reference_bytes"]) for v in info["versions"]] == [(200, reference.nbytes), (0, 0)]
     with pytest.raises(registry.ModelNotFoundError, match="registered models: demo"):
         registry.describe_model("nope")
 
