@@ -97,33 +97,54 @@ def config_from_args(args: argparse.Namespace, **overrides):
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.shards import check_disjoint
+
     try:
+        check_disjoint(args.input, args.output, ("--input", "--output"))
         config = config_from_args(args)
     except (TypeError, ValueError) as exc:
         sys.stderr.write(f"ptsne affinities: {exc}\n")
         return EXIT_USAGE
     import ray
+    from ray.exceptions import RayTaskError
 
     from pipeline.affinity import build_affinities
+    from pipeline.session import start_ray
     from pipeline.shards import InvalidInputError
 
-    started = False
-    if not ray.is_initialized() and args.ray_address is None and args.num_cpus is not None:
-        ray.init(num_cpus=args.num_cpus, log_to_driver=False)
-        started = True
+    # Without --num-cpus, Ray starts (on loopback) only once the input is listed and the
+    # output found out of date, so an up-to-date rerun costs no Ray start-up.
+    ray_before = ray.is_initialized()
     try:
-        manifest = build_affinities(config)
+        if args.num_cpus is not None:
+            start_ray(args.ray_address, args.num_cpus, log_to_driver=False)
+        try:
+            manifest = build_affinities(config)
+        except RayTaskError as exc:  # a task's own error, without Ray's traceback around it
+            cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else None
+            if cause is None:
+                raise
+            raise cause from None
     except InvalidInputError as exc:
         sys.stderr.write(f"ptsne affinities: {exc}\n")
         return EXIT_BAD_INPUT
     except FileNotFoundError as exc:
         sys.stderr.write(f"ptsne affinities: {exc}\n")
         return EXIT_NOT_FOUND
-    except (ValueError, FileExistsError) as exc:
+    except FileExistsError as exc:
+        sys.stderr.write(f"ptsne affinities: {exc} (--overwrite replaces it)\n")
+        return EXIT_USAGE
+    except ValueError as exc:
         sys.stderr.write(f"ptsne affinities: {exc}\n")
-        return EXIT_USAGE if isinstance(exc, ValueError) else EXIT_ERROR
+        return EXIT_USAGE
+    except OSError as exc:
+        sys.stderr.write(f"ptsne affinities: {exc}\n")
+        return EXIT_ERROR
+    except Exception:
+        log.exception("ptsne affinities failed")
+        return EXIT_ERROR
     finally:
-        if started:
+        if not ray_before and ray.is_initialized():
             ray.shutdown()
     summary = {k: manifest[k] for k in ("n", "dim", "k", "perplexities", "knn_method", "knn_recall", "n_edges")}
     summary["output"] = config.output

@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 
 from jobs.cli import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE
 
 log = logging.getLogger(__name__)
+
+#: Smallest normal and largest finite float32 magnitudes (``--scale`` bounds).
+_FLOAT32_TINY, _FLOAT32_MAX = 1.1754944e-38, 3.4028235e38
 
 
 def add_parser(subparsers) -> None:
@@ -32,7 +36,7 @@ def add_parser(subparsers) -> None:
                      help=".npz: array of labels (default: y, labels, label, target, y_train; '' for none)")
     imp.add_argument("--label-col", default=None, help=".csv: label column")
     imp.add_argument("--id-col", default=None, help=".csv: id column")
-    imp.add_argument("--scale", type=float, default=None, help="multiply the vectors by this (e.g. 0.00392156 for 1/255)")
+    imp.add_argument("--scale", type=_scale, default=None, help="multiply the vectors by this (e.g. 0.00392156 for 1/255)")
     imp.add_argument("--overwrite", action="store_true", help="replace a non-empty output")
     imp.set_defaults(func=run_import)
 
@@ -55,10 +59,32 @@ def add_parser(subparsers) -> None:
     syn.set_defaults(func=run_synth)
 
 
+def _scale(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    # The vectors are float32: a factor outside its normal range makes them all Inf or all 0.
+    if not (math.isfinite(v) and _FLOAT32_TINY <= abs(v) <= _FLOAT32_MAX):
+        raise argparse.ArgumentTypeError(
+            f"must be a finite, non-zero number of magnitude {_FLOAT32_TINY:g} to {_FLOAT32_MAX:g}, got {value!r}"
+        )
+    return v
+
+
+def _write_error(command: str, output: str, exc: OSError) -> int:
+    """Exit code and one-line message of a failed write of ``output``."""
+    if isinstance(exc, FileExistsError):
+        sys.stderr.write(f"ptsne {command}: {exc} (--overwrite replaces it)\n")
+        return EXIT_USAGE
+    sys.stderr.write(f"ptsne {command}: cannot write --output {output!r}: {exc}\n")
+    return EXIT_ERROR
+
+
 def run_import(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from pipeline.shards import InvalidInputError, load_csv, load_npy, write_array_shards
+    from pipeline.shards import InvalidInputError, check_disjoint, load_csv, load_npy, write_array_shards
 
     src = args.source
     if not os.path.exists(src):
@@ -66,6 +92,7 @@ def run_import(args: argparse.Namespace) -> int:
         return EXIT_NOT_FOUND
     ext = os.path.splitext(src)[1].lower()
     try:
+        check_disjoint(src, args.output, ("source", "--output"))
         if ext in (".npy", ".npz"):
             if args.label_col or args.id_col:
                 raise ValueError("--label-col/--id-col apply to .csv input; use --y-key for .npz labels")
@@ -79,6 +106,13 @@ def run_import(args: argparse.Namespace) -> int:
             raise ValueError(f"source must end in .npy, .npz or .csv, got {src!r}")
         if args.scale is not None:
             X = np.asarray(X, dtype=np.float32) * np.float32(args.scale)
+    except InvalidInputError as exc:
+        sys.stderr.write(f"ptsne data import: {exc}\n")
+        return EXIT_BAD_INPUT
+    except (ValueError, TypeError) as exc:
+        sys.stderr.write(f"ptsne data import: {exc}\n")
+        return EXIT_USAGE
+    try:
         shards = write_array_shards(args.output, X, y, ids, args.shard_rows, overwrite=args.overwrite)
     except InvalidInputError as exc:
         sys.stderr.write(f"ptsne data import: {exc}\n")
@@ -86,9 +120,8 @@ def run_import(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as exc:
         sys.stderr.write(f"ptsne data import: {exc}\n")
         return EXIT_USAGE
-    except FileExistsError as exc:
-        sys.stderr.write(f"ptsne data import: {exc}\n")
-        return EXIT_ERROR
+    except OSError as exc:
+        return _write_error("data import", args.output, exc)
     rows = sum(s["rows"] for s in shards)
     sys.stdout.write(json.dumps({"output": args.output, "rows": rows, "shards": len(shards),
                                  "labels": y is not None}) + "\n")
@@ -106,17 +139,13 @@ def run_synth(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     started = False
     if not args.no_ray:
-        import ray
+        from pipeline.session import start_ray
 
-        if not ray.is_initialized():
-            ray.init(address=args.ray_address, num_cpus=args.num_cpus if args.ray_address is None else None,
-                     log_to_driver=False)
-            started = True
+        started = start_ray(args.ray_address, args.num_cpus, log_to_driver=False)
     try:
         info = write_synth(config, args.output, use_ray=not args.no_ray, overwrite=args.overwrite)
-    except FileExistsError as exc:
-        sys.stderr.write(f"ptsne data synth: {exc}\n")
-        return EXIT_ERROR
+    except OSError as exc:
+        return _write_error("data synth", args.output, exc)
     finally:
         if started:
             import ray

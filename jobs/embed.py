@@ -23,7 +23,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 
@@ -96,24 +95,39 @@ def _on_sigterm(signum, frame):
 
 
 def _init_ray(args) -> bool:
-    """Connect to (or start) Ray unless the caller already did; True when started here."""
-    import ray
+    """Connect to Ray (or start a local one on loopback) unless the caller already did; True when done here."""
+    from pipeline.session import start_ray
 
-    if ray.is_initialized():
+    return start_ray(args.address, args.num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+                     log_to_driver=False)
+
+
+#: Name prefix of the model download directories in the system temp directory.
+TEMP_PREFIX = "ptsne-embed-"
+
+
+def _missing_model_dir(uri: str) -> bool:
+    """True for a ``--model`` that is no registry URI but a local path that does not exist."""
+    from jobs import registry
+
+    try:
+        registry.parse_model_uri(uri)
         return False
-    address = args.address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
-    if address is None and args.num_cpus is not None:
-        kwargs["num_cpus"] = args.num_cpus
-    ray.init(address=address, **kwargs)
-    return True
+    except ValueError:
+        pass
+    path = os.path.expanduser(str(uri).strip())
+    if not path or "://" in path or path.startswith(("models:", "runs:")):
+        return False
+    return (path.startswith((".", "~", os.sep)) or os.sep in path) and not os.path.exists(path)
 
 
 class _ModelCache:
     """Downloads each resolved version once per process."""
 
     def __init__(self):
-        self.tmp = tempfile.TemporaryDirectory(prefix="ptsne-embed-")
+        from jobs import tempdirs
+
+        self.tmp = tempdirs.make(TEMP_PREFIX)
         self.paths: dict[str, str] = {}
 
     def spec(self, ref):
@@ -183,6 +197,12 @@ def run(args) -> int:
     from pipeline.embed import EmbedConfig, EmbedInputError
     from pipeline.shards import InvalidInputError
 
+    from jobs import tempdirs
+
+    tempdirs.remove_stale(TEMP_PREFIX)  # model copies of runs killed with SIGKILL
+    if _missing_model_dir(args.model):
+        log.error("--model %r: no such model directory", args.model)
+        return EXIT_NOT_FOUND
     try:
         config = EmbedConfig(
             vector_col=args.vector_col,

@@ -81,13 +81,9 @@ def run(args: argparse.Namespace) -> int:
 
     import ray
 
-    started = False
-    if not ray.is_initialized():
-        kwargs = {"log_to_driver": False, "include_dashboard": False}
-        if args.num_cpus is not None:
-            kwargs["num_cpus"] = args.num_cpus
-        ray.init(**kwargs)
-        started = True
+    from pipeline.session import start_ray
+
+    started = start_ray(None, args.num_cpus, log_to_driver=False, include_dashboard=False)
     try:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         workers = max(1, min(args.workers, cpus))

@@ -252,16 +252,11 @@ def settings_dict(args: argparse.Namespace) -> dict:
 
 
 def _init_ray(args) -> bool:
-    import ray
+    from pipeline.session import named_address, start_ray
 
-    if ray.is_initialized():
-        return False
-    address = args.ray_address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = {"log_to_driver": False, "include_dashboard": False} if address is None else {}
-    if address is None and args.num_cpus is not None:
-        kwargs["num_cpus"] = args.num_cpus
-    ray.init(address=address, **kwargs)
-    return True
+    # A local Ray (started on loopback) stays quiet; a cluster's worker logs reach the driver.
+    quiet = {} if named_address(args.ray_address) else {"log_to_driver": False, "include_dashboard": False}
+    return start_ray(args.ray_address, args.num_cpus, **quiet)
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
@@ -638,6 +633,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         resolve_args(args)
         train_config_from_args(args)
+        from pipeline.shards import check_disjoint
+
+        # A workdir inside the input is read back as input by every rerun; an input inside it can be replaced.
+        for option in ("input", "eval_input"):
+            if getattr(args, option, None):
+                check_disjoint(getattr(args, option), args.workdir, (f"--{option.replace('_', '-')}", "--workdir"))
     except FileNotFoundError as exc:
         log.error("%s", exc)
         return EXIT_NOT_FOUND

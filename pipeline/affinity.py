@@ -46,11 +46,13 @@ from tqdm.auto import tqdm
 from pipeline import schema
 from pipeline.knn import DEFAULT_MAX_INDEX_BYTES, FeaturePart, build_indexes, peak_rss_mb, search_part
 from pipeline.pca import fit_pca, load_pca, sample_rate, sample_rows, save_pca
+from pipeline.session import start_ray
 from pipeline.shards import (
     MAX_REPORT,
     ColumnSpec,
     InvalidInputError,
     StagedDir,
+    check_disjoint,
     duplicate_ids,
     exists,
     fingerprint,
@@ -206,6 +208,10 @@ class AffinityJobConfig:
             )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"AffinityJobConfig: device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        try:
+            check_disjoint(self.input, self.output)
+        except ValueError as exc:
+            raise ValueError(f"AffinityJobConfig: {exc}") from None
 
     @property
     def spec(self) -> ColumnSpec:
@@ -272,8 +278,7 @@ class _Stage:
 
 
 def _ensure_ray(address: str | None) -> None:
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False)
+    start_ray(address, log_to_driver=False)
 
 
 # --------------------------------------------------------------------------- tasks
@@ -420,6 +425,8 @@ def _validate(config: AffinityJobConfig, fs, files: list[str], timings: dict, me
                 by_dim.setdefault(c["dim"], []).append(c["path"])
         problems.append("shards have different vector dimensions: " + "; ".join(
             f"dim {d}: {len(p)} shard(s), first {p[0]}" for d, p in sorted(by_dim.items())))
+    if len(problems) == 1:
+        raise InvalidInputError(f"input rejected: {problems[0]}")
     if problems:
         raise InvalidInputError("input rejected:\n  " + "\n  ".join(problems))
     offsets = np.cumsum([0] + [c["rows"] for c in checks])

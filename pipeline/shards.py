@@ -52,6 +52,40 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     return fs, path.rstrip("/")
 
 
+def _location(uri: str | os.PathLike) -> str:
+    """A comparable form of a path or URI: local paths (and ``file://``) resolved, other URIs as text."""
+    uri = os.fspath(uri)
+    if "://" not in uri:
+        return os.path.realpath(uri)
+    scheme, rest = uri.split("://", 1)
+    if scheme.lower() == "file":
+        return os.path.realpath(rest or "/")
+    return f"{scheme.lower()}://{rest.rstrip('/')}"
+
+
+def check_disjoint(first: str | os.PathLike, second: str | os.PathLike,
+                   names: tuple[str, str] = ("input", "output")) -> None:
+    """Raise :class:`ValueError` when two locations are the same or one lies inside the other.
+
+    An output inside its input is read back as input by the next run; an input
+    inside an output is deleted when that output is replaced. ``names`` name the
+    two parameters (or command-line options) in the message.
+    """
+    a, b = _location(first), _location(second)
+    if a == b:
+        relation = "is the same location as"
+    elif b.startswith(a.rstrip("/") + "/"):
+        relation = "lies inside"
+    elif a.startswith(b.rstrip("/") + "/"):
+        relation = "contains"
+    else:
+        return
+    raise ValueError(
+        f"{names[1]} {os.fspath(second)!r} {relation} {names[0]} {os.fspath(first)!r}; "
+        f"{names[0]} and {names[1]} must not contain each other (choose another {names[1]})"
+    )
+
+
 def join(*parts: str) -> str:
     """Join path parts with ``/`` (pyarrow filesystems use POSIX paths)."""
     return posixpath.join(*parts)
@@ -334,9 +368,14 @@ def read_shard(fs: pafs.FileSystem, path: str, spec: ColumnSpec) -> ShardData:
     dimensions, null or non-int/string ids) go to ``errors``; NaN/Inf/null
     vectors are flagged row by row in ``bad``.
     """
-    schema = pq.read_schema(path, filesystem=fs)
-    missing = [c for c in spec.columns if c not in schema.names]
     data = ShardData(path=path, rows=0, X=None, bad=np.zeros(0, bool), ids=None, labels=None)
+    try:
+        schema = pq.read_schema(path, filesystem=fs)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, PermissionError, IsADirectoryError) as exc:
+        # Not Parquet, or not readable by this user: retrying cannot help (other OSErrors are retried).
+        data.errors.append(f"unreadable shard: {exc}")
+        return data
+    missing = [c for c in spec.columns if c not in schema.names]
     if missing:
         data.errors.append(f"missing column(s) {missing} (columns present: {schema.names})")
         return data

@@ -1,0 +1,254 @@
+"""The ``ptsne`` command line used the wrong way: nothing lost, nobody in, each error in its class.
+
+Each case is what a careless or hostile user can type; the answer is an exit
+code of the README's table and a one-line message naming the option, with the
+user's files intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jobs.cli import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, main
+from pipeline.shards import check_disjoint, write_array_shards
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """Two small shards in ``tmp_path/in``, and a snapshot of their bytes."""
+    X = np.random.default_rng(0).normal(size=(120, 4)).astype(np.float32)
+    write_array_shards(str(tmp_path / "in"), X, None, shard_rows=60)
+    return tmp_path / "in", _snapshot(tmp_path / "in")
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _one_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    assert "Traceback" not in text and "RayTaskError" not in text, text
+    return lines[0]
+
+
+# -- nobody in: a local Ray started by a command listens on loopback only -----------------------
+
+
+def test_local_ray_started_by_a_command_is_on_loopback():
+    # A fresh process: the test session's own Ray (tests/conftest.py) is left alone.
+    code = r"""
+import argparse, json, socket
+import ray
+from ray._common.network_utils import node_ip_address_from_perspective
+from jobs.embed import _init_ray
+
+assert _init_ray(argparse.Namespace(address=None, num_cpus=1))
+gcs = ray.get_runtime_context().gcs_address
+host = node_ip_address_from_perspective()
+with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.settimeout(5)
+    reach = s.connect_ex((host, int(gcs.rsplit(":", 1)[1])))
+print(json.dumps({"nodes": [n["NodeManagerAddress"] for n in ray.nodes()], "ip": ray.util.get_node_ip_address(),
+                  "gcs": gcs, "host": host, "reach": reach}))
+ray.shutdown()
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(REPO)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["nodes"] == ["127.0.0.1"] and info["ip"] == "127.0.0.1", info
+    assert info["gcs"].startswith("127.0.0.1:"), info
+    if info["host"] != "127.0.0.1":  # a machine with a network address: the GCS does not answer on it
+        assert info["reach"] != 0, info
+
+
+# -- nothing lost: inputs and outputs that contain each other ----------------------------------
+
+
+def test_affinities_refuses_output_on_or_around_its_input(shards, tmp_path, capsys):
+    inp, before = shards
+    for output in (inp, inp / "aff", tmp_path):
+        assert main(["affinities", "--input", str(inp), "--output", str(output), "--overwrite"]) == EXIT_USAGE
+        line = _one_line(capsys.readouterr().err)
+        assert "--input" in line and "--output" in line, line
+    assert _snapshot(inp) == before
+    assert not (inp / "aff").exists()
+
+
+def test_check_disjoint_compares_resolved_paths_and_uris(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    for first, second in [
+        (tmp_path / "a", tmp_path / "link"),  # the same directory through a symlink
+        (tmp_path / "a", f"file://{tmp_path / 'a'}/"),
+        (tmp_path / "a", str(tmp_path / "a" / ".." / "a" / "sub")),
+        ("s3://bucket/vectors/", "s3://bucket/vectors"),
+        ("s3://bucket/vectors", "S3://bucket/vectors/aff"),
+    ]:
+        with pytest.raises(ValueError, match="must not contain each other"):
+            check_disjoint(first, second)
+    check_disjoint(tmp_path / "a", tmp_path / "ab")  # a common prefix is not containment
+    check_disjoint("s3://bucket/vectors", "s3://bucket/vectors-aff")
+    check_disjoint("s3://bucket/x", str(tmp_path / "x"))
+
+
+def test_train_refuses_a_workdir_inside_its_input_before_any_work(shards, tmp_path, caplog):
+    inp, before = shards
+    for workdir in (inp / "work", tmp_path):
+        caplog.clear()
+        assert main(["train", "--input", str(inp), "--workdir", str(workdir), "--epochs", "1"]) == EXIT_USAGE
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and "--input" in errors[0] and "--workdir" in errors[0], errors
+    assert main(["train", "--input", str(inp), "--eval-input", str(tmp_path), "--workdir", str(tmp_path / "w"),
+                 "--epochs", "1"]) == EXIT_USAGE
+    assert _snapshot(inp) == before
+    assert not (inp / "work").exists() and not (tmp_path / "w").exists()
+
+
+def test_data_import_refuses_an_output_around_its_source(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.ones((5, 2), np.float32))
+    assert main(["data", "import", str(tmp_path / "x.npy"), "--output", str(tmp_path), "--overwrite"]) == EXIT_USAGE
+    assert "--output" in _one_line(capsys.readouterr().err)
+    assert (tmp_path / "x.npy").is_file()
+
+
+# -- each error in its class, on one line ------------------------------------------------------
+
+
+def test_existing_output_is_bad_usage_in_every_command(shards, tmp_path, capsys):
+    inp, _ = shards
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("keep me")
+    np.save(tmp_path / "x.npy", np.ones((5, 2), np.float32))
+    for argv in (
+        ["data", "import", str(tmp_path / "x.npy"), "--output", str(taken)],
+        ["data", "synth", "--n", "50", "--dim", "2", "--output", str(taken), "--no-ray"],
+        ["affinities", "--input", str(inp), "--output", str(taken)],  # refused before Ray starts
+    ):
+        assert main(argv) == EXIT_USAGE, argv
+        line = _one_line(capsys.readouterr().err)
+        assert "--overwrite" in line, line
+    assert (taken / "notes.txt").read_text() == "keep me"
+
+
+def test_data_import_unwritable_output_is_one_line_error(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.ones((5, 2), np.float32))
+    (tmp_path / "file").write_text("")
+    targets = [tmp_path / "file" / "shards"]  # a regular file where a directory must go
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "ro").mkdir(mode=0o500)
+        targets.append(tmp_path / "ro" / "shards")
+    for output in targets:
+        assert main(["data", "import", str(tmp_path / "x.npy"), "--output", str(output)]) == EXIT_ERROR
+        line = _one_line(capsys.readouterr().err)
+        assert "--output" in line and str(output) in line, line
+
+
+@pytest.mark.parametrize("scale", ["nan", "inf", "-inf", "0", "1e39", "1e-40", "x"])
+def test_data_import_rejects_a_scale_that_ruins_the_vectors(tmp_path, capsys, scale):
+    np.save(tmp_path / "x.npy", np.ones((5, 2), np.float32))
+    with pytest.raises(SystemExit) as exit_:
+        main(["data", "import", str(tmp_path / "x.npy"), "--output", str(tmp_path / "out"), "--scale", scale])
+    assert exit_.value.code == EXIT_USAGE
+    assert "--scale" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_shard_is_bad_input_naming_the_file(ray_local, shards, tmp_path, capsys):
+    inp, _ = shards
+    broken = inp / "part-99999.parquet"
+    broken.write_bytes(b"this is not parquet" * 10)
+    assert main(["affinities", "--input", str(inp), "--output", str(tmp_path / "aff"), "--perplexity", "5",
+                 "--knn-method", "exact"]) == EXIT_BAD_INPUT
+    line = _one_line(capsys.readouterr().err)
+    assert str(broken) in line and "unreadable" in line, line
+    assert not (tmp_path / "aff").exists()
+
+
+def test_embed_missing_model_directory_is_not_found(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").mkdir()
+    for model in ("./missing-dir", str(tmp_path / "missing-dir"), "../missing/model"):
+        caplog.clear()
+        assert main(["embed", "--model", model, "--input", "in", "--output", "out"]) == EXIT_NOT_FOUND, model
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and model in errors[0], errors
+    assert main(["embed", "--model", "models:/x@", "--input", "in", "--output", "out"]) == EXIT_USAGE
+    assert not (tmp_path / "out").exists()
+
+
+# -- kill -9 leftovers: stale ptsne-embed-* directories are removed on the next start ----------
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_embed_start_removes_stale_temp_dirs_and_nothing_else(tmp_path, monkeypatch):
+    from jobs.embed import TEMP_PREFIX, _ModelCache
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    old = time.time() - 2 * 3600
+    dead, alive = _dead_pid(), os.getpid()
+    names = {
+        f"{TEMP_PREFIX}{dead}-killed": (old, False),  # a killed run's model copy
+        f"{TEMP_PREFIX}legacy_name": (old, False),  # no pid in the name: by age alone
+        f"{TEMP_PREFIX}{alive}-running": (old, True),  # its process still runs
+        f"{TEMP_PREFIX}{dead}-recent": (time.time(), True),  # too young
+        f"{TEMP_PREFIX}legacy_recent": (time.time(), True),
+        "ptsne-embedded-notes": (old, True),  # another prefix
+        "someone-else": (old, True),
+    }
+    for name, (mtime, _) in names.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "weights").write_text("x")
+        os.utime(tmp_path / name, (mtime, mtime))
+    (tmp_path / f"{TEMP_PREFIX}old-file").write_text("a file, not ours to remove")
+    os.utime(tmp_path / f"{TEMP_PREFIX}old-file", (old, old))
+    (tmp_path / f"{TEMP_PREFIX}{dead}-link").symlink_to(tmp_path / "someone-else")
+
+    (tmp_path / "in").mkdir()
+    assert main(["embed", "--model", str(tmp_path / "no-model"), "--input", str(tmp_path / "in"),
+                 "--output", str(tmp_path / "out")]) == EXIT_NOT_FOUND
+    for name, (_, kept) in names.items():
+        assert (tmp_path / name).exists() == kept, name
+    assert (tmp_path / f"{TEMP_PREFIX}old-file").is_file()
+    assert (tmp_path / f"{TEMP_PREFIX}{dead}-link").is_symlink() and (tmp_path / "someone-else" / "weights").is_file()
+
+    cache = _ModelCache()  # what a run makes now carries its pid
+    try:
+        assert Path(cache.tmp.name).name.startswith(f"{TEMP_PREFIX}{os.getpid()}-")
+        assert Path(cache.tmp.name).parent == tmp_path
+    finally:
+        cache.tmp.cleanup()
+
+
+def test_remove_stale_checks_its_arguments(tmp_path):
+    from jobs.tempdirs import remove_stale
+
+    with pytest.raises(ValueError, match="prefix"):
+        remove_stale("", root=str(tmp_path))
+    with pytest.raises(ValueError, match="max_age_s"):
+        remove_stale("ptsne-embed-", max_age_s=float("nan"), root=str(tmp_path))
+    assert remove_stale("ptsne-embed-", root=str(tmp_path / "missing")) == []
+
+
+def test_synth_to_a_fresh_output_still_works(tmp_path, capsys):
+    assert main(["data", "synth", "--n", "50", "--dim", "2", "--output", str(tmp_path / "s"), "--no-ray"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["rows"] == 50
