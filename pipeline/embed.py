@@ -46,6 +46,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import shards
+from ptsne.reference import METHODS
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,27 @@ class ModelSpec:
         return json.loads((Path(self.path) / "config.json").read_text())
 
     @property
+    def has_reference(self) -> bool:
+        """Whether the model keeps a reference (``transform`` can refine on it)."""
+        return "reference" in self.config()
+
+    def method(self, method: str) -> str:
+        """``method`` as ``transform`` resolves it for this model: ``"network"`` or ``"refine"``.
+
+        Raises ValueError for ``"refine"`` on a network-only model.
+        """
+        if method not in METHODS:
+            raise ValueError(f"ModelSpec: method must be one of {METHODS}, got {method!r}")
+        if method == "refine" and not self.has_reference:
+            raise ValueError(
+                f"method 'refine' needs a model with a reference; {self.name} version {self.version} "
+                "is network-only (trained with reference_size 0): use method 'network' or 'auto'"
+            )
+        if method == "auto":
+            return "refine" if self.has_reference else "network"
+        return method
+
+    @property
     def n_features(self) -> int:
         return int(self.config()["n_features_in"])
 
@@ -165,6 +187,11 @@ class EmbedConfig:
         Default 1 when the cluster has GPUs, else 0.
     progress : bool
         Show a tqdm progress bar of rows.
+    method : {"auto", "network", "refine"}
+        ``ParametricTSNE.transform``'s method: ``"network"`` is the network's
+        forward pass, ``"refine"`` places each point on the model's reference
+        map, ``"auto"`` refines when the model has a reference. One output
+        directory holds one method's map.
     block_bytes : int
         Target size of Ray Data blocks during the run; each input block is one
         actor task. 32 MiB is about 100,000 rows of 64 float32 values: every
@@ -186,6 +213,7 @@ class EmbedConfig:
     gpus_per_actor: float | None = None
     progress: bool = True
     block_bytes: int = 32 << 20
+    method: str = "auto"
 
     def __post_init__(self) -> None:
         if self.vector_col is not None and self.feature_cols is not None:
@@ -206,6 +234,8 @@ class EmbedConfig:
             raise ValueError(f"EmbedConfig: id_col must be a column name, got {self.id_col!r}")
         if self.on_invalid not in ON_INVALID:
             raise ValueError(f"EmbedConfig: on_invalid must be one of {ON_INVALID}, got {self.on_invalid!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"EmbedConfig: method must be one of {METHODS}, got {self.method!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"EmbedConfig: batch_size must be a positive integer, got {self.batch_size!r}")
         if self.num_actors is not None and (
@@ -294,6 +324,7 @@ class _Spec:
     passthrough: tuple[str, ...]
     n_features: int
     n_components: int
+    method: str = "network"  # as resolved for the model: "network" or "refine"
 
     @property
     def columns(self) -> list[str]:
@@ -322,7 +353,8 @@ class Ledger:
 
     Each line: ``input`` (relative path), ``size``, ``mtime_ns``, ``rows``,
     ``rejected``, ``output``, ``rejects`` (or null), ``sha256``,
-    ``model_name``, ``model_version``, ``finished``.
+    ``model_name``, ``model_version``, ``columns``, ``method`` (``network`` or
+    ``refine``), ``finished``.
     """
 
     def __init__(self, directory: Path, entries: dict[str, dict] | None = None):
@@ -484,6 +516,7 @@ def _resolve_spec(schema: pa.Schema, config: EmbedConfig, model: ModelSpec) -> _
         passthrough=config.passthrough,
         n_features=model.n_features,
         n_components=model.n_components,
+        method=model.method(config.method),
     )
 
 
@@ -534,6 +567,16 @@ def _check_names(spec: _Spec) -> None:
 
 def _columns_of(spec: _Spec) -> list[str]:
     return [spec.id_col, *_output_names(spec), *spec.passthrough]
+
+
+def _check_method(ledger: Ledger, method: str) -> None:
+    """Every shard of one output directory is placed by the same method (one map for readers)."""
+    for e in ledger.entries.values():
+        if e.get("method") is not None and e["method"] != method:
+            raise ValueError(
+                f"output {str(ledger.directory)!r} holds embeddings placed by method {e['method']!r}, "
+                f"this run would place them by {method!r}; use the same method or another output"
+            )
 
 
 def _check_columns(ledger: Ledger, spec: _Spec) -> None:
@@ -674,11 +717,11 @@ class _Embedder:
         faults = _minor_faults()
         ok = status == OK
         if ok.all():
-            emb = self.estimator.transform(X)
+            emb = self.estimator.transform(X, method=spec.method)
         else:
             emb = np.full((n, spec.n_components), np.nan, dtype=np.float32)
             if ok.any():
-                emb[ok] = self.estimator.transform(X[ok])
+                emb[ok] = self.estimator.transform(X[ok], method=spec.method)
         c2, cpu2 = time.perf_counter(), time.thread_time()
         faults = _minor_faults() - faults
         cols = {spec.id_col: batch.column(spec.id_col)}
@@ -810,6 +853,7 @@ class _Collector:
                 "model_name": self.model.name,
                 "model_version": self.model.version,
                 "columns": _columns_of(self.spec),
+                "method": self.spec.method,
                 "finished": _now(),
             }
         )
@@ -922,6 +966,7 @@ def embed_shards(
         removed = _clean(target, ledger)
         if removed:
             log.info("cleaned %d leftover file(s) of an interrupted run in %s", removed, target)
+        _check_method(ledger, model.method(config.method))
         found = _list_input(fs, root)
         pending = [s for s in found if not ledger.is_done(s)]
         summary.shards_total = len(found)
@@ -961,7 +1006,7 @@ def _run(fs, planned, spec, schema, target, ledger, model, config, summary) -> N
                 "input": shard.rel, "size": shard.size, "mtime_ns": shard.mtime_ns, "rows": 0,
                 "rejected": 0, "output": shard.rel, "rejects": None, "sha256": sha,
                 "model_name": model.name, "model_version": model.version,
-                "columns": _columns_of(spec), "finished": _now(),
+                "columns": _columns_of(spec), "method": spec.method, "finished": _now(),
             }
         )
         summary.shards_written += 1

@@ -239,7 +239,44 @@ def test_output_of_another_model_is_refused(model_dir, tmp_path):
         embed_shards(tmp_path / "in", tmp_path / "out", spec(model_dir), CFG)
 
 
+def test_method_network_matches_transform_and_one_output_holds_one_method(ray_local, model_dir, tmp_path):
+    import dataclasses
+
+    est = ParametricTSNE.load(model_dir, device="cpu")
+    assert est.reference_ is not None and spec(model_dir).method("auto") == "refine"
+    inp, out = tmp_path / "in", tmp_path / "out"
+    ids, X, y = shard_data(0, 120, 0)
+    write_shard(inp / "a.parquet", ids, X, y)
+    network = dataclasses.replace(CFG, method="network")
+    assert embed_shards(inp, out, spec(model_dir), network).shards_written == 1
+    emb = np.stack(pq.read_table(out / "v1" / "a.parquet").column("embedding").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(emb, est.transform(X, method="network"), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(emb, est.transform(X), atol=1e-3)  # the default mode refines
+    assert Ledger.load(out / "v1").entries["a.parquet"]["method"] == "network"
+    # New shards in that output may not be placed by another method: refused before any work.
+    write_shard(inp / "b.parquet", *shard_data(1, 30, 500))
+    with pytest.raises(ValueError, match="placed by method 'network', this run would place them by 'refine'"):
+        embed_shards(inp, out, spec(model_dir), CFG)
+    assert not (out / "v1" / "b.parquet").exists()
+
+
+def test_refine_needs_a_model_with_a_reference(tmp_path):
+    X, _ = gaussian_blobs(100, DIM, 3, seed=0)
+    path = tmp_path / "plain"
+    ParametricTSNE(n_epochs=1, perplexity=10, hidden_layers=(8,), random_state=0, device="cpu",
+                   reference_size=0).fit(X).save(path)
+    plain = ModelSpec(path=str(path), name="plain", version="1", tag="v1")
+    assert not plain.has_reference and plain.method("auto") == "network"
+    with pytest.raises(ValueError, match="method 'refine' needs a model with a reference; plain version 1"):
+        plain.method("refine")
+    write_shard(tmp_path / "in" / "a.parquet", *shard_data(0, 10, 0))
+    with pytest.raises(ValueError, match="needs a model with a reference"):
+        embed_shards(tmp_path / "in", tmp_path / "out", plain, EmbedConfig(method="refine", progress=False))
+
+
 def test_config_validation():
+    with pytest.raises(ValueError, match="method must be one of"):
+        EmbedConfig(method="fast")
     with pytest.raises(ValueError, match="on_invalid must be one of"):
         EmbedConfig(on_invalid="drop")
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
