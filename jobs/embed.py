@@ -11,7 +11,8 @@ Keep polling, and follow the alias (re-embedding everything when it moves)::
     ptsne embed --model models:/mnist-map@prod --input ... --output ... --watch --interval 60 --reembed
 
 Exit codes: 0 done; 1 unexpected error (or the output is locked by another run);
-2 usage (bad URI, output held by another model without ``--reembed``);
+2 usage (bad URI, output held by another model without ``--reembed``,
+``--method refine`` for a network-only model);
 3 bad input (schema, dimension, NaN/Inf rows); 4 model, alias, version or input not found.
 """
 
@@ -67,6 +68,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--reembed", action="store_true",
                    help="embed all shards with the version the model URI names now, into OUTPUT/v<version>/ "
                         "(default: stay on the version of the current output)")
+    from ptsne.reference import METHODS
+
+    p.add_argument("--method", choices=METHODS, default="auto",
+                   help="how points are placed: 'network' is the network's forward pass; 'refine' places "
+                        "each point on the model's reference map (t-SNE quality, slower; needs a model "
+                        "trained with a reference); 'auto' refines when the model has a reference "
+                        "(default: auto). One output holds one method's map")
     p.add_argument("--watch", action="store_true", help="keep polling the input for new shards")
     p.add_argument("--interval", type=_positive_float, default=60.0, help="seconds between polls (default 60)")
     p.add_argument("--max-polls", type=int, default=None, help="with --watch: stop after this many polls")
@@ -173,6 +181,28 @@ class _UsageError(Exception):
     pass
 
 
+def _check_method(args, cache) -> None:
+    """Refuse ``--method refine`` for a network-only model before Ray starts.
+
+    Lookup problems are left to the poll loop, which reports (or, with --watch,
+    retries) them as usual.
+    """
+    from pipeline.embed import read_current
+
+    if args.method != "refine":
+        return
+    try:
+        spec = cache.spec(_choose(args, read_current(args.output)))
+    except Exception:  # reported by the poll loop
+        log.debug("--method check: the model could not be resolved yet", exc_info=True)
+        return
+    if not spec.has_reference:
+        raise _UsageError(
+            f"--method refine needs a model with a reference; {spec.name} version {spec.version} is "
+            "network-only (trained with --reference-size 0): use --method network or --method auto"
+        )
+
+
 def _once(args, cache, config):
     from pipeline.embed import embed_shards, read_current
 
@@ -216,6 +246,7 @@ def run(args) -> int:
             gpus_per_actor=args.gpus_per_actor,
             progress=not args.no_progress,
             block_bytes=int(args.block_mb * (1 << 20)),
+            method=args.method,
         )
         if args.max_polls is not None and args.max_polls < 1:
             raise ValueError(f"--max-polls must be >= 1, got {args.max_polls}")
@@ -232,6 +263,11 @@ def run(args) -> int:
     polls = 0
     started = False
     try:
+        try:
+            _check_method(args, cache)
+        except _UsageError as exc:
+            log.error("%s", exc)
+            return EXIT_USAGE
         started = _init_ray(args)
         while True:
             polls += 1

@@ -103,6 +103,41 @@ def test_two_batches_then_nothing_new(ray_local, store, tmp_path, capsys):
     assert set(table.column("model_version").to_pylist()) == {"1"}
 
 
+def test_method_network_differs_from_the_default_refine(ray_local, store, tmp_path):
+    assert store.est.reference_ is not None  # fitted with the default reference
+    inp = tmp_path / "in"
+    (ids, X, _), = make_shards(inp, 1, 80).values()
+    out = {}
+    for method in ("auto", "network"):
+        extra = () if method == "auto" else ("--method", method)
+        assert embed("--model", "demo@prod", "--input", inp, "--output", tmp_path / method, *extra) == EXIT_OK
+        out[method] = embeddings(load_output(tmp_path / method / "v1"))
+        np.testing.assert_allclose(out[method], store.est.transform(X, method=method), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(out["auto"], out["network"], atol=1e-3)
+
+
+def test_refine_for_a_network_only_model_exits_usage_before_ray(store, tmp_path, caplog, monkeypatch):
+    import jobs.embed
+
+    X, _ = gaussian_blobs(300, DIM, 3, seed=1)
+    plain = ParametricTSNE(n_epochs=1, perplexity=10, hidden_layers=(16,), random_state=1, device="cpu",
+                           reference_size=0).fit(X)
+    with mlflow.start_run():
+        info = log_model(plain)
+    register(info.model_uri, "plain", "prod")
+    make_shards(tmp_path / "in", 1, 20)
+
+    def no_ray(args):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(jobs.embed, "_init_ray", no_ray)
+    code = embed("--model", "plain@prod", "--input", tmp_path / "in", "--output", tmp_path / "out",
+                 "--method", "refine")
+    assert code == EXIT_USAGE
+    assert "--method refine needs a model with a reference; plain version 1 is network-only" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
 # Four Ray runs (each starts an actor that imports torch): a minute on a busy 2-core machine.
 @pytest.mark.slow
 def test_alias_move_stays_on_version_until_reembed(ray_local, store, tmp_path, caplog):
@@ -255,4 +290,5 @@ def test_cli_defaults_are_the_pipeline_defaults():
     assert args.batch_size == default.batch_size
     assert int(args.block_mb * (1 << 20)) == default.block_bytes
     assert args.cpus_per_actor == default.cpus_per_actor
+    assert args.method == default.method
 
