@@ -126,7 +126,8 @@ def _missing_model_dir(uri: str) -> bool:
     path = os.path.expanduser(str(uri).strip())
     if not path or "://" in path or path.startswith(("models:", "runs:")):
         return False
-    return (path.startswith((".", "~", os.sep)) or os.sep in path) and not os.path.exists(path)
+    # Only an explicit path: "a/b/c" stays a malformed NAME/VERSION (bad usage).
+    return path.startswith((".", "~", os.sep)) and not os.path.exists(path)
 
 
 class _ModelCache:
