@@ -70,7 +70,7 @@ def _fmt(value: float) -> str:
 
 def _reference_cells(version: dict) -> list[str]:
     """``REF_POINTS`` and ``REF_MB`` of a version: ``0`` for a network-only model, ``-`` unknown."""
-    size, nbytes = version.get("reference_size"), version.get("reference_bytes")
+    size, nbytes = version.get("reference_points"), version.get("reference_bytes")
     return [
         "-" if size is None else str(size),
         "-" if nbytes is None else (f"{nbytes / 1e6:.3g}" if nbytes else "0"),

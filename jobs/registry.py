@@ -140,11 +140,11 @@ def _signature(n_features: int, n_components: int):
 
 
 def reference_facts(estimator) -> dict[str, int]:
-    """``reference_size`` (points, 0 for a network-only model) and ``reference_bytes`` of a model."""
+    """``reference_points`` (0 for a network-only model) and ``reference_bytes`` of a model."""
     reference = getattr(estimator, "reference_", None)
     if reference is None:
-        return {"reference_size": 0, "reference_bytes": 0}
-    return {"reference_size": len(reference), "reference_bytes": int(reference.nbytes)}
+        return {"reference_points": 0, "reference_bytes": 0}
+    return {"reference_points": len(reference), "reference_bytes": int(reference.nbytes)}
 
 
 def _stage_code(dst: Path) -> list[str]:
@@ -523,7 +523,7 @@ def describe_model(name: str) -> dict:
 
     Metrics are those of the version's source run (``knn_accuracy``,
     ``trustworthiness``, ... as logged by training) merged with metrics logged
-    on the model itself. ``reference_size`` (points) and ``reference_bytes`` are
+    on the model itself. ``reference_points`` and ``reference_bytes`` are
     those :func:`log_model` recorded (0 for a network-only model, None when the
     version was logged without them).
     """
@@ -548,7 +548,7 @@ def describe_model(name: str) -> dict:
             metrics.setdefault(m.key, m.value)
         params = _logged_model_params(client, mv.source)
         facts = {k: int(params[k]) if str(params.get(k, "")).isdigit() else None
-                 for k in ("reference_size", "reference_bytes")}
+                 for k in ("reference_points", "reference_bytes")}
         versions.append(
             {
                 "version": str(mv.version),

@@ -121,6 +121,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     tr.add_argument("--object-store-max-bytes", type=int, default=DEFAULT_OBJECT_STORE_MAX_BYTES,
                     help=f"features up to this size go through the object store "
                          f"(default: {DEFAULT_OBJECT_STORE_MAX_BYTES >> 30} GiB)")
+    from ptsne.reference import ReferenceConfig
+
+    ref = p.add_argument_group("reference (t-SNE-grade map of training points, fitted after training)")
+    ref.add_argument("--reference-size", type=int, default=ReferenceConfig.size,
+                     help="training points kept as the model's reference (a uniform seeded sample beyond it): "
+                          "their coordinates optimised to t-SNE's objective, on which `ptsne embed` places new "
+                          f"points; 0 disables it, for a network-only model (default: {ReferenceConfig.size})")
+    ref.add_argument("--reference-iter", type=int, default=ReferenceConfig.n_iter,
+                     help=f"gradient-descent iterations of the reference map (default: {ReferenceConfig.n_iter})")
     sc = p.add_argument_group("scaling")
     sc.add_argument("--workers", type=int, default=1, help="data-parallel training workers (default: 1)")
     sc.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (torch threads) per worker (default: 1)")
@@ -235,6 +244,8 @@ def train_config_from_args(args: argparse.Namespace, n: int | None = None):
         precision=args.precision,
         feature_source=args.feature_source,
         object_store_max_bytes=args.object_store_max_bytes,
+        reference_size=args.reference_size,
+        reference_iter=args.reference_iter,
     )
 
 
@@ -337,36 +348,60 @@ def _read_eval_input(args, max_rows: int, seed: int):
 
 
 def evaluate(args, estimator, affinity_dir: str, manifest: dict) -> dict:
-    """Quality on held-out points: trustworthiness and kNN recall@10, and kNN accuracy with labels."""
+    """Quality on held-out points: trustworthiness and kNN recall@10, and kNN accuracy with labels.
 
-    from ptsne.metrics import knn_accuracy, knn_recall, trustworthiness
-    from ptsne.transform import transform
+    The figures of the default mode (``transform``'s ``"auto"``) carry the plain
+    names; a model with a reference also gets those of its network alone,
+    prefixed ``network_``.
+    """
 
     k = 10
     metrics: dict = {}
+    methods = {"": "auto"}
+    if getattr(estimator, "reference_", None) is not None:
+        methods["network_"] = "network"
     if args.eval_input:
         X_eval, y_eval = _read_eval_input(args, args.eval_samples, args.seed)
-        emb_eval = estimator.transform(X_eval)
+        emb_eval = {p: estimator.transform(X_eval, method=m) for p, m in methods.items()}
         metrics["eval_source"] = "held_out"
         ref_rows, ref_X, ref_y = _sample_features(affinity_dir, manifest, max(args.eval_samples, 10_000), args.seed)
-        ref_emb = transform(estimator.model_, ref_X)
+        ref_emb = {p: _embed_features(estimator, ref_X, m) for p, m in methods.items()}
     else:
         # Without held-out shards: half of a training sample is the reference, half the query.
         _, X, y = _sample_features(affinity_dir, manifest, 2 * args.eval_samples, args.seed)
-        emb = transform(estimator.model_, X)
+        emb = {p: _embed_features(estimator, X, m) for p, m in methods.items()}
         half = len(X) // 2
-        X_eval, emb_eval, ref_emb = X[half:], emb[half:], emb[:half]
+        X_eval = X[half:]
+        emb_eval, ref_emb = {p: e[half:] for p, e in emb.items()}, {p: e[:half] for p, e in emb.items()}
         y_eval, ref_y = (y[half:], y[:half]) if y is not None else (None, None)
         metrics["eval_source"] = "training_sample"
     metrics["eval_points"] = int(len(X_eval))
-    if len(X_eval) > 2 * k + 1:
-        metrics["trustworthiness"] = trustworthiness(X_eval, emb_eval, k=k)
-        metrics["knn_recall"] = knn_recall(X_eval, emb_eval, k=k)
-    if y_eval is not None and ref_y is not None and len(ref_emb) >= k:
-        metrics["knn_accuracy"] = knn_accuracy(ref_emb, ref_y, emb_eval, y_eval, k=k)
-    elif manifest.get("label_col") and y_eval is None:
+    for prefix in methods:
+        metrics.update(_quality(X_eval, emb_eval[prefix], y_eval, ref_emb[prefix], ref_y, k, prefix))
+    if manifest.get("label_col") and y_eval is None:
         log.warning("no labels in the held-out data; kNN accuracy is not computed")
     return metrics
+
+
+def _quality(X_eval, emb_eval, y_eval, ref_emb, ref_y, k: int, prefix: str) -> dict:
+    from ptsne.metrics import knn_accuracy, knn_recall, trustworthiness
+
+    out = {}
+    if len(X_eval) > 2 * k + 1:
+        out[f"{prefix}trustworthiness"] = trustworthiness(X_eval, emb_eval, k=k)
+        out[f"{prefix}knn_recall"] = knn_recall(X_eval, emb_eval, k=k)
+    if y_eval is not None and ref_y is not None and len(ref_emb) >= k:
+        out[f"{prefix}knn_accuracy"] = knn_accuracy(ref_emb, ref_y, emb_eval, y_eval, k=k)
+    return out
+
+
+def _embed_features(estimator, Z, method: str):
+    """The map of stored features ``Z`` (already in the network's input space, after any PCA)."""
+    from ptsne.transform import transform
+
+    Y = transform(estimator.model_, Z)
+    reference = getattr(estimator, "reference_", None)
+    return reference.place(Z, Y) if method == "auto" and reference is not None else Y
 
 
 def _plot(args, estimator, affinity_dir: str, manifest: dict, path: Path) -> Path:
@@ -556,7 +591,8 @@ def train_job(args: argparse.Namespace) -> TrainJobResult:
                     "key": key, "resumed_from": result.resumed_from, "checkpoint": result.checkpoint_path,
                     "feature_source": feature_source,
                     "timings": {"train_seconds": result.seconds,
-                                "seconds_per_epoch": sum(epoch_s) / max(1, len(epoch_s))},
+                                "seconds_per_epoch": sum(epoch_s) / max(1, len(epoch_s)),
+                                "reference_seconds": result.reference_seconds},
                 }
                 estimator.save(model_dir)
                 stamp = {"key": key, "history": history, "train_info": train_info}

@@ -58,7 +58,7 @@ def test_show(two_versions, capsys):
     assert main(["models", "show", "digits-map", "--json"]) == EXIT_OK
     info = json.loads(capsys.readouterr().out)
     assert [v["metrics"]["trustworthiness"] for v in info["versions"]] == pytest.approx([0.81, 0.91])
-    assert [(v["reference_size"], v["reference_bytes"]) for v in info["versions"]] == [(200, 5600), (0, 0)]
+    assert [(v["reference_points"], v["reference_bytes"]) for v in info["versions"]] == [(200, 5600), (0, 0)]
 
 
 def test_unknown_and_empty(mlflow_store, capsys, caplog):

@@ -17,7 +17,7 @@ from ptsne.estimator import WEIGHTS_FILE
 TRAIN_OPTS = [
     "--vector-col", "vector", "--id-col", "id", "--label-col", "label", "--perplexity", "10",
     "--knn-method", "exact", "--epochs", "20", "--batch-size", "128", "--hidden-layers", "64,64",
-    "--learning-rate", "0.003", "--workers", "2", "--seed", "1",
+    "--learning-rate", "0.003", "--workers", "2", "--seed", "1", "--reference-iter", "50",
 ]
 
 
@@ -68,8 +68,13 @@ def test_train_logs_registers_and_pyfunc_predicts_like_the_estimator(
         assert sorted(m.step for m in values) == list(range(20)), name
         assert max(m.timestamp for m in values) / 1000 <= saved + 0.05, name
     assert [m.value for m in sorted(losses, key=lambda m: m.step)] == pytest.approx([h["loss"] for h in history])
+    # Both maps' figures: the default mode (the reference map) and the network alone.
     for name in ("trustworthiness", "knn_recall", "knn_accuracy"):
         assert 0.0 <= run.data.metrics[name] <= 1.0
+        assert 0.0 <= run.data.metrics[f"network_{name}"] <= 1.0
+    assert run.data.metrics["trustworthiness"] != run.data.metrics["network_trustworthiness"]
+    assert run.data.metrics["reference_seconds"] > 0
+    assert run.data.params["reference_size"] == "250000" and run.data.params["reference_iter"] == "50"
     # Digits are easy: held-out kNN accuracy far above the 10% of chance.
     assert run.data.metrics["knn_accuracy"] > 0.5
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -78,8 +83,16 @@ def test_train_logs_registers_and_pyfunc_predicts_like_the_estimator(
     pyfunc = mlflow.pyfunc.load_model("models:/digits-test@champion")
     predicted = pyfunc.predict(X_test.astype(np.float32))
     estimator = ParametricTSNE.load(summary["model_dir"])
+    assert len(estimator.reference_) == 1400  # every training point
     np.testing.assert_allclose(predicted, estimator.transform(X_test), rtol=1e-5, atol=1e-5)
     assert predicted.dtype == np.float32 and predicted.shape == (len(X_test), 2)
+    network = pyfunc.predict(X_test.astype(np.float32), params={"method": "network"})
+    np.testing.assert_allclose(network, estimator.transform(X_test, method="network"), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(network, predicted, atol=1e-3)
+    from jobs.registry import describe_model
+
+    (version,) = describe_model("digits-test")["versions"]
+    assert (version["reference_points"], version["reference_bytes"]) == (1400, estimator.reference_.nbytes)
 
     # Second run, same settings: every stage is skipped, nothing new is logged.
     assert main(argv) == EXIT_OK
@@ -192,6 +205,11 @@ def test_train_choices_and_defaults_come_from_the_library():
     assert sorted(options["activation"].choices) == sorted(ACTIVATIONS)
     args = resolve_args(_parse(["train", "--input", "data"]))
     assert args.object_store_max_bytes == DEFAULT_OBJECT_STORE_MAX_BYTES == DistributedTrainConfig().object_store_max_bytes
+    from ptsne.reference import ReferenceConfig
+
+    assert args.reference_size == ReferenceConfig.size == DistributedTrainConfig().reference_size
+    assert args.reference_iter == ReferenceConfig.n_iter == DistributedTrainConfig().reference_iter
+    assert main(["train", "--input", "x", "--reference-size", "-1"]) == EXIT_USAGE
     with pytest.raises(SystemExit) as exc:
         main(["train", "--input", "data", "--feature-source", "disk"])
     assert exc.value.code == EXIT_USAGE
