@@ -26,8 +26,12 @@ _CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def named_address(address: str | None = None) -> str | None:
-    """The cluster the user names: ``address``, else ``RAY_ADDRESS``, else ``None`` (a local Ray)."""
-    return address or os.environ.get("RAY_ADDRESS") or None
+    """The cluster the user names: ``address``, else ``RAY_ADDRESS``, else ``None`` (a local Ray).
+
+    Ray's ``"local"`` (start a new local instance) names no cluster either.
+    """
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    return None if address == "local" else address
 
 
 @contextlib.contextmanager

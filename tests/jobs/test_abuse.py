@@ -252,3 +252,14 @@ def test_remove_stale_checks_its_arguments(tmp_path):
 def test_synth_to_a_fresh_output_still_works(tmp_path, capsys):
     assert main(["data", "synth", "--n", "50", "--dim", "2", "--output", str(tmp_path / "s"), "--no-ray"]) == EXIT_OK
     assert json.loads(capsys.readouterr().out)["rows"] == 50
+
+
+def test_named_ray_address(monkeypatch):
+    from pipeline.session import named_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert named_address(None) is None and named_address("") is None and named_address("local") is None
+    assert named_address("10.0.0.5:6379") == "10.0.0.5:6379" and named_address("auto") == "auto"
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert named_address(None) == "ray://head:10001"
+    assert named_address("10.0.0.5:6379") == "10.0.0.5:6379"  # the option wins over the environment
