@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline.affinity import build_affinities
     from pipeline.session import start_ray
-    from pipeline.shards import InvalidInputError
+    from pipeline.shards import InvalidInputError, OutputLocationError
 
     # Without --num-cpus, Ray starts (on loopback) only once the input is listed and the
     # output found out of date, so an up-to-date rerun costs no Ray start-up.
@@ -128,6 +128,9 @@ def run(args: argparse.Namespace) -> int:
     except InvalidInputError as exc:
         sys.stderr.write(f"ptsne affinities: {exc}\n")
         return EXIT_BAD_INPUT
+    except OutputLocationError as exc:
+        sys.stderr.write(f"ptsne affinities: --output: {exc}\n")
+        return EXIT_ERROR
     except FileNotFoundError as exc:
         sys.stderr.write(f"ptsne affinities: {exc}\n")
         return EXIT_NOT_FOUND

@@ -74,10 +74,13 @@ def _scale(value: str) -> float:
 
 def _write_error(command: str, output: str, exc: OSError) -> int:
     """Exit code and one-line message of a failed write of ``output``."""
+    from pipeline.shards import OutputLocationError
+
     if isinstance(exc, FileExistsError):
         sys.stderr.write(f"ptsne {command}: {exc} (--overwrite replaces it)\n")
         return EXIT_USAGE
-    sys.stderr.write(f"ptsne {command}: cannot write --output {output!r}: {exc}\n")
+    reason = str(exc) if isinstance(exc, OutputLocationError) else f"cannot write {output!r}: {exc}"
+    sys.stderr.write(f"ptsne {command}: --output: {reason}\n")
     return EXIT_ERROR
 
 

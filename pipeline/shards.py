@@ -176,6 +176,28 @@ def sha256_file(fs: pafs.FileSystem, path: str, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+class OutputLocationError(OSError):
+    """An output cannot be created where it was asked for; the message says why (one line)."""
+
+
+def check_creatable(fs: pafs.FileSystem, path: str) -> None:
+    """Raise :class:`OutputLocationError` when a local ``path`` and its hidden siblings cannot be created.
+
+    Checked before any work: the nearest existing ancestor of ``path``'s parent
+    must be a directory this user may write to. Other filesystems answer only
+    when written to.
+    """
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return
+    probe = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise OutputLocationError(f"cannot create {path!r}: {probe!r} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputLocationError(f"cannot create {path!r}: no permission to write in {probe!r}")
+
+
 class StagedDir:
     """Build a directory in a hidden sibling and move it to ``path`` on success.
 
@@ -204,6 +226,7 @@ class StagedDir:
         self.overwrite = overwrite
 
     def check_target(self) -> None:
+        check_creatable(self.fs, self.path)
         if exists(self.fs, self.path) and not is_empty_dir(self.fs, self.path) and not self.overwrite:
             raise FileExistsError(
                 f"output {self.path!r} exists and is not empty; choose another output or pass overwrite"

@@ -158,6 +158,16 @@ def test_data_import_unwritable_output_is_one_line_error(tmp_path, capsys):
         assert "--output" in line and str(output) in line, line
 
 
+def test_affinities_unwritable_output_is_one_line_error_before_any_work(shards, tmp_path, capsys):
+    inp, before = shards
+    (tmp_path / "file").write_text("")
+    output = tmp_path / "file" / "aff"
+    assert main(["affinities", "--input", str(inp), "--output", str(output)]) == EXIT_ERROR
+    line = _one_line(capsys.readouterr().err)
+    assert "--output" in line and str(output) in line and "not a directory" in line, line
+    assert _snapshot(inp) == before
+
+
 @pytest.mark.parametrize("scale", ["nan", "inf", "-inf", "0", "1e39", "1e-40", "x"])
 def test_data_import_rejects_a_scale_that_ruins_the_vectors(tmp_path, capsys, scale):
     np.save(tmp_path / "x.npy", np.ones((5, 2), np.float32))
