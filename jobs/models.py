@@ -109,6 +109,7 @@ def run_show(args) -> int:
                 *[_fmt(v["metrics"][m]) if m in v["metrics"] else "-" for m in metric_cols],
             ]
         )
-    out.append(_table(rows, ["VERSION", "ALIASES", "STATUS", "CREATED", "SOURCE RUN", "REF_POINTS", "REF_MB", *metric_cols]))
+    header = ["VERSION", "ALIASES", "STATUS", "CREATED", "SOURCE RUN", "REF_POINTS", "REF_MB", *metric_cols]
+    out.append(_table(rows, header))
     sys.stdout.write("".join(out))
     return EXIT_OK

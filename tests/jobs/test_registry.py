@@ -138,7 +138,8 @@ def test_list_and_describe(mlflow_store, estimators):
     assert info["versions"][1]["metrics"] == pytest.approx({"knn_accuracy": 0.6, "trustworthiness": 0.9})
     assert all(v["run_id"] for v in info["versions"])
     reference = estimators[0].reference_
-    assert [(v["reference_points"], v["reference_bytes"]) for v in info["versions"]] == [(200, reference.nbytes), (0, 0)]
+    facts = [(v["reference_points"], v["reference_bytes"]) for v in info["versions"]]
+    assert facts == [(200, reference.nbytes), (0, 0)]
     with pytest.raises(registry.ModelNotFoundError, match="registered models: demo"):
         registry.describe_model("nope")
 
