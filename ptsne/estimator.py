@@ -23,7 +23,15 @@ from ptsne.errors import NotFittedError
 from ptsne.knn import KNNConfig, knn_graph
 from ptsne.model import DEFAULT_HIDDEN, Mapper, ModelConfig, build_mapper
 from ptsne.pca import PCA
-from ptsne.reference import METHODS, Reference, ReferenceConfig, fold_similarity, optimize_map, similarity_fit
+from ptsne.reference import (
+    METHODS,
+    Reference,
+    ReferenceConfig,
+    best_scale,
+    fold_similarity,
+    optimize_map,
+    similarity_fit,
+)
 from ptsne.train import Callback, TrainConfig, default_epochs, fit_mapper
 from ptsne.transform import transform as batched_transform
 from ptsne.validation import check_array
@@ -56,8 +64,8 @@ class ParametricTSNE:
         A network of your own from ``n_features`` (after PCA) to ``n_components``;
         replaces the default MLP (inputs are standardised before it).
     n_epochs : int or "auto"
-        Passes over the points; ``"auto"`` aims at about 3500 steps within 10 to 60
-        epochs (30 for 60k points, 10 from 300k points on), and more epochs for small
+        Passes over the points; ``"auto"`` aims at about 2400 steps within 10 to 60
+        epochs (21 for 60k points, 10 from about 125k points on), and more epochs for small
         datasets so that training takes at least 2000 steps
         (:func:`ptsne.train.default_epochs`).
     batch_size, learning_rate, early_exaggeration, early_exaggeration_fraction,
@@ -76,7 +84,8 @@ class ParametricTSNE:
         the same frame. ``transform`` then places new points on that map at
         t-SNE quality (:mod:`ptsne.reference`); 0 keeps a network-only model.
     reference_iter : int
-        Gradient-descent iterations of the reference map.
+        Gradient-descent iterations of the reference map (the coarse phase; see
+        :class:`ptsne.reference.ReferenceConfig`).
     random_state : int, optional
         Seed; with a seed, CPU training is deterministic.
     device : {"auto", "cpu", "cuda"}
@@ -349,11 +358,12 @@ class ParametricTSNE:
             edges = joint_probabilities(graph, self.perplexity)
         init = self._forward(Z)
         threads = self.n_threads or default_num_threads()
-        Yr = optimize_map(edges, init, config.n_iter, self.dof, config.learning_rate, threads, seed, self.verbose)
+        scale = best_scale(edges, init, self.dof, random_state=seed)
+        Yr = optimize_map(edges, scale * init, config, self.dof, threads, seed, self.verbose)
         A, shift = similarity_fit(init, Yr)
         if not fold_similarity(self.model_.net, A, shift):
             log.warning("reference: the network does not end in a linear layer; its map keeps its own frame")
-        self.reference_ = Reference(Z, Yr, dof=self.dof, config=config)
+        self.reference_ = Reference(Z, Yr, dof=self.dof, config=config).prepare()
         return self
 
     def _build_model(self, n_inputs: int, seed: int) -> Mapper:

@@ -13,8 +13,14 @@ reference fixes that where it matters, on the training points and near them:
 3. :meth:`Reference.place` embeds new points: each point's neighbours among the
    reference points (FAISS), a perplexity-calibrated ``p_{j|i}`` over them, and a
    per-point optimisation of :func:`placement_objective` against the fixed
-   reference map, started at the network's output. A query that equals a
+   reference map, started at the median of its neighbours' coordinates (or at the
+   network's output, ``transform_init="network"``). A query that equals a
    reference point lands on its reference coordinate.
+
+On MNIST (60k reference points, 10k new ones) the median start reaches a lower
+placement objective than the network's output after the same iterations (5.67
+against 5.79 nats per point after 30 iterations; 5.76 after 100): the network's
+coarser map leaves points in worse local optima.
 
 The placement objective of a new point ``y`` with neighbours ``j`` is
 
@@ -41,7 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ptsne.affinity import Edges, calibrate
-from ptsne.knn import build_index, search
+from ptsne.knn import build_index, search, tune_nprobe
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,12 @@ log = logging.getLogger(__name__)
 EXACT_REPULSION_MAX = 4096
 #: Placement methods of ``transform``.
 METHODS = ("auto", "network", "refine")
+#: Where a placed point starts.
+INITS = ("median", "network")
+#: The median start takes this many of a point's nearest reference points.
+MEDIAN_NEIGHBORS = 10
+#: References above this many points are searched with an IVF index (recall >= 0.95).
+EXACT_SEARCH_MAX = 20_000
 
 
 @dataclass(frozen=True)
@@ -61,13 +73,26 @@ class ReferenceConfig:
         At most this many training points form the reference (a uniform sample
         beyond it); 0 trains a network-only model.
     n_iter : int
-        Gradient-descent iterations of the reference map (exaggeration 1).
+        Gradient-descent iterations of the reference map (exaggeration 1) with
+        openTSNE's FFT interpolation on intervals of ``coarse_interval`` map units ...
+    fine_iter : int
+        ... then this many at openTSNE's own resolution (intervals of 1), which sharpen
+        the local structure. On MNIST (60k points, 2 threads), from the network's map
+        at its best scale: 150 coarse iterations take 31 s and reach KL 2.608 and
+        train-split recall@10 0.388; 30 fine ones more (22 s) reach 2.593 and 0.393,
+        where openTSNE's own map has 2.715 and 0.392 (200 coarse: 2.592, 0.391).
+    coarse_interval : float
+        Interval width (map units) of the coarse iterations; per-iteration cost falls
+        with its square.
     learning_rate : float or "auto"
         Of the reference map's optimisation; ``"auto"`` is openTSNE's ``n``.
     transform_perplexity : float
         Perplexity of a new point's affinities to its reference neighbours.
     transform_iter : int
         Iterations of a new point's placement.
+    transform_init : {"median", "network"}
+        Start of a placed point: the median of its nearest reference points'
+        coordinates, or the network's output.
     transform_exaggeration : float
         Attraction factor of the placement.
     grid_spacing : float
@@ -75,15 +100,18 @@ class ReferenceConfig:
     """
 
     size: int = 250_000
-    n_iter: int = 500
+    n_iter: int = 150
+    fine_iter: int = 30
+    coarse_interval: float = 2.0
     learning_rate: float | str = "auto"
     transform_perplexity: float = 5.0
-    transform_iter: int = 60
+    transform_iter: int = 30
+    transform_init: str = "median"
     transform_exaggeration: float = 1.0
     grid_spacing: float = 0.125
 
     def __post_init__(self) -> None:
-        for name, minimum in (("size", 0), ("n_iter", 0), ("transform_iter", 0)):
+        for name, minimum in (("size", 0), ("n_iter", 0), ("fine_iter", 0), ("transform_iter", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
                 raise ValueError(f"ReferenceConfig: {name} must be an integer >= {minimum}, got {v!r}")
@@ -99,6 +127,12 @@ class ReferenceConfig:
             raise ValueError(
                 "ReferenceConfig: transform_exaggeration must be a number >= 1, "
                 f"got {self.transform_exaggeration!r}"
+            )
+        if self.transform_init not in INITS:
+            raise ValueError(f"ReferenceConfig: transform_init must be one of {INITS}, got {self.transform_init!r}")
+        if not _positive(self.coarse_interval):
+            raise ValueError(
+                f"ReferenceConfig: coarse_interval must be a number > 0, got {self.coarse_interval!r}"
             )
         if not _positive(self.grid_spacing):
             raise ValueError(f"ReferenceConfig: grid_spacing must be a number > 0, got {self.grid_spacing!r}")
@@ -119,21 +153,24 @@ def _positive(v) -> bool:
 def optimize_map(
     edges: Edges,
     init: np.ndarray,
-    n_iter: int = ReferenceConfig.n_iter,
+    config: ReferenceConfig = ReferenceConfig(),
     dof: float = 1.0,
-    learning_rate: float | str = "auto",
     n_threads: int = 1,
     random_state: int = 0,
     verbose: bool = False,
 ) -> np.ndarray:
     """Coordinates that minimise KL(P || Q) (exaggeration 1), started at ``init``.
 
+    ``config.n_iter`` coarse then ``config.fine_iter`` fine iterations of
+    openTSNE's gradient descent (FFT-interpolated repulsion for 2-D maps of 10k
+    points or more, Barnes-Hut otherwise).
+
     Parameters
     ----------
     edges : Edges
         The joint P over ``len(init)`` points (sums to one).
     init : ndarray (n, n_components)
-        Starting coordinates, e.g. the network's map of the points.
+        Starting coordinates, e.g. the network's map of the points at its best scale.
 
     Returns
     -------
@@ -144,17 +181,17 @@ def optimize_map(
 
     init = np.ascontiguousarray(init, dtype=np.float64)
     n, dim = init.shape
-    if n_iter == 0:
+    total = config.n_iter + config.fine_iter
+    if total == 0:
         return init.astype(np.float32)
-    P = edges.to_csr(n)
-    # FFT interpolation exists for 1-D and 2-D maps; Barnes-Hut serves 3-D.
+    # FFT interpolation exists for 1-D and 2-D maps; Barnes-Hut serves 3-D and small maps.
     method = "fft" if dim <= 2 and n >= 10_000 else "bh"
     embedding = TSNEEmbedding(
-        init, PrecomputedAffinities(P, normalize=False), n_jobs=int(n_threads), dof=float(dof),
+        init, PrecomputedAffinities(edges.to_csr(n), normalize=False), n_jobs=int(n_threads), dof=float(dof),
         random_state=int(random_state), negative_gradient_method=method, verbose=False,
     )
-    every = max(1, min(50, n_iter))
-    bar = tqdm(total=n_iter, desc="ptsne reference", unit="it", disable=not verbose)
+    every = max(1, min(50, total))
+    bar = tqdm(total=total, desc="ptsne reference", unit="it", disable=not verbose)
 
     def progress(iteration, error, _embedding):
         bar.update(every)
@@ -162,14 +199,49 @@ def optimize_map(
 
     t = time.perf_counter()
     try:
-        embedding.optimize(
-            n_iter, exaggeration=1.0, momentum=0.8, learning_rate=learning_rate, inplace=True,
-            callbacks=[progress] if verbose else None, callbacks_every_iters=every,
-        )
+        for n_iter, interval in ((config.n_iter, config.coarse_interval), (config.fine_iter, 1.0)):
+            if n_iter:
+                embedding.optimize(
+                    n_iter, exaggeration=1.0, momentum=0.8, learning_rate=config.learning_rate, inplace=True,
+                    ints_in_interval=float(interval), callbacks=[progress] if verbose else None,
+                    callbacks_every_iters=every,
+                )
     finally:
         bar.close()
-    log.info("reference map: %d points, %d iterations in %.1f s", n, n_iter, time.perf_counter() - t)
+    log.info("reference map: %d points, %d iterations in %.1f s", n, total, time.perf_counter() - t)
     return np.asarray(embedding, dtype=np.float32)
+
+
+def best_scale(edges: Edges, Y: np.ndarray, dof: float = 1.0, n_pairs: int = 2_000_000,
+               random_state: int = 0) -> float:
+    """The factor ``s`` that minimises KL(P || Q) of the map ``s * Y``.
+
+    The attraction is summed over every edge; ``Z`` is estimated from ``n_pairs``
+    uniformly drawn pairs, the same pairs for every ``s``, so the 1-D objective is
+    smooth. t-SNE expands a map slowly; starting the reference at its best scale
+    spares the iterations of that expansion.
+    """
+    from scipy.optimize import minimize_scalar
+
+    Y = np.asarray(Y, dtype=np.float64)
+    n = len(Y)
+    rng = np.random.default_rng(random_state)
+    i = rng.integers(0, n, n_pairs)
+    j = (i + rng.integers(1, n, n_pairs)) % n  # j != i
+    pair_sq = ((Y[i] - Y[j]) ** 2).sum(1)
+    edge_sq = ((Y[edges.head] - Y[edges.tail]) ** 2).sum(1)
+    p = edges.weight.astype(np.float64)
+    c = 0.5 * (dof + 1.0)
+
+    def kl(log_s: float) -> float:
+        s2 = math.exp(2.0 * log_s)
+        attraction = c * float((p * np.log1p(s2 * edge_sq / dof)).sum())
+        log_z = math.log(float(np.exp(-c * np.log1p(s2 * pair_sq / dof)).mean()))
+        return attraction + log_z
+
+    result = minimize_scalar(kl, bounds=(math.log(0.1), math.log(10.0)), method="bounded",
+                             options={"xatol": 1e-3})
+    return float(math.exp(result.x))
 
 
 def similarity_fit(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -263,14 +335,14 @@ class RepulsionField:
                 idx = idx + (base[:, a] + o) * strides[a]
             flat.index_add_(0, idx, wgt)
         # Kernel on the node offsets -(G-1)..(G-1), convolved with the density by FFT.
-        offsets = torch.arange(-(G - 1), G, dtype=torch.float64) * h
+        offsets = torch.arange(-(G - 1), G, dtype=torch.float32) * h
         mesh = torch.meshgrid(*([offsets] * self.dim), indexing="ij")
         delta = torch.stack(mesh, dim=-1)
         w, u = _kernel_parts((delta * delta).sum(-1), self.dof)
         kernels = [w] + [w * u * delta[..., a] for a in range(self.dim)]
         size = [2 * G - 1 + G - 1] * self.dim
         dims = tuple(range(self.dim))
-        fd = torch.fft.rfftn(density, s=size, dim=dims)
+        fd = torch.fft.rfftn(density.float(), s=size, dim=dims)
         fields = []
         crop = tuple(slice(G - 1, 2 * G - 1) for _ in dims)
         for K in kernels:
@@ -392,9 +464,19 @@ class Reference:
         return int(self.vectors.nbytes + self.embedding.nbytes)
 
     def index(self):
+        """FAISS index of the reference vectors (exact, or IVF tuned to recall 0.95 when large)."""
         if self._index is None:
-            self._index = build_index(self.vectors, "exact")
+            method = "exact" if len(self) <= EXACT_SEARCH_MAX else "ivf"
+            self._index = build_index(self.vectors, method)
+            if method == "ivf":
+                tune_nprobe(self._index, self.vectors, self.config.transform_k)
         return self._index
+
+    def prepare(self) -> Reference:
+        """Build the search index and the repulsion field now rather than at the first ``place``."""
+        self.index()
+        self.field()
+        return self
 
     def field(self) -> RepulsionField:
         if self._field is None:
@@ -407,11 +489,20 @@ class Reference:
         p, _ = calibrate(graph.distances, self.config.transform_perplexity)
         return graph.indices, graph.distances, p
 
-    def place(self, Z: np.ndarray, init: np.ndarray) -> np.ndarray:
-        """Coordinates of new points ``Z`` (m, D), started at ``init`` (m, n_components)."""
+    def place(self, Z: np.ndarray, network: np.ndarray | None = None) -> np.ndarray:
+        """Coordinates of new points ``Z`` (m, D); ``network`` is the network's map of them.
+
+        ``network`` is needed only with ``transform_init="network"``.
+        """
         if len(Z) == 0:
             return np.zeros((0, self.embedding.shape[1]), dtype=np.float32)
         neighbors, distances, p = self.affinities(Z)
+        if self.config.transform_init == "network":
+            if network is None:
+                raise ValueError("Reference.place: transform_init='network' needs the network's map of the points")
+            init = network
+        else:
+            init = np.median(self.embedding[neighbors[:, :MEDIAN_NEIGHBORS]], axis=1)
         y = refine(init, neighbors, p, self.embedding, self.field(), self.config.transform_iter,
                    self.config.transform_exaggeration)
         # A query equal to a reference point lands on that point's coordinate.

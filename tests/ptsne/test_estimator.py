@@ -131,14 +131,20 @@ def test_seeded_fit_is_deterministic(blobs):
 def test_quality_on_digits(digits):
     # Held-out quality on a real dataset: digits (1797 x 64), train on the first 1400
     # points, map the last 397 (other writers). For scale on this split: 10-NN in the
-    # 64-D input space scores 0.952, openTSNE's transform 0.945, ptsne at batch 256
-    # 0.912-0.924 over seeds 0-2, in bfloat16 or float32 (the default 512 is 2 steps per
-    # epoch here: slower).
+    # 64-D input space scores 0.952, openTSNE's transform 0.945.
+    # Measured spread of the network alone (batch 256; the default 512 is 2 steps per
+    # epoch here): 0.902-0.924 over seeds 0-4 x float32/bfloat16 x 1-2 threads on an
+    # AMD EPYC with AVX512-BF16, and 0.889 for seed 0 in float32 on an Intel Xeon with
+    # AMX; bound 0.86. The default mode (placed on the reference map): see
+    # REFERENCE_DIGITS_BOUND.
     X, y = digits
     est = ParametricTSNE(random_state=0, device="cpu", batch_size=256).fit(X[:1400])
     assert len(est.history_) >= 60
-    acc = knn_accuracy(est.embedding_, y[:1400], est.transform(X[1400:]), y[1400:], k=10)
-    assert acc > 0.9
+    network = knn_accuracy(est.transform(X[:1400], method="network"), y[:1400],
+                           est.transform(X[1400:], method="network"), y[1400:], k=10)
+    assert network > 0.86
+    placed = knn_accuracy(est.embedding_, y[:1400], est.transform(X[1400:]), y[1400:], k=10)
+    assert placed > REFERENCE_DIGITS_BOUND
 
 
 # -- errors ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from ptsne.reference import (
     Reference,
     ReferenceConfig,
     RepulsionField,
+    best_scale,
     fold_similarity,
     optimize_map,
     placement_gradient,
@@ -104,9 +105,18 @@ def test_kl_divergence_equals_the_dense_exact_kl():
 def test_optimize_map_lowers_the_exact_kl():
     X, _, edges = _small_problem()
     init = np.random.default_rng(0).normal(scale=3.0, size=(len(X), 2)).astype(np.float32)
-    Y = optimize_map(edges, init, n_iter=300)
+    Y = optimize_map(edges, init, ReferenceConfig(n_iter=200, fine_iter=100))
     assert Y.shape == init.shape and Y.dtype == np.float32
     assert kl_divergence(edges, Y) < kl_divergence(edges, init) - 0.3
+
+
+def test_best_scale_minimises_the_exact_kl_over_scales():
+    X, _, edges = _small_problem()
+    Y = optimize_map(edges, np.random.default_rng(0).normal(size=(len(X), 2)), ReferenceConfig(n_iter=100))
+    s = best_scale(edges, 0.3 * Y)
+    kl = lambda f: kl_divergence(edges, f * 0.3 * Y)  # noqa: E731
+    assert kl(s) < min(kl(s * 1.25), kl(s / 1.25))
+    assert s > 1.5 and kl(s) < kl(1.0) - 0.05  # the shrunken map is scaled back up
 
 
 def test_similarity_fit_recovers_a_similarity_and_folds_into_the_output_layer():
