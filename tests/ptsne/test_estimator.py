@@ -8,6 +8,10 @@ from ptsne import NotFittedError, ParametricTSNE
 from ptsne.metrics import knn_accuracy
 
 FAST = dict(n_epochs=4, batch_size=128, hidden_layers=(32, 32), random_state=0, device="cpu")
+#: Default mode on the digits split of test_quality_on_digits: measured 0.9521-0.9572 over
+#: seeds 0-3 x float32/bfloat16 x 1-2 threads (AMD EPYC, AVX512-BF16); openTSNE's
+#: transform scores 0.945 there. The bound leaves 0.022 for other machines of this kind.
+REFERENCE_DIGITS_BOUND = 0.93
 
 
 @pytest.fixture(scope="module")
