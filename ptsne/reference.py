@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from ptsne.affinity import Edges, calibrate
 from ptsne.knn import build_index, search, tune_nprobe
+from ptsne.loss import log_kernel
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +307,8 @@ class RepulsionField:
         Y = torch.as_tensor(np.asarray(embedding, dtype=np.float32))
         self.n, self.dim = Y.shape
         self.dof = float(dof)
-        self.exact = self.n <= EXACT_REPULSION_MAX if exact is None else bool(exact)
+        # grid_sample interpolates 2-D and 3-D grids only: other dimensions sum exactly.
+        self.exact = self.n <= EXACT_REPULSION_MAX or self.dim not in (2, 3) if exact is None else bool(exact)
         self.points = Y
         if not self.exact:
             self._build_grid(Y.double(), float(spacing), max_cells or (1024 if self.dim <= 2 else 96))
@@ -375,10 +377,9 @@ def placement_objective(
     """Exact per-point objective ``L(y)`` (m,), dense over every reference point (for checks)."""
     diff = y[:, None, :] - reference[neighbors]
     sq = (diff * diff).sum(-1)
-    nlogw = 0.5 * (dof + 1.0) * torch.log1p(sq / dof)
     all_sq = torch.cdist(y.double(), reference.double()).pow(2)
-    log_z = torch.logsumexp(-0.5 * (dof + 1.0) * torch.log1p(all_sq / dof), dim=1)
-    return exaggeration * (p * nlogw).sum(1) + log_z.to(y.dtype)
+    log_z = torch.logsumexp(log_kernel(all_sq, dof), dim=1)
+    return -exaggeration * (p * log_kernel(sq, dof)).sum(1) + log_z.to(y.dtype)
 
 
 def placement_gradient(
