@@ -20,7 +20,10 @@ process per stage (sampled from ``/proc`` for every process of the local Ray
 this script starts; with ``--address`` only the per-task peaks that the affinity
 stages report), and quality on a held-out sample (kNN accuracy of held-out
 points among embedded training points, and trustworthiness of the held-out
-embedding). Results go to ``<out>/scale.json``, ``<out>/scale.md`` and a plot of
+embedding); the reference stage (inside **train**, in the driver: its seconds, points,
+MB and the train stage's driver peak memory), the registered artifact's size, and embed
+rows/s in both modes (the held-out shard embedded again with ``method="network"``).
+Results go to ``<out>/scale.json``, ``<out>/scale.md`` and a plot of
 time against N, ``<out>/scale.png``.
 
 Usage::
@@ -52,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from pipeline.train import DistributedTrainConfig
 from ptsne.train import TrainConfig, default_epochs
 
 log = logging.getLogger("benchmarks.scale")
@@ -290,7 +294,8 @@ def run_one(n: int, args: argparse.Namespace, monitor: RssMonitor | None) -> dic
     with stage("train"):
         result = train_distributed(
             aff_dir,
-            DistributedTrainConfig(n_epochs=epochs, batch_size=args.batch_size, seed=args.seed),
+            DistributedTrainConfig(n_epochs=epochs, batch_size=args.batch_size, seed=args.seed,
+                                   reference_size=args.reference_size),
             num_workers=args.train_workers, use_gpu=args.gpu, storage_path=work / "ray_results",
             resume=False, cpus_per_worker=args.task_cpus,
         )
@@ -316,6 +321,18 @@ def run_one(n: int, args: argparse.Namespace, monitor: RssMonitor | None) -> dic
     seconds["embed"] = time.perf_counter() - t
     if summary.rows != holdout:
         raise RuntimeError(f"embedded {summary.rows} rows, expected {holdout}")
+    artifact_mb = sum(f.stat().st_size for f in Path(resolved.path).rglob("*") if f.is_file()) / 2**20
+    network_rows_per_s = None
+    if estimator.reference_ is not None:
+        # The same shard again through the fast path, into a directory of its own.
+        t = time.perf_counter()
+        net_summary = embed_shards(
+            holdout_dir, work / "embedded-network",
+            ModelSpec(str(resolved.path), resolved.name, resolved.version, f"v{resolved.version}"),
+            EmbedConfig(progress=False, cpus_per_actor=args.embed_cpus, method="network"),
+        )
+        seconds["embed_network"] = time.perf_counter() - t
+        network_rows_per_s = round(net_summary.rows_per_s, 1)
 
     q = quality(estimator, train_dir, holdout_dir, work / "embedded" / f"v{resolved.version}",
                 args.quality_sample, args.seed)
@@ -334,8 +351,17 @@ def run_one(n: int, args: argparse.Namespace, monitor: RssMonitor | None) -> dic
                   # Time inside the epochs; the rest of "train" is Ray Train start-up and checkpoints.
                   "epoch_seconds": round(sum(float(h.get("seconds", 0.0)) for h in result.history), 2),
                   "final_loss": result.history[-1].get("loss") if result.history else None},
-        "model": {"name": ref.name, "version": ref.version},
+        "model": {"name": ref.name, "version": ref.version, "artifact_mb": round(artifact_mb, 1)},
+        # The reference stage runs in the driver inside "train": its memory is the
+        # train stage's driver peak.
+        "reference": {
+            "points": len(estimator.reference_) if estimator.reference_ is not None else 0,
+            "mb": round(estimator.reference_.nbytes / 2**20, 1) if estimator.reference_ is not None else 0.0,
+            "seconds": round(result.reference_seconds, 2),
+            "driver_peak_rss_mb": (monitor.stages.get("train", {}).get("driver_rss_mb") if monitor else None),
+        },
         "embed_rows_per_s": round(summary.rows_per_s, 1),
+        "embed_network_rows_per_s": network_rows_per_s,
         "quality": q,
     }
     if monitor:
@@ -352,8 +378,10 @@ def write_report(out: Path, results: dict) -> None:
     (out / "scale.json").write_text(json.dumps(results, indent=2))
     rows = results["runs"]
     lines = [
-        "| N | " + " | ".join(STAGES) + " | total (s) | of which epochs (s) | peak worker RSS (MB) | kNN acc. | trust. |",
-        "|---" * (len(STAGES) + 6) + "|",
+        "| N | " + " | ".join(STAGES) + " | total (s) | of which epochs (s) | peak worker RSS (MB) | kNN acc. | trust. "
+        "| reference (s) | reference points | driver peak RSS (MB) | artifact (MB) | embed rows/s "
+        "| network embed rows/s |",
+        "|---" * (len(STAGES) + 12) + "|",
     ]
     for r in rows:
         mem = r["peak_memory"] or {}
@@ -364,7 +392,10 @@ def write_report(out: Path, results: dict) -> None:
             f"| {r['n']:,} | " + " | ".join(f"{r['seconds'][s]:.1f}" for s in STAGES)
             + f" | {r['pipeline_seconds']:.1f} | {r['train']['epoch_seconds']:.1f} | {peak:.0f}"
             f" | {r['quality']['knn_accuracy_k10']:.3f}"
-            f" | {r['quality']['trustworthiness_k12']:.3f} |"
+            f" | {r['quality']['trustworthiness_k12']:.3f}"
+            f" | {r['reference']['seconds']:.1f} | {r['reference']['points']:,}"
+            f" | {r['reference']['driver_peak_rss_mb'] or float('nan'):.0f} | {r['model']['artifact_mb']:.1f}"
+            f" | {r['embed_rows_per_s']:,.0f} | {r['embed_network_rows_per_s'] or float('nan'):,.0f} |"
         )
     (out / "scale.md").write_text("\n".join(lines) + "\n")
     log.info("results:\n%s", "\n".join(lines))
@@ -427,6 +458,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="training epochs (default: the product's choice for N, ptsne.train.default_epochs)")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--train-workers", type=int, default=1)
+    p.add_argument("--reference-size", type=int, default=DistributedTrainConfig.reference_size,
+                   help="reference points (0: network-only models)")
     p.add_argument("--task-cpus", type=int, default=1, help="CPUs per Ray task / train worker / embed actor")
     p.add_argument("--embed-cpus", type=int, default=1,
                    help="CPUs per embed actor; keep one CPU free for Ray Data's read tasks")

@@ -13,7 +13,9 @@ Keep polling, and follow the alias (re-embedding everything when it moves)::
 Exit codes: 0 done; 1 unexpected error (or the output is locked by another run);
 2 usage (bad URI, output held by another model without ``--reembed``,
 ``--method refine`` for a network-only model);
-3 bad input (schema, dimension, NaN/Inf rows); 4 model, alias, version or input not found.
+3 bad input (schema, dimension, NaN/Inf rows); 4 model, alias, version or input not found, or a
+model that cannot be used (a missing or corrupt file, a sha256 mismatch; the message names the file).
+The model is resolved, downloaded and checked before Ray starts.
 """
 
 from __future__ import annotations
@@ -131,7 +133,12 @@ def _missing_model_dir(uri: str) -> bool:
 
 
 class _ModelCache:
-    """Downloads each resolved version once per process."""
+    """Downloads and checks each resolved version once per process.
+
+    The check is a full ``ParametricTSNE.load`` in the driver (sha256 sums, config,
+    weight shapes against ``n_features_in``, finite values), so a broken model is
+    reported naming its file before any Ray actor tries to load it.
+    """
 
     def __init__(self):
         from jobs import tempdirs
@@ -144,8 +151,17 @@ class _ModelCache:
         from pipeline.embed import ModelSpec
 
         if ref.uri not in self.paths:
+            from ptsne.errors import ModelFileError
+            from ptsne.estimator import ParametricTSNE
+
             dst = os.path.join(self.tmp.name, str(len(self.paths)))
-            self.paths[ref.uri] = str(registry.download(ref, dst))
+            try:
+                path = registry.download(ref, dst)
+                ParametricTSNE.load(path, device="cpu")
+            except ModelFileError as exc:
+                where = "" if ref.version == "local" else f" (model {ref.uri})"
+                raise type(exc)(exc.file, exc.problem + where) from None
+            self.paths[ref.uri] = str(path)
         return ModelSpec(path=self.paths[ref.uri], name=ref.name, version=ref.version, tag=ref.tag)
 
 
@@ -182,26 +198,48 @@ class _UsageError(Exception):
     pass
 
 
-def _check_method(args, cache) -> None:
-    """Refuse ``--method refine`` for a network-only model before Ray starts.
+def _check_model(args, cache) -> None:
+    """Resolve, download and check the model before Ray starts; refuse ``--method refine``
+    for a network-only model.
 
-    Lookup problems are left to the poll loop, which reports (or, with --watch,
-    retries) them as usual.
+    A model that is broken (:class:`ptsne.errors.ModelFileError`) or cannot be
+    refined on is always reported here. Other problems (not found yet, an output held
+    by another model) are reported here without ``--watch``; with it, they are left to
+    the poll loop, which reports and retries them.
     """
     from pipeline.embed import read_current
+    from ptsne.errors import ModelFileError
 
-    if args.method != "refine":
-        return
     try:
         spec = cache.spec(_choose(args, read_current(args.output)))
-    except Exception:  # reported by the poll loop
-        log.debug("--method check: the model could not be resolved yet", exc_info=True)
+    except ModelFileError:
+        raise
+    except Exception:
+        if not args.watch:
+            raise
+        log.debug("model check: the model could not be resolved yet", exc_info=True)
         return
-    if not spec.has_reference:
+    if args.method == "refine" and not spec.has_reference:
         raise _UsageError(
             f"--method refine needs a model with a reference; {spec.name} version {spec.version} is "
             "network-only (trained with --reference-size 0): use --method network or --method auto"
         )
+
+
+def _failure_code(exc: Exception) -> int | None:
+    """The exit code of an expected failure (the message is the whole report); None for others."""
+    from jobs import registry
+    from pipeline.embed import EmbedInputError
+    from pipeline.shards import InvalidInputError
+    from ptsne.errors import ModelFileError
+
+    if isinstance(exc, (registry.ModelNotFoundError, FileNotFoundError, ModelFileError)):
+        return EXIT_NOT_FOUND
+    if isinstance(exc, (EmbedInputError, InvalidInputError)):
+        return EXIT_BAD_INPUT
+    if isinstance(exc, (_UsageError, ValueError)):
+        return EXIT_USAGE
+    return None
 
 
 def _once(args, cache, config):
@@ -223,12 +261,9 @@ def _report(args, summary) -> None:
 
 def run(args) -> int:
     """Entry point of ``ptsne embed``; returns an exit code."""
-    from jobs import registry
+    from jobs import registry, tempdirs
     from jobs.tracking import configure_mlflow
-    from pipeline.embed import EmbedConfig, EmbedInputError
-    from pipeline.shards import InvalidInputError
-
-    from jobs import tempdirs
+    from pipeline.embed import EmbedConfig
 
     tempdirs.remove_stale(TEMP_PREFIX)  # model copies of runs killed with SIGKILL
     if _missing_model_dir(args.model):
@@ -265,10 +300,12 @@ def run(args) -> int:
     started = False
     try:
         try:
-            _check_method(args, cache)
-        except _UsageError as exc:
+            _check_model(args, cache)
+        except Exception as exc:
+            if (code := _failure_code(exc)) is None:
+                raise
             log.error("%s", exc)
-            return EXIT_USAGE
+            return code
         started = _init_ray(args)
         while True:
             polls += 1
@@ -276,20 +313,12 @@ def run(args) -> int:
                 summary = _once(args, cache, config)
                 _report(args, summary)
                 code = EXIT_OK
-            except registry.ModelNotFoundError as exc:
+            except Exception as exc:
+                if (code := _failure_code(exc)) is None:
+                    raise
                 log.error("%s", exc)
-                code = EXIT_NOT_FOUND
-            except FileNotFoundError as exc:
-                log.error("%s", exc)
-                code = EXIT_NOT_FOUND
-            except (EmbedInputError, InvalidInputError) as exc:
-                log.error("%s", exc)
-                if getattr(exc, "summary", None) is not None:
+                if code == EXIT_BAD_INPUT and getattr(exc, "summary", None) is not None:
                     _report(args, exc.summary)
-                code = EXIT_BAD_INPUT
-            except (_UsageError, ValueError) as exc:
-                log.error("%s", exc)
-                code = EXIT_USAGE
             if not args.watch or (args.max_polls is not None and polls >= args.max_polls):
                 return code
             if code != EXIT_OK:

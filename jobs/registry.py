@@ -1,13 +1,22 @@
 """The MLflow model of a ``ParametricTSNE`` mapper: log, register, resolve, describe.
 
 The logged model is a pyfunc model whose only payload is a
-``ParametricTSNE.save`` directory (``config.json`` + ``model.safetensors``) under
-``data/estimator``. It is logged with a ``loader_module`` (this module's
-:func:`_load_pyfunc`), so loading it unpickles no code; the ``ptsne`` and
-``jobs`` packages travel with it as ``code_paths`` and its dependencies are
-pinned in explicit ``pip_requirements``. Inference in this project never goes
-through pyfunc: :func:`resolve_model` downloads the directory and calls
+``ParametricTSNE.save`` directory (``config.json``, ``model.safetensors`` and
+their ``SHA256SUMS``) under ``data/estimator``. It is logged with a
+``loader_module`` (this module's :func:`_load_pyfunc`) and no ``code_paths``:
+loading it unpickles nothing and runs no code from the artifact, only the
+installed ``ptsne`` and ``jobs`` packages, which must therefore be installed
+wherever the model is loaded; the third-party dependencies are pinned in
+explicit ``pip_requirements``. Inference in this project never goes through
+pyfunc: :func:`resolve_model` downloads the directory and calls
 ``ParametricTSNE.load``.
+
+Integrity: :func:`log_model` records the sha256 of the config and weights as
+tags of the logged model (``sha256.config.json``, ``sha256.model.safetensors``),
+:func:`register` copies them to the new model version, and :func:`download`
+checks the downloaded files against the version's tags before anything loads
+them (``ParametricTSNE.load`` then checks them against the directory's own
+``SHA256SUMS``, which is also all the pyfunc loader can check).
 
 Model URIs accepted by :func:`resolve_model`: ``models:/NAME@ALIAS``,
 ``models:/NAME/VERSION``, ``models:/NAME/latest``, the same without the
@@ -17,10 +26,10 @@ and a local ``ParametricTSNE.save`` or MLflow model directory.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
-import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -42,6 +51,9 @@ REQUIREMENTS = ("torch", "numpy", "scipy", "safetensors", "faiss-cpu", "tqdm", "
 _ALIAS = re.compile(r"^(?P<name>[^@/]+)@(?P<alias>[^@/]+)$")
 _VERSION = re.compile(r"^(?P<name>[^@/]+)/(?P<version>\d+|latest)$")
 _RUNS = re.compile(r"^runs:/(?P<run>[^/]+)/(?P<path>.+)$")
+#: Prefix of the model version (and logged model) tags that hold a model file's sha256:
+#: ``sha256.config.json``, ``sha256.model.safetensors``.
+SHA256_TAG_PREFIX = "sha256."
 
 
 class ModelNotFoundError(LookupError):
@@ -67,6 +79,9 @@ class ModelRef:
         Local ``ParametricTSNE.save`` directory it was loaded from.
     aliases : tuple of str
         Aliases pointing at this version.
+    sha256 : dict
+        ``{file name: hex sha256}`` recorded in the model version's tags (empty for
+        an unregistered model or a version registered before sums were recorded).
     """
 
     name: str
@@ -75,6 +90,7 @@ class ModelRef:
     run_id: str | None = None
     path: Path | None = field(default=None, compare=False)
     aliases: tuple[str, ...] = ()
+    sha256: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def is_registered(self) -> bool:
@@ -147,18 +163,40 @@ def reference_facts(estimator) -> dict[str, int]:
     return {"reference_points": len(reference), "reference_bytes": int(reference.nbytes)}
 
 
-def _stage_code(dst: Path) -> list[str]:
-    """Copies of the ``ptsne`` and ``jobs`` packages (without caches) for ``code_paths``."""
-    import jobs
-    import ptsne
+def sha256_tags(sums: dict[str, str]) -> dict[str, str]:
+    """MLflow tags that record the sums ``{file name: hex sha256}`` of a model's files."""
+    return {f"{SHA256_TAG_PREFIX}{name}": value for name, value in sums.items()}
 
-    paths = []
-    for pkg in (ptsne, jobs):
-        src = Path(pkg.__file__).parent
-        target = dst / src.name
-        shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        paths.append(str(target))
-    return paths
+
+def _sums_of_tags(tags: dict | None) -> dict[str, str]:
+    """The sums recorded in MLflow tags (the inverse of :func:`sha256_tags`)."""
+    return {k[len(SHA256_TAG_PREFIX):]: str(v) for k, v in (tags or {}).items() if k.startswith(SHA256_TAG_PREFIX)}
+
+
+def _filter_literal(field_name: str, value: str) -> str:
+    """``field = 'value'`` for an MLflow search filter, quoted so that ``value`` stays one literal.
+
+    MLflow's filter strings have no escape character; a value with a ``'`` is
+    written in double quotes instead, and one holding both quote characters
+    cannot be searched for at all (ValueError naming it).
+    """
+    if "'" not in value:
+        return f"{field_name} = '{value}'"
+    if '"' not in value:
+        return f'{field_name} = "{value}"'
+    raise ValueError(
+        f"{field_name} {value!r} holds both ' and \" and cannot be searched for in the MLflow registry; "
+        "use a name with at most one kind of quote"
+    )
+
+
+def check_name(name, what: str = "name") -> str:
+    """A registered model name that every lookup of this module can handle; ValueError naming it otherwise."""
+    if not isinstance(name, str) or not name.strip() or "/" in name or "@" in name:
+        raise ValueError(f"{what} must be a non-empty string without '/' or '@', got {name!r}")
+    if "'" in name and '"' in name:
+        raise ValueError(f"{what} must not hold both ' and \" (MLflow's search filters cannot quote it), got {name!r}")
+    return name
 
 
 def log_model(
@@ -178,7 +216,8 @@ def log_model(
     name : str
         Model name within the run (``runs:/RUN_ID/<name>``).
     registered_model_name : str, optional
-        Also register it under this name (see :func:`register` for aliases).
+        Also register it under this name, through :func:`register` (which gives
+        the version the files' sha256 tags; see there for aliases).
     metadata, tags : dict, optional
         Extra MLflow model metadata / logged-model tags.
 
@@ -204,6 +243,8 @@ def log_model(
         raise NotFittedError("log_model: the estimator is not fitted; call fit(X) first")
     if not isinstance(name, str) or not name or "/" in name:
         raise ValueError(f"log_model: name must be a non-empty string without '/', got {name!r}")
+    if registered_model_name is not None:
+        check_name(registered_model_name, "log_model: registered_model_name")
     n_features = int(estimator.n_features_in_)
     n_components = int(estimator.n_components)
     meta = {
@@ -215,9 +256,11 @@ def log_model(
         **reference_facts(estimator),
     }
     meta.update(metadata or {})
+    from ptsne import digest
+
     with tempfile.TemporaryDirectory(prefix="ptsne-log-") as tmp:
         tmp = Path(tmp)
-        estimator.save(tmp / ESTIMATOR_DIR)
+        sums = digest.read(estimator.save(tmp / ESTIMATOR_DIR))
         with warnings.catch_warnings():
             # MLflow asks for an input example; the explicit signature already types the input.
             warnings.filterwarnings("ignore", message=".*input example was not provided.*")
@@ -225,32 +268,41 @@ def log_model(
                 name=name,
                 loader_module=__name__,
                 data_path=str(tmp / ESTIMATOR_DIR),
-                code_paths=_stage_code(tmp / "code"),
+                # No code_paths: loading runs the installed packages, never code from the artifact.
                 pip_requirements=pip_requirements(),
                 signature=_signature(n_features, n_components),
                 metadata=meta,
-                registered_model_name=registered_model_name,
-                tags=tags,
+                # `register` copies the sums to the model version.
+                tags={**(tags or {}), **sha256_tags(sums)},
                 # Logged-model params: `describe_model` reads them for each registered version.
                 params=reference_facts(estimator),
             )
     log.info("logged model %s (%d -> %d)", info.model_uri, n_features, n_components)
+    if registered_model_name is not None:
+        register(info.model_uri, registered_model_name)
     return info
 
 
 def register(model_uri: str, name: str, alias: str | None = None, tags: dict | None = None) -> ModelRef:
     """Register ``model_uri`` (a logged model or ``runs:/`` URI) as a new version of ``name``.
 
-    ``alias`` (e.g. ``"prod"``) is moved to the new version. Returns its :class:`ModelRef`.
+    ``alias`` (e.g. ``"prod"``) is moved to the new version. The sha256 sums that
+    :func:`log_model` recorded on a logged model (``models:/m-...``) become tags of
+    the version; without them (a ``runs:/`` URI, a model logged before sums were
+    recorded) the version is registered with a warning, and its files are later
+    checked against their own ``SHA256SUMS`` only. Returns its :class:`ModelRef`.
     """
     import mlflow
 
-    if not isinstance(name, str) or not name.strip() or "/" in name or "@" in name:
-        raise ValueError(f"register: name must be a non-empty string without '/' or '@', got {name!r}")
+    check_name(name, "register: name")
     if alias is not None and (not isinstance(alias, str) or not alias or "/" in alias or "@" in alias):
         raise ValueError(f"register: alias must be a non-empty string without '/' or '@', got {alias!r}")
     client = mlflow.MlflowClient()
-    mv = mlflow.register_model(model_uri, name, tags=tags)
+    sums = _sums_of_tags(_logged_model(client, model_uri, "tags"))
+    if not sums:
+        log.warning("register: %s records no sha256 of its files (not logged by log_model?); version of %r "
+                    "is registered without them", model_uri, name)
+    mv = mlflow.register_model(model_uri, name, tags={**(tags or {}), **sha256_tags(sums)})
     if alias is not None:
         client.set_registered_model_alias(name, alias, mv.version)
     log.info("registered %s as %s version %s%s", model_uri, name, mv.version, f" (@{alias})" if alias else "")
@@ -260,6 +312,7 @@ def register(model_uri: str, name: str, alias: str | None = None, tags: dict | N
         uri=f"models:/{name}/{mv.version}",
         run_id=mv.run_id or None,
         aliases=(alias,) if alias else (),
+        sha256=sums,
     )
 
 
@@ -288,7 +341,7 @@ def _registered_model(client, name: str):
 
 
 def _versions(client, name: str) -> list:
-    versions = client.search_model_versions(f"name='{name}'", max_results=10000)
+    versions = client.search_model_versions(_filter_literal("name", name), max_results=10000)
     return sorted(versions, key=lambda v: int(v.version))
 
 
@@ -384,6 +437,7 @@ def lookup(uri: str) -> ModelRef:
         uri=f"models:/{name}/{mv.version}",
         run_id=mv.run_id or None,
         aliases=tuple(sorted(a for a, v in aliases.items() if v == str(mv.version))),
+        sha256=_sums_of_tags(mv.tags),
     )
 
 
@@ -415,7 +469,7 @@ def _run_models(run_id: str) -> list[str]:
     names = []
     try:
         found = client.search_logged_models(
-            experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
+            experiment_ids=[run.info.experiment_id], filter_string=_filter_literal("source_run_id", run_id)
         )
         names = [m.name for m in found]
     except Exception:  # older servers without logged-model search
@@ -425,7 +479,12 @@ def _run_models(run_id: str) -> list[str]:
 
 
 def download(ref: ModelRef, dst: str | os.PathLike | None = None) -> Path:
-    """Download ``ref``'s model into ``dst`` (default a new temp dir); return the estimator dir."""
+    """Download ``ref``'s model into ``dst`` (default a new temp dir); return the estimator dir.
+
+    A registered version's files are checked against the sha256 sums in its tags
+    (``ptsne.errors.DigestMismatchError`` naming the file on a mismatch); a version
+    without them is left to ``ParametricTSNE.load``'s check of ``SHA256SUMS``.
+    """
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -444,7 +503,16 @@ def download(ref: ModelRef, dst: str | os.PathLike | None = None) -> Path:
                 f"run {ref.run_id} has no model at {ref.name!r}; its models: {names or 'none'}"
             ) from exc
         raise
-    return _estimator_dir(Path(local))
+    path = _estimator_dir(Path(local))
+    if ref.sha256:
+        from ptsne import digest
+        from ptsne.estimator import CONFIG_FILE, WEIGHTS_FILE
+
+        digest.verify(path, (CONFIG_FILE, WEIGHTS_FILE), ref.sha256, source=f"the tags of {ref.uri}")
+    elif ref.is_registered:
+        log.warning("%s records no sha256 of its files (registered before they were recorded); only the "
+                    "model's own SHA256SUMS is checked", ref.uri)
+    return path
 
 
 def resolve_model(uri: str, dst: str | os.PathLike | None = None, device: str = "cpu"):
@@ -469,6 +537,9 @@ def resolve_model(uri: str, dst: str | os.PathLike | None = None, device: str = 
     ------
     ModelNotFoundError
         Unknown model, alias, version or run; the message lists what exists.
+    ptsne.errors.ModelFileError
+        A model file that is missing, corrupt or fails its sha256 check (the
+        message names it).
     ValueError
         A URI in none of the forms above.
     """
@@ -477,7 +548,7 @@ def resolve_model(uri: str, dst: str | os.PathLike | None = None, device: str = 
     ref = lookup(uri)
     path = download(ref, dst)
     estimator = ParametricTSNE.load(path, device=device)
-    return estimator, ModelRef(ref.name, ref.version, ref.uri, ref.run_id, path, ref.aliases)
+    return estimator, dataclasses.replace(ref, path=path)
 
 
 def _iso(ms: int | None) -> str | None:
@@ -507,12 +578,12 @@ def list_models() -> list[dict]:
     return out
 
 
-def _logged_model_params(client, source: str | None) -> dict[str, str]:
-    """Params of the logged model a version was registered from (``models:/m-...``), or {}."""
+def _logged_model(client, source: str | None, what: str) -> dict[str, str]:
+    """``params`` or ``tags`` of the logged model ``source`` (``models:/m-...``), or {}."""
     if not source or not source.startswith("models:/m-"):
         return {}
     try:
-        return dict(client.get_logged_model(source[len("models:/") :].strip("/")).params or {})
+        return dict(getattr(client.get_logged_model(source[len("models:/") :].strip("/")), what) or {})
     except Exception:  # a store without logged models, or the model is gone
         log.debug("no logged model for %s", source, exc_info=True)
         return {}
@@ -546,7 +617,7 @@ def describe_model(name: str) -> dict:
                 log.warning("model %s version %s: source run %s is gone", name, mv.version, mv.run_id)
         for m in getattr(mv, "metrics", None) or []:
             metrics.setdefault(m.key, m.value)
-        params = _logged_model_params(client, mv.source)
+        params = _logged_model(client, mv.source, "params")
         facts = {k: int(params[k]) if str(params.get(k, "")).isdigit() else None
                  for k in ("reference_points", "reference_bytes")}
         versions.append(

@@ -205,6 +205,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UsageError(f"--gpus-per-worker must be >= 0, got {args.gpus_per_worker}")
     if args.alias and not args.register:
         raise UsageError("--alias needs --register NAME")
+    if args.register is not None:  # refused before training, not after it
+        from jobs.registry import check_name
+
+        check_name(args.register, "--register")
     return args
 
 

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ptsne import digest
 from ptsne.affinity import Edges, as_perplexities, default_k, joint_probabilities
 from ptsne.device import default_num_threads, resolve_device, set_num_threads
-from ptsne.errors import NotFittedError
+from ptsne.errors import ModelFileError, NotFittedError
 from ptsne.knn import KNNConfig, knn_graph
 from ptsne.model import DEFAULT_HIDDEN, Mapper, ModelConfig, build_mapper
 from ptsne.pca import PCA
@@ -406,9 +408,15 @@ class ParametricTSNE:
         self._check_fitted()
         method = self._resolve_method(method)
         X = check_array(X, "X", n_features=self.n_features_in_)
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                       or batch_size < 1):
+            raise ValueError(f"ParametricTSNE.transform: batch_size must be an integer >= 1, got {batch_size!r}")
         Z = self.pca_.transform(X) if self.pca_ is not None else X
-        Y = self._forward(Z, batch_size)
-        return self.reference_.place(Z, Y) if method == "refine" else Y
+        if method == "network":
+            return self._forward(Z, batch_size)
+        # The median start needs no network pass; the "network" start does.
+        start = self._forward(Z, batch_size) if self.reference_.config.transform_init == "network" else None
+        return self.reference_.place(Z, start)
 
     def _resolve_method(self, method: str) -> str:
         if method not in METHODS:
@@ -430,6 +438,9 @@ class ParametricTSNE:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the fitted mapper to directory ``path`` (``config.json`` + safetensors weights).
+
+        ``SHA256SUMS`` beside them records both files' sha256 (:mod:`ptsne.digest`),
+        which :meth:`load` checks.
 
         The directory is written under a temporary name and renamed into place, so
         an interrupted save never leaves a half-written model. An existing ``path``
@@ -463,6 +474,7 @@ class ParametricTSNE:
         try:
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
             save_file(tensors, str(tmp / WEIGHTS_FILE))
+            digest.write(tmp, (CONFIG_FILE, WEIGHTS_FILE))
             _share_like_umask(tmp)
             _replace_dir(tmp, path)
         except BaseException:
@@ -478,19 +490,26 @@ class ParametricTSNE:
 
         ``model`` must be given (an untrained instance of the same network) when the
         mapper was trained with a custom ``model``; weights are read with safetensors,
-        never unpickled.
+        never unpickled. The files are first checked against the sha256 sums ``save``
+        recorded (a model saved before sums were recorded loads with a warning), then
+        for what they must hold: a config that parses, weights whose names and shapes
+        fit it and ``n_features_in``, and finite values.
+
+        Raises
+        ------
+        FileNotFoundError
+            ``path`` holds no ``config.json``.
+        ptsne.errors.ModelFileError
+            A file that is missing, corrupt or does not fit the rest of the model
+            (:class:`~ptsne.errors.DigestMismatchError` for a wrong sha256); the
+            message starts with the file's path.
         """
         path = Path(path)
-        config_file = path / CONFIG_FILE
+        config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
         if not config_file.is_file():
             raise FileNotFoundError(f"ParametricTSNE.load: no {CONFIG_FILE} in {str(path)!r}")
-        config = json.loads(config_file.read_text())
-        version = config.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ValueError(
-                f"ParametricTSNE.load: format_version {version!r} in {str(path)!r} is not "
-                f"supported (expected {FORMAT_VERSION})"
-            )
+        digest.verify(path, (CONFIG_FILE, WEIGHTS_FILE))
+        config = _read_config(config_file)
         if config["custom_model"] and model is None:
             raise ValueError(
                 f"ParametricTSNE.load: {str(path)!r} holds a custom network; pass model= "
@@ -498,25 +517,27 @@ class ParametricTSNE:
             )
         params = dict(config["params"])
         params["device"] = device
-        est = cls(**params, model=model)
-        tensors = load_file(str(path / WEIGHTS_FILE))
-        mapper = est._build_model(int(config["n_inputs"]), 0)
-        mapper.load_state_dict(
-            {k[len("mapper.") :]: v for k, v in tensors.items() if k.startswith("mapper.")}
-        )
+        try:
+            est = cls(**params, model=model)
+            mapper = est._build_model(config["n_inputs"], 0)
+        except (TypeError, ValueError) as exc:
+            raise ModelFileError(config_file, f"its params do not describe a ParametricTSNE network ({exc})") from None
+        tensors = _read_weights(weights_file)
+        try:
+            mapper.load_state_dict(
+                {k[len("mapper.") :]: v for k, v in tensors.items() if k.startswith("mapper.")}
+            )
+        except RuntimeError as exc:
+            raise ModelFileError(
+                weights_file, f"the mapper's weights do not fit the network of {CONFIG_FILE}: {_one_line(exc)}"
+            ) from None
         pca_state = {k[len("pca.") :]: v.numpy() for k, v in tensors.items() if k.startswith("pca.")}
-        est.pca_ = PCA.from_state(pca_state) if pca_state else None
+        est.pca_ = _read_pca(pca_state, config, config_file, weights_file)
         est.device_ = resolve_device(device)
         est.model_ = mapper.to(est.device_).eval()
-        est.n_features_in_ = int(config["n_features_in"])
-        est.n_neighbors_ = int(config["n_neighbors"])
-        est.reference_ = None
-        if "reference" in config:
-            ref = config["reference"]
-            est.reference_ = Reference(
-                tensors["reference.vectors"].numpy(), tensors["reference.embedding"].numpy(),
-                dof=float(ref["dof"]), config=ReferenceConfig(**ref["config"]),
-            )
+        est.n_features_in_ = config["n_features_in"]
+        est.n_neighbors_ = config["n_neighbors"]
+        est.reference_ = _read_reference(tensors, config, config_file, weights_file) if "reference" in config else None
         return est
 
     @classmethod
@@ -575,7 +596,95 @@ def _jsonable(params: dict) -> dict:
     return out
 
 
-MODEL_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE})
+MODEL_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, digest.SUMS_FILE})
+
+#: The keys of ``config.json`` besides ``params`` (and the optional ``reference``), each a
+#: positive integer, except ``custom_model``.
+_CONFIG_COUNTS = ("n_features_in", "n_inputs", "n_neighbors")
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_config(file: Path) -> dict:
+    """``config.json`` of a saved model, with the types ``load`` relies on checked."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelFileError(file, f"not readable JSON ({_one_line(exc)})") from None
+    if not isinstance(config, dict):
+        raise ModelFileError(file, f"must hold a JSON object, got {type(config).__name__}")
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelFileError(file, f"format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+    for key in _CONFIG_COUNTS:
+        v = config.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ModelFileError(file, f"{key} must be a positive integer, got {v!r}")
+    if not isinstance(config.get("params"), dict):
+        raise ModelFileError(file, f"params must be a JSON object, got {config.get('params')!r}")
+    if not isinstance(config.get("custom_model"), bool):
+        raise ModelFileError(file, f"custom_model must be true or false, got {config.get('custom_model')!r}")
+    if "reference" in config and not isinstance(config["reference"], dict):
+        raise ModelFileError(file, f"reference must be a JSON object, got {config['reference']!r}")
+    return config
+
+
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``model.safetensors``, every floating-point one finite."""
+    try:
+        tensors = load_file(str(file))
+    except FileNotFoundError:
+        raise ModelFileError(file, "missing: the model directory is incomplete") from None
+    except (OSError, SafetensorError) as exc:
+        raise ModelFileError(file, f"not a readable safetensors file ({_one_line(exc)})") from None
+    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise ModelFileError(file, f"non-finite values (NaN or Inf) in {', '.join(bad[:5])}")
+    return tensors
+
+
+def _read_pca(state: dict, config: dict, config_file: Path, weights_file: Path) -> PCA | None:
+    """The saved PCA, checked to map ``n_features_in`` inputs to the network's ``n_inputs``."""
+    n_features, n_inputs = config["n_features_in"], config["n_inputs"]
+    if not state:
+        if n_inputs != n_features:
+            raise ModelFileError(
+                config_file, f"n_inputs={n_inputs} differs from n_features_in={n_features}, "
+                f"and {WEIGHTS_FILE} holds no PCA to map one to the other"
+            )
+        return None
+    if set(state) != {"mean", "components"}:
+        raise ModelFileError(weights_file, f"the PCA needs pca.mean and pca.components, got {sorted(state)}")
+    mean, components = state["mean"], state["components"]
+    if mean.shape != (n_features,) or components.shape != (n_inputs, n_features):
+        raise ModelFileError(
+            weights_file, f"PCA mean {tuple(mean.shape)} and components {tuple(components.shape)} do not map "
+            f"n_features_in={n_features} to n_inputs={n_inputs} of {CONFIG_FILE}"
+        )
+    return PCA.from_state(state)
+
+
+def _read_reference(tensors: dict, config: dict, config_file: Path, weights_file: Path) -> Reference:
+    """The saved reference, checked against the network's input and output dimensions."""
+    try:
+        vectors, embedding = tensors["reference.vectors"].numpy(), tensors["reference.embedding"].numpy()
+    except KeyError as exc:
+        raise ModelFileError(weights_file, f"{CONFIG_FILE} lists a reference, but {exc} is missing") from None
+    n_components = config["params"].get("n_components")
+    if vectors.ndim != 2 or vectors.shape[1] != config["n_inputs"] or embedding.ndim != 2 \
+            or embedding.shape[1] != n_components or len(vectors) != len(embedding):
+        raise ModelFileError(
+            weights_file, f"reference vectors {tuple(vectors.shape)} and embedding {tuple(embedding.shape)} "
+            f"do not fit n_inputs={config['n_inputs']} and n_components={n_components!r} of {CONFIG_FILE}"
+        )
+    ref = config["reference"]
+    try:
+        return Reference(vectors, embedding, dof=float(ref["dof"]), config=ReferenceConfig(**ref["config"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(config_file, f"its reference settings are not valid ({_one_line(exc)})") from None
 
 
 def _is_saved_model(path: Path) -> bool:

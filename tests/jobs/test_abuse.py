@@ -118,6 +118,16 @@ def test_train_refuses_a_workdir_inside_its_input_before_any_work(shards, tmp_pa
     assert not (inp / "work").exists() and not (tmp_path / "w").exists()
 
 
+def test_train_refuses_a_register_name_the_registry_cannot_search_before_any_work(shards, tmp_path, caplog):
+    inp, _ = shards
+    bad = "it's \"quoted\""
+    assert main(["train", "--input", str(inp), "--workdir", str(tmp_path / "w"), "--epochs", "1",
+                 "--register", bad]) == EXIT_USAGE
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "--register" in errors[0] and repr(bad) in errors[0], errors
+    assert not (tmp_path / "w").exists()
+
+
 def test_data_import_refuses_an_output_around_its_source(tmp_path, capsys):
     np.save(tmp_path / "x.npy", np.ones((5, 2), np.float32))
     assert main(["data", "import", str(tmp_path / "x.npy"), "--output", str(tmp_path), "--overwrite"]) == EXIT_USAGE
@@ -273,3 +283,121 @@ def test_named_ray_address(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     assert named_address(None) == "ray://head:10001"
     assert named_address("10.0.0.5:6379") == "10.0.0.5:6379"  # the option wins over the environment
+
+
+# -- a broken model is refused before Ray starts, naming its file (exit 4) ----------------------
+
+#: Runs ``ptsne`` command lines in a fresh process and reports, for each, the exit code, the
+#: ERROR log lines and whether it started Ray (spawned a raylet or GCS server).
+_RUN_COMMANDS = r"""
+import json, logging, sys
+
+spawned, errors = [], []
+sys.addaudithook(lambda event, args: spawned.append(repr(args[:2])) if event == "subprocess.Popen" else None)
+
+
+class _Errors(logging.Handler):
+    def emit(self, record):
+        if record.levelno >= logging.ERROR:
+            errors.append(record.getMessage())
+
+
+logging.getLogger().addHandler(_Errors())
+from jobs.cli import main
+
+results = []
+for argv in json.loads(sys.argv[1]):
+    del spawned[:], errors[:]
+    code = main(argv)
+    results.append({"code": code, "errors": list(errors),
+                    "ray": any("raylet" in s or "gcs_server" in s for s in spawned)})
+print(json.dumps(results))
+"""
+
+
+def _run_commands(argvs: list[list[str]]) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(REPO)
+    out = subprocess.run([sys.executable, "-c", _RUN_COMMANDS, json.dumps(argvs)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=500)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _flip_a_bit(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+def _nan_weights(model: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from ptsne import digest
+    from ptsne.estimator import CONFIG_FILE, WEIGHTS_FILE
+
+    tensors = load_file(str(model / WEIGHTS_FILE))
+    key = next(k for k in sorted(tensors) if k.startswith("mapper.") and k.endswith("weight"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(model / WEIGHTS_FILE))
+    digest.write(model, [CONFIG_FILE, WEIGHTS_FILE])  # consistent sums: the content check must catch it
+
+
+def test_embed_refuses_a_broken_model_before_ray_starts(shards, tmp_path, mlflow_store):
+    import mlflow
+
+    from jobs import registry
+    from jobs.tracking import configure_mlflow
+    from ptsne import ParametricTSNE, digest
+    from ptsne.estimator import CONFIG_FILE, WEIGHTS_FILE
+
+    inp, _ = shards
+    X = np.random.default_rng(1).normal(size=(120, 4)).astype(np.float32)
+    good = ParametricTSNE(n_epochs=1, perplexity=5, hidden_layers=(8,), reference_size=0, random_state=0,
+                          device="cpu").fit(X).save(tmp_path / "good")
+    broken = {}  # name -> (model directory, the file the error must name, what it must say)
+
+    def copy(name):
+        import shutil
+
+        return shutil.copytree(good, tmp_path / name)
+
+    _flip_a_bit(copy("changed") / WEIGHTS_FILE)
+    broken["changed"] = (tmp_path / "changed", WEIGHTS_FILE, "sha256")
+    (copy("old-garbled") / digest.SUMS_FILE).unlink()  # saved before sums, and damaged since
+    (tmp_path / "old-garbled" / CONFIG_FILE).write_text('{"format_version": 1,')
+    broken["old-garbled"] = (tmp_path / "old-garbled", CONFIG_FILE, "not readable JSON")
+    (copy("no-weights") / WEIGHTS_FILE).unlink()
+    broken["no-weights"] = (tmp_path / "no-weights", WEIGHTS_FILE, "missing")
+    _nan_weights(copy("nan"))
+    broken["nan"] = (tmp_path / "nan", WEIGHTS_FILE, "non-finite")
+
+    # A registered version whose stored weights and SHA256SUMS were both rewritten: its tags still differ.
+    configure_mlflow()
+    with mlflow.start_run():
+        info = registry.log_model(ParametricTSNE.load(good))
+    registry.register(info.model_uri, "demo", "prod")
+    (stored,) = Path(mlflow_store["artifact_root"]).rglob(f"data/{registry.ESTIMATOR_DIR}")
+    _flip_a_bit(stored / WEIGHTS_FILE)
+    digest.write(stored, [CONFIG_FILE, WEIGHTS_FILE])
+
+    def embed(model, output, *extra):
+        return ["embed", "--model", str(model), "--input", str(inp), "--output", str(tmp_path / output),
+                "--num-cpus", "2", "--no-progress", *extra]
+
+    argvs = [embed(model, f"out-{name}") for name, (model, _, _) in broken.items()]
+    argvs.append(embed(broken["changed"][0], "out-watch", "--watch", "--max-polls", "1", "--interval", "1"))
+    argvs.append(embed("models:/demo@prod", "out-registered"))
+    argvs.append(embed(good, "out-good"))  # the control: a good model does start Ray, and embeds
+    *failed, registered, control = _run_commands(argvs)
+
+    expected = [*broken.values(), broken["changed"]]
+    for result, argv, (model, name, what) in zip(failed, argvs, expected):
+        assert result["code"] == EXIT_NOT_FOUND and not result["ray"], (argv, result)
+        (error,) = result["errors"]
+        assert error.startswith(f"{model / name}: ") and what in error and "Traceback" not in error, error
+    assert registered["code"] == EXIT_NOT_FOUND and not registered["ray"], registered
+    (error,) = registered["errors"]
+    assert WEIGHTS_FILE in error and "recorded in the tags of models:/demo/1" in error, error
+    assert control == {"code": EXIT_OK, "errors": [], "ray": True}
+    assert sorted(p.name for p in tmp_path.glob("out-*")) == ["out-good"]

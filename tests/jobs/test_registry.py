@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -10,10 +14,13 @@ import pytest
 
 from jobs import registry
 from jobs.tracking import configure_mlflow
-from ptsne import ParametricTSNE
+from ptsne import ParametricTSNE, digest
+from ptsne.errors import DigestMismatchError
+from ptsne.estimator import CONFIG_FILE, WEIGHTS_FILE
 from tests.conftest import gaussian_blobs
 
 DIM = 6
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +85,7 @@ def test_log_register_resolve_every_uri_form(mlflow_store, estimators, rng):
     assert (got.name, got.version, got.tag) == ("mapper", run.info.run_id, f"run-{run.info.run_id}")
     np.testing.assert_allclose(loaded.transform(X), expected, rtol=1e-6, atol=1e-6)
     # the artifact is exactly a ParametricTSNE.save directory
-    assert sorted(p.name for p in got.path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in got.path.iterdir()) == ["SHA256SUMS", "config.json", "model.safetensors"]
     loaded, got = registry.resolve_model(str(got.path))
     assert got.version == "local"
 
@@ -150,3 +157,108 @@ def test_log_model_checks_its_input(mlflow_store):
         registry.log_model(object())
     with pytest.raises(Exception, match="not fitted"):
         registry.log_model(ParametricTSNE())
+
+
+# -- integrity: the version records the files' sha256, and loading checks them ------------------
+
+
+def _stored_estimator_dir(mlflow_store) -> Path:
+    """The one logged model's estimator directory inside the artifact store (what the store holds)."""
+    (stored,) = Path(mlflow_store["artifact_root"]).rglob(f"data/{registry.ESTIMATOR_DIR}")
+    return stored
+
+
+def _flip_a_bit(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+def test_version_records_sha256_and_every_load_checks_it(mlflow_store, estimators):
+    configure_mlflow()
+    with mlflow.start_run():
+        info = registry.log_model(estimators[1])
+    ref = registry.register(info.model_uri, "demo", "prod")
+    _, got = registry.resolve_model("demo@prod")
+    sums = digest.read(got.path)
+    assert set(sums) == {CONFIG_FILE, WEIGHTS_FILE} and ref.sha256 == got.sha256 == sums
+    tags = mlflow.MlflowClient().get_model_version("demo", ref.version).tags
+    assert {k: v for k, v in tags.items() if k.startswith(registry.SHA256_TAG_PREFIX)} == {
+        "sha256.config.json": sums[CONFIG_FILE], "sha256.model.safetensors": sums[WEIGHTS_FILE]}
+
+    stored = _stored_estimator_dir(mlflow_store)
+    _flip_a_bit(stored / WEIGHTS_FILE)  # damaged in the store: its own SHA256SUMS disagrees
+    with pytest.raises(DigestMismatchError, match=rf"{WEIGHTS_FILE}: sha256 .* recorded in the tags of models:/demo/1"):
+        registry.resolve_model("demo@prod")
+    with pytest.raises(DigestMismatchError, match=rf"{WEIGHTS_FILE}: sha256 .* recorded in SHA256SUMS"):
+        mlflow.pyfunc.load_model("models:/demo@prod")  # the pyfunc loader checks the directory's own sums
+    digest.write(stored, [CONFIG_FILE, WEIGHTS_FILE])  # rewritten with consistent sums: the tags still differ
+    with pytest.raises(DigestMismatchError, match=rf"{WEIGHTS_FILE}: sha256 .* recorded in the tags of models:/demo/1"):
+        registry.resolve_model("models:/demo/1")
+
+
+def test_artifact_holds_no_code_and_loading_runs_none(mlflow_store, estimators, tmp_path):
+    from mlflow.models import Model
+
+    configure_mlflow()
+    with mlflow.start_run():
+        info = registry.log_model(estimators[1])
+    registry.register(info.model_uri, "demo", "prod")
+    local = Path(mlflow.artifacts.download_artifacts("models:/demo/1", dst_path=str(tmp_path / "download")))
+    assert (local / "MLmodel").is_file() and not (local / "code").exists()
+    assert not [p for p in local.rglob("*") if p.suffix in (".py", ".pyc", ".pkl", ".pt")]
+    flavor = Model.load(str(local / "MLmodel")).flavors["python_function"]
+    assert flavor["loader_module"] == "jobs.registry" and not flavor.get("code")
+
+    # Source planted in the store where code_paths used to put it is never imported.
+    marker = tmp_path / "planted-code-ran"
+    stored = _stored_estimator_dir(mlflow_store).parents[1]
+    for module in ("jobs/__init__.py", "jobs/registry.py", "ptsne/__init__.py", "ptsne/estimator.py"):
+        (stored / "code" / module).parent.mkdir(parents=True, exist_ok=True)
+        (stored / "code" / module).write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    script = (
+        "import mlflow, numpy as np\n"
+        "m = mlflow.pyfunc.load_model('models:/demo@prod')\n"
+        f"print(m.predict(np.zeros((3, {DIM}), np.float32)).shape)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "(3, 2)"
+    assert not marker.exists()
+
+
+def test_names_with_quotes_are_searched_as_one_literal(mlflow_store, estimators):
+    configure_mlflow()
+    for name in ("it", "it's", 'say "hi"', "it"):  # "it" gets two versions
+        with mlflow.start_run():
+            info = registry.log_model(estimators[1])
+        registry.register(info.model_uri, name, "prod")
+    assert registry.lookup("it's").uri == "models:/it's/1"  # the latest version: a filtered search
+    assert registry.lookup("models:/it's@prod").version == "1"
+    assert registry.lookup('say "hi"').version == "1" and registry.lookup("it").version == "2"
+    loaded, ref = registry.resolve_model("models:/it's/latest")
+    assert ref.sha256 and loaded.n_features_in_ == DIM
+    assert [(m["name"], m["n_versions"]) for m in registry.list_models()] == [("it", 2), ("it's", 1),
+                                                                               ('say "hi"', 1)]
+    assert [v["version"] for v in registry.describe_model("it's")["versions"]] == ["1"]
+
+    bad = "it's \"quoted\""
+    with pytest.raises(ValueError, match=re.escape(f"register: name must not hold both ' and \" ") + ".*"
+                       + re.escape(repr(bad))):
+        registry.register(info.model_uri, bad)
+    assert bad not in [m["name"] for m in registry.list_models()]
+
+
+def test_version_without_recorded_sums_loads_with_a_warning(mlflow_store, estimators, caplog):
+    configure_mlflow()
+    with mlflow.start_run() as run:
+        registry.log_model(estimators[1])
+    with caplog.at_level("WARNING", logger="jobs.registry"):
+        ref = registry.register(f"runs:/{run.info.run_id}/mapper", "demo")  # no logged model's tags to copy
+        loaded, got = registry.resolve_model("demo")
+    assert ref.sha256 == {} and got.sha256 == {}
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("records no sha256" in m and "runs:/" in m for m in messages), messages
+    assert any("models:/demo/1 records no sha256" in m for m in messages), messages
+    assert loaded.n_features_in_ == DIM  # its own SHA256SUMS was checked by load

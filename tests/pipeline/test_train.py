@@ -144,7 +144,7 @@ def test_config_rejects_bad_values(kwargs):
         (dict(reference_size=-1), "reference_size must be an integer >= 0, got -1"),
         (dict(reference_size=True), "reference_size must be an integer >= 0, got True"),
         (dict(reference_iter=-5), "reference_iter must be an integer >= 0, got -5"),
-        (dict(reference_size=10), "reference_size must be 0 .* or more than 15 .*, got 10"),
+        (dict(reference_size=10), "reference_size must be 0 .* or more than 30 .*, got 10"),  # 3 x perplexity 10
     ],
 )
 def test_config_rejects_bad_reference_settings_by_name(kwargs, message):

@@ -144,8 +144,8 @@ def test_reference_config_rejects_bad_values_by_name():
         ReferenceConfig(transform_perplexity=0.5)
     with pytest.raises(ValueError, match="learning_rate must be 'auto' or a number > 0"):
         ReferenceConfig(learning_rate="fast")
-    with pytest.raises(ValueError, match="too few for transform_perplexity=5.0"):
-        Reference(np.zeros((10, 3)), np.zeros((10, 2)))
+    with pytest.raises(ValueError, match="too few for transform_perplexity=10.0"):
+        Reference(np.zeros((30, 3)), np.zeros((30, 2)))  # needs more than 3 * perplexity = 30 points
 
 
 # -- the estimator with a reference ------------------------------------------------------
