@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-all benchmark clean
+.PHONY: install demo test test-all benchmark gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ test-all: install
 
 benchmark: install
 	$(PY) benchmarks/mnist.py
+
+# On a GPU node, in a venv with CUDA torch and faiss-gpu (not `install`, which takes faiss-cpu):
+# environment, gpu tests, default suite, PASS/FAIL per GPU item of issue 19, figures in gpu-check.json.
+gpu-check:
+	$(PY) benchmarks/gpu_check.py --out gpu-check.json
 
 clean:
 	rm -rf $(VENV) ptsne-runs .pytest_cache

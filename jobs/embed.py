@@ -10,12 +10,15 @@ Keep polling, and follow the alias (re-embedding everything when it moves)::
 
     ptsne embed --model models:/mnist-map@prod --input ... --output ... --watch --interval 60 --reembed
 
-Exit codes: 0 done; 1 unexpected error (or the output is locked by another run);
+Exit codes: 0 done (also when there is nothing new to embed); 1 an output that cannot be
+written or is locked by another run, or an unexpected error;
 2 usage (bad URI, output held by another model without ``--reembed``,
 ``--method refine`` for a network-only model);
-3 bad input (schema, dimension, NaN/Inf rows); 4 model, alias, version or input not found, or a
-model that cannot be used (a missing or corrupt file, a sha256 mismatch; the message names the file).
-The model is resolved, downloaded and checked before Ray starts.
+3 bad input (schema, dimension, NaN/Inf rows, duplicate ids with ``--on-duplicate-ids error``);
+4 model, alias, version or input not found, or a model that cannot be used (a missing or corrupt
+file, a sha256 mismatch; the message names the file).
+The output is checked, the model resolved, downloaded and checked, the lock taken and the input
+listed before Ray starts; Ray starts only when some shard has rows to embed.
 """
 
 from __future__ import annotations
@@ -67,6 +70,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--on-invalid", choices=("error", "reject"), default="error",
                    help="rows with NaN/Inf/null vectors or the wrong length: fail their shard (default) "
                         "or write them to _rejects/ and embed the rest")
+    from pipeline.embed import ON_DUPLICATE_IDS, EmbedConfig
+
+    p.add_argument("--on-duplicate-ids", choices=ON_DUPLICATE_IDS, default=EmbedConfig.on_duplicate_ids,
+                   help="ids that occur more than once in a shard: 'warn' embeds them with a warning giving "
+                        "the count, 'error' fails their shard (exit 3) (default: "
+                        f"{EmbedConfig.on_duplicate_ids}). Ids of different shards are not compared")
     p.add_argument("--reembed", action="store_true",
                    help="embed all shards with the version the model URI names now, into OUTPUT/v<version>/ "
                         "(default: stay on the version of the current output)")
@@ -230,9 +239,11 @@ def _failure_code(exc: Exception) -> int | None:
     """The exit code of an expected failure (the message is the whole report); None for others."""
     from jobs import registry
     from pipeline.embed import EmbedInputError
-    from pipeline.shards import InvalidInputError
+    from pipeline.shards import InvalidInputError, OutputLocationError
     from ptsne.errors import ModelFileError
 
+    if isinstance(exc, OutputLocationError):  # checked before the first poll; here only if it changed since
+        return EXIT_ERROR
     if isinstance(exc, (registry.ModelNotFoundError, FileNotFoundError, ModelFileError)):
         return EXIT_NOT_FOUND
     if isinstance(exc, (EmbedInputError, InvalidInputError)):
@@ -242,13 +253,13 @@ def _failure_code(exc: Exception) -> int | None:
     return None
 
 
-def _once(args, cache, config):
+def _once(args, cache, config, start_ray):
     from pipeline.embed import embed_shards, read_current
 
     current = read_current(args.output)
     ref = _choose(args, current)
     spec = cache.spec(ref)
-    return embed_shards(args.input, args.output, spec, config)
+    return embed_shards(args.input, args.output, spec, config, start_ray=start_ray)
 
 
 def _report(args, summary) -> None:
@@ -263,7 +274,8 @@ def run(args) -> int:
     """Entry point of ``ptsne embed``; returns an exit code."""
     from jobs import registry, tempdirs
     from jobs.tracking import configure_mlflow
-    from pipeline.embed import EmbedConfig
+    from pipeline.embed import EmbedConfig, check_output
+    from pipeline.shards import OutputLocationError
 
     tempdirs.remove_stale(TEMP_PREFIX)  # model copies of runs killed with SIGKILL
     if _missing_model_dir(args.model):
@@ -276,6 +288,7 @@ def run(args) -> int:
             id_col=args.id_col,
             passthrough=args.passthrough,
             on_invalid=args.on_invalid,
+            on_duplicate_ids=args.on_duplicate_ids,
             batch_size=args.batch_size,
             num_actors=args.num_actors,
             cpus_per_actor=args.cpus_per_actor,
@@ -287,9 +300,13 @@ def run(args) -> int:
         if args.max_polls is not None and args.max_polls < 1:
             raise ValueError(f"--max-polls must be >= 1, got {args.max_polls}")
         registry.parse_model_uri(args.model)
+        check_output(args.output)
     except (ValueError, TypeError) as exc:
         log.error("%s", exc)
         return EXIT_USAGE
+    except OutputLocationError as exc:  # not a directory, no permission: refused before any work
+        log.error("--output: %s", exc)
+        return EXIT_ERROR
     if registry.parse_model_uri(args.model)[0] != "dir":
         configure_mlflow(experiment=None)
     # SIGTERM (cron timeouts, `ray job stop`) ends a poll loop cleanly; only the main thread may set it.
@@ -297,7 +314,13 @@ def run(args) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     cache = _ModelCache()
     polls = 0
-    started = False
+    started = None  # whether this run connected to Ray; None until a poll has rows to embed
+
+    def start_ray() -> None:
+        nonlocal started
+        if started is None:
+            started = _init_ray(args)
+
     try:
         try:
             _check_model(args, cache)
@@ -306,11 +329,10 @@ def run(args) -> int:
                 raise
             log.error("%s", exc)
             return code
-        started = _init_ray(args)
         while True:
             polls += 1
             try:
-                summary = _once(args, cache, config)
+                summary = _once(args, cache, config, start_ray)
                 _report(args, summary)
                 code = EXIT_OK
             except Exception as exc:

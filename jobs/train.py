@@ -107,7 +107,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                     help=f"neighbours drawn per anchor in each step (default: {d.positives_per_anchor})")
     tr.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                     help="forward pass of training: 'auto' is bfloat16 autocast where the device has it "
-                         "in hardware (recent x86 CPUs, CUDA GPUs), else float32 (default: auto)")
+                         "in hardware (recent x86 CPUs, CUDA GPUs), else float32, or what the environment "
+                         "variable PTSNE_PRECISION names (float32 or bfloat16) (default: auto)")
     tr.add_argument("--n-components", type=int, default=2, help="embedding dimension (default: 2)")
     hidden = ",".join(str(h) for h in DEFAULT_HIDDEN)
     tr.add_argument("--hidden-layers", type=_hidden_layers, default=DEFAULT_HIDDEN,
@@ -134,7 +135,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     sc.add_argument("--workers", type=int, default=1, help="data-parallel training workers (default: 1)")
     sc.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (torch threads) per worker (default: 1)")
     sc.add_argument("--gpus-per-worker", type=float, default=0.0,
-                    help="GPUs per worker; > 0 trains on GPUs with NCCL (default: 0, CPU with gloo)")
+                    help="GPUs per worker; > 0 trains on GPUs with NCCL, and with --workers above 1 it must be "
+                         ">= 1: workers cannot share a GPU (default: 0, CPU with gloo)")
     sc.add_argument("--max-failures", type=int, default=1,
                     help="worker-group restarts, each resuming from the last epoch checkpoint (default: 1)")
     sc.add_argument("--storage-path", default=None,
@@ -203,6 +205,12 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.gpus_per_worker < 0:
         raise UsageError(f"--gpus-per-worker must be >= 0, got {args.gpus_per_worker}")
+    from pipeline.train import check_gpu_workers
+
+    try:
+        check_gpu_workers(args.workers, args.gpus_per_worker > 0, args.gpus_per_worker)
+    except ValueError as exc:
+        raise UsageError(f"--workers {args.workers} --gpus-per-worker {args.gpus_per_worker:g}: {exc}") from None
     if args.alias and not args.register:
         raise UsageError("--alias needs --register NAME")
     if args.register is not None:  # refused before training, not after it

@@ -66,7 +66,7 @@ from pipeline.shards import (
 )
 from ptsne.affinity import as_perplexities, conditional_probabilities, default_k
 from ptsne.device import set_num_threads
-from ptsne.knn import METHODS
+from ptsne.knn import METHODS, check_gpu_k
 from ptsne.pca import PCA
 
 log = logging.getLogger(__name__)
@@ -379,8 +379,10 @@ def _knn_task(
         (h, t_, w_)
         for h, t_, w_ in zip(np.split(H[order], splits), np.split(T[order], splits), np.split(W[order], splits))
     ]
+    # load_index raises rather than search on CPU when a GPU was asked for, so use_gpu is the device.
     stats = {"rows": int(rows.size), "edges": int(H.size), "search_s": t_search,
-             "total_s": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb()}
+             "total_s": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb(),
+             "device": "cuda" if use_gpu else "cpu"}
     return (*blocks, stats)
 
 
@@ -554,6 +556,8 @@ def build_affinities(config: AffinityJobConfig) -> dict:
         k = _resolve_k(config, v["n"])
         if config.pca_components is not None and config.pca_components > v["input_dim"]:
             raise ValueError(f"pca_components={config.pca_components} exceeds the input dimension {v['input_dim']}")
+    if use_gpu:
+        check_gpu_k(k)  # FAISS GPU selects at most 2048: refused before features and index are built
 
     with staged as stage_dir:
         if not resumed:
@@ -595,6 +599,7 @@ def build_affinities(config: AffinityJobConfig) -> dict:
             stat_refs.append(out_refs[-1])
         _wait(stat_refs, "knn + calibration")
         knn_stats = ray.get(stat_refs)
+        log.info("kNN: %d part(s) searched on %s", len(knn_stats), ", ".join(sorted({s["device"] for s in knn_stats})))
         stage.done(knn_stats, timings, memory)
         del nested  # the index can leave the object store
 

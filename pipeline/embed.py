@@ -21,6 +21,16 @@ the ledger has no line for it, or its size or modification time changed, or its
 output file is gone. At startup temporary files and outputs that have no ledger
 line (left by a killed run) are deleted, so a run killed at any point and
 rerun leaves each input row in the output exactly once.
+
+Ids are checked for duplicates within each shard (the driver holds a shard's
+rows anyway, so it costs one hash of the id column per shard): a warning with
+the count, or with ``on_duplicate_ids="error"`` the shard is not written. Ids
+of different shards, or of shards embedded by earlier runs, are not compared:
+that would need every id of the output in one place.
+
+Nothing here needs Ray before some shard has rows to embed: the lock, the
+input listing, the ledger and every shard's footer are read first, so a run
+with nothing to do (or one refused) starts no Ray when given ``start_ray``.
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ import posixpath
 import resource
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,6 +71,7 @@ MODEL_NAME = "model_name"
 MODEL_VERSION = "model_version"
 COORDS = ("x", "y", "z")
 ON_INVALID = ("error", "reject")
+ON_DUPLICATE_IDS = ("warn", "error")
 #: Column that Ray Data's ``include_paths`` adds; it cannot be an input column.
 RAY_PATH = "path"
 _PATH = "__ptsne_path"
@@ -172,6 +183,11 @@ class EmbedConfig:
         Rows with null/NaN/Inf vectors or the wrong length: ``"error"`` fails
         their shard (nothing written for it, exit with counts); ``"reject"``
         writes them to ``_rejects/`` and embeds the rest.
+    on_duplicate_ids : {"warn", "error"}
+        Ids that occur more than once in a shard: ``"warn"`` embeds them and
+        logs a warning with the count; ``"error"`` fails their shard (nothing
+        written for it, exit with the count and an example id). Checked within
+        each shard only (see the module docstring).
     batch_size : int
         Rows per model call. 16384 gave the fastest Parquet-to-Parquet rate
         with ``benchmarks/embed_throughput.py`` on a 2-core CPU (64-D input,
@@ -207,6 +223,7 @@ class EmbedConfig:
     id_col: str = "id"
     passthrough: tuple[str, ...] = ()
     on_invalid: str = "error"
+    on_duplicate_ids: str = "warn"
     batch_size: int = 16384
     num_actors: int | None = None
     cpus_per_actor: float = 1.0
@@ -234,6 +251,10 @@ class EmbedConfig:
             raise ValueError(f"EmbedConfig: id_col must be a column name, got {self.id_col!r}")
         if self.on_invalid not in ON_INVALID:
             raise ValueError(f"EmbedConfig: on_invalid must be one of {ON_INVALID}, got {self.on_invalid!r}")
+        if self.on_duplicate_ids not in ON_DUPLICATE_IDS:
+            raise ValueError(
+                f"EmbedConfig: on_duplicate_ids must be one of {ON_DUPLICATE_IDS}, got {self.on_duplicate_ids!r}"
+            )
         if self.method not in METHODS:
             raise ValueError(f"EmbedConfig: method must be one of {METHODS}, got {self.method!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -261,6 +282,9 @@ class EmbedSummary:
     the model's forward pass and in the whole per-batch call (conversion from
     and to Arrow included); ``actor_seconds`` well below ``stream_seconds``
     times the number of actors means the actors waited for input.
+    ``duplicate_ids``: rows of the shards processed whose id occurred before in
+    the same shard (embedded with ``on_duplicate_ids="warn"``, their shards
+    failed with ``"error"``).
     """
 
     output: str
@@ -272,6 +296,7 @@ class EmbedSummary:
     shards_failed: int = 0
     rows: int = 0
     rows_rejected: int = 0
+    duplicate_ids: int = 0
     seconds: float = 0.0
     current: bool = False
     failures: list[str] = field(default_factory=list)
@@ -792,6 +817,10 @@ class _Collector:
         self.parts: dict[str, list[pa.Table]] = {}
         self.counts: dict[str, int] = {}
         self.local = pafs.LocalFileSystem()
+        #: Written shards with duplicate ids: (shard, duplicate rows, an example id, its rows).
+        self.duplicates: list[tuple[str, int, object, int]] = []
+        #: How to get past the kinds of failure met (for the final error).
+        self.hints: set[str] = set()
 
     def add(self, batch: pa.Table) -> None:
         codes, paths = _shard_codes(batch.column(_PATH))
@@ -820,10 +849,24 @@ class _Collector:
         status = table.column(_STATUS).to_numpy()
         bad = status != OK
         n_bad = int(bad.sum())
+        n_dup, example, times = _duplicate_ids(table.column(self.spec.id_col))
+        self.summary.duplicate_ids += n_dup
+        problems = []
         if n_bad and self.config.on_invalid == "error":
+            problems.append(_describe_bad(shard, table, status, self.spec))
+            self.hints.add(f"--on-invalid reject writes rows with bad vectors to {REJECTS_DIR}/ and embeds the rest")
+        if n_dup and self.config.on_duplicate_ids == "error":
+            problems.append(
+                f"{shard.rel}: {n_dup} duplicate id(s) in id column {self.spec.id_col!r} "
+                f"(e.g. {example!r} on {times} rows)"
+            )
+            self.hints.add("--on-duplicate-ids warn embeds shards with duplicate ids")
+        if problems:
             self.summary.shards_failed += 1
-            self.summary.failures.append(_describe_bad(shard, table, status, self.spec))
+            self.summary.failures.extend(problems)
             return
+        if n_dup:
+            self.duplicates.append((shard.rel, n_dup, example, times))
         rejects_rel = None
         if n_bad:
             rejects_rel = posixpath.join(REJECTS_DIR, shard.rel)
@@ -875,6 +918,18 @@ class _Collector:
         )
 
 
+def _duplicate_ids(ids: pa.ChunkedArray) -> tuple[int, object, int]:
+    """Rows whose (non-null) id occurred before in ``ids``; the first such id and its number of rows."""
+    ids = pc.drop_null(ids)
+    n_dup = len(ids) - pc.count_distinct(ids).as_py()
+    if n_dup == 0:
+        return 0, None, 0
+    counts = pc.value_counts(ids)  # in order of first occurrence
+    times = counts.field("counts").to_numpy()
+    first = int(np.flatnonzero(times > 1)[0])
+    return n_dup, counts.field("values")[first].as_py(), int(times[first])
+
+
 def _describe_bad(shard: _Shard, table: pa.Table, status: np.ndarray, spec: _Spec) -> str:
     parts = []
     ids = table.column(spec.id_col)
@@ -920,6 +975,7 @@ def embed_shards(
     model: ModelSpec,
     config: EmbedConfig = EmbedConfig(),
     make_current: bool = True,
+    start_ray: Callable[[], object] | None = None,
 ) -> EmbedSummary:
     """Embed every new or changed Parquet shard under ``input`` into ``output/<model.tag>/``.
 
@@ -934,6 +990,11 @@ def embed_shards(
     config : EmbedConfig
     make_current : bool
         Point ``_current.json`` at ``model.tag`` once every input shard is done.
+    start_ray : callable, optional
+        Called (without arguments) just before the first Ray call, only when
+        some pending shard has rows: everything before it (output, lock, input
+        listing, ledger, footers) runs without Ray. Default: nothing (Ray is
+        connected already, or Ray Data starts a default one).
 
     Returns
     -------
@@ -943,12 +1004,16 @@ def embed_shards(
     ------
     EmbedInputError
         Schema or dimension mismatch (nothing written), or NaN/Inf/null vectors
-        with ``on_invalid="error"`` (those shards not written, others complete).
+        with ``on_invalid="error"``, or duplicate ids with
+        ``on_duplicate_ids="error"`` (those shards not written, others complete).
+    pipeline.shards.OutputLocationError
+        ``output`` cannot be written (not a directory, no permission).
+    RuntimeError
+        Another run holds the output's lock.
+    FileNotFoundError
+        ``input`` does not exist.
     """
-    if "://" in os.fspath(output):
-        raise ValueError(
-            f"output must be a local or shared POSIX directory (atomic renames), got {os.fspath(output)!r}"
-        )
+    check_output(output)
     t0 = time.perf_counter()
     fs, root = shards.resolve(input)
     out_root = Path(output).resolve()
@@ -974,7 +1039,9 @@ def embed_shards(
         if pending:
             planned, spec, schema = _plan(fs, pending, config, model)
             _check_columns(ledger, spec)
-            _run(fs, planned, spec, schema, target, ledger, model, config, summary)
+            hints = _run(fs, planned, spec, schema, target, ledger, model, config, summary, start_ray)
+        else:
+            hints = set()
         summary.seconds = time.perf_counter() - t0
         done = found and all(ledger.is_done(s) for s in found)
         current = read_current(out_root)
@@ -984,15 +1051,32 @@ def embed_shards(
         summary.current = bool(done) and (read_current(out_root) or {}).get("dir") == model.tag
     if summary.failures:
         raise EmbedInputError(
-            f"{summary.shards_failed} shard(s) hold rows the model cannot embed and were not "
-            f"written (rerun with --on-invalid reject to write those rows to {REJECTS_DIR}/):\n  "
-            + "\n  ".join(summary.failures[:20]),
+            f"{summary.shards_failed} shard(s) were not written, the others are complete "
+            f"(rerun: {'; '.join(sorted(hints))}):\n  " + "\n  ".join(summary.failures[:20]),
             summary,
         )
     return summary
 
 
-def _run(fs, planned, spec, schema, target, ledger, model, config, summary) -> None:
+def check_output(output: str | os.PathLike) -> None:
+    """Raise unless ``output`` is a local directory (or can be made one) that this user may write to.
+
+    Raises
+    ------
+    ValueError
+        ``output`` is a URI: the exactly-once guarantee rests on POSIX renames.
+    pipeline.shards.OutputLocationError
+        It, or the nearest existing ancestor of it, is not a writable directory.
+    """
+    if "://" in os.fspath(output):
+        raise ValueError(
+            f"output must be a local or shared POSIX directory (atomic renames), got {os.fspath(output)!r}"
+        )
+    shards.check_writable_dir(pafs.LocalFileSystem(), os.fspath(output))
+
+
+def _run(fs, planned, spec, schema, target, ledger, model, config, summary, start_ray=None) -> set[str]:
+    """Embed the planned shards; returns the hints of the collector (how to get past failures)."""
     import ray
     from tqdm.auto import tqdm
 
@@ -1012,7 +1096,9 @@ def _run(fs, planned, spec, schema, target, ledger, model, config, summary) -> N
         summary.shards_written += 1
     work = [s for s in planned if s.rows > 0]
     if not work:
-        return
+        return set()
+    if start_ray is not None:
+        start_ray()
     total = sum(s.rows for s in work)
     n_batches = sum(-(-s.rows // config.batch_size) for s in work)
     n_actors, cpus, gpus = _actor_resources(config, n_batches)
@@ -1065,6 +1151,14 @@ def _run(fs, planned, spec, schema, target, ledger, model, config, summary) -> N
         if first is not None:
             summary.stream_seconds = time.time() - first
         collector.check_complete()
+        if collector.duplicates:
+            rel, _, example, times = collector.duplicates[0]
+            log.warning(
+                "id column %r: %d duplicate id(s) in %d shard(s), embedded anyway (e.g. %r on %d rows of %s); "
+                "ids are compared within each shard only. --on-duplicate-ids error refuses such shards",
+                spec.id_col, sum(d[1] for d in collector.duplicates), len(collector.duplicates), example, times, rel,
+            )
+        return collector.hints
     finally:
         bar.close()
         ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size = saved

@@ -27,7 +27,9 @@ import pyarrow.parquet as pq
 
 from pipeline import schema
 from ptsne.device import faiss_gpu_count, set_num_threads
-from ptsne.knn import KNNGraph, build_index, resolve_method, search, set_nprobe, tune_nprobe
+from ptsne.knn import (
+    KNNGraph, build_index, is_gpu_index, ivf_nlist, max_nprobe, resolve_method, search, set_nprobe, tune_nprobe,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +123,18 @@ def load_index(blob: np.ndarray, info: dict, use_gpu: bool) -> faiss.Index:
     """Deserialise an index blob, set its ``nprobe`` and move it to a GPU if asked.
 
     Each task loads its own copy and drops it when done (no per-worker cache),
-    so idle workers do not hold an index after the stage.
+    so idle workers do not hold an index after the stage. A task told to use a
+    GPU raises when FAISS here sees none (a CPU build, no visible device) instead
+    of searching on CPU while holding a GPU slot. On a GPU, ``nprobe`` is capped
+    at 2048 (:func:`ptsne.knn.set_nprobe`).
     """
     index = faiss.deserialize_index(np.asarray(blob))
-    if use_gpu and faiss_gpu_count() > 0:
+    if use_gpu:
+        if faiss_gpu_count() == 0:
+            raise RuntimeError(
+                "kNN: this task was given a GPU but FAISS here sees none (a CPU build of FAISS, or "
+                "CUDA_VISIBLE_DEVICES empty); install faiss-gpu on every GPU node or run with device='cpu'"
+            )
         res = faiss.StandardGpuResources()
         index = faiss.index_cpu_to_gpu(res, 0, index)
         index._gpu_resources = res  # keep the resources alive with the index
@@ -165,13 +175,6 @@ def search_index_shards(
     return merge_topk(found, k)
 
 
-def _nlist(index: faiss.Index) -> int | None:
-    try:
-        return int(faiss.extract_index_ivf(index).nlist)
-    except (RuntimeError, AttributeError):
-        return getattr(index, "nlist", None)
-
-
 def _fill_missing(
     index: faiss.Index, queries: np.ndarray, k: int, qids: np.ndarray, g: KNNGraph, missing: np.ndarray
 ) -> KNNGraph:
@@ -179,9 +182,11 @@ def _fill_missing(
 
     IVF returns fewer hits when the probed cells hold fewer than ``k`` points;
     probing all cells is an exact search, and the search task holds only the
-    index, not the indexed vectors.
+    index, not the indexed vectors. A GPU probes at most 2048 cells
+    (:func:`ptsne.knn.max_nprobe`); rows still short after that are searched over
+    all cells on a CPU copy of the index.
     """
-    nlist = _nlist(index)
+    nlist = ivf_nlist(index)
     if nlist is None:
         raise RuntimeError(f"kNN search returned {int(missing.sum())} rows with fewer than k={k} neighbours")
     rows = np.flatnonzero(missing)
@@ -189,12 +194,22 @@ def _fill_missing(
         old = int(faiss.extract_index_ivf(index).nprobe)
     except (RuntimeError, AttributeError):
         old = int(getattr(index, "nprobe", 1))
-    set_nprobe(index, nlist)
+    probe = max_nprobe(index)
+    set_nprobe(index, probe)
     try:
-        redo = search(index, queries[rows], k, query_ids=qids[rows])
+        redo = search(index, queries[rows], k, query_ids=qids[rows], allow_missing=probe < nlist)
     finally:
         set_nprobe(index, old)
-    log.debug("kNN: %d rows searched again over all %d IVF cells", rows.size, nlist)
+    log.debug("kNN: %d rows searched again over %d of %d IVF cells", rows.size, probe, nlist)
+    short = (redo.indices < 0).any(axis=1)
+    if short.any():
+        log.warning("kNN: %d rows short of k=%d neighbours after %d of %d IVF cells (the GPU's cap); "
+                    "searching them over all cells on CPU", int(short.sum()), k, probe, nlist)
+        cpu = faiss.index_gpu_to_cpu(index)
+        faiss.extract_index_ivf(cpu).nprobe = nlist  # a CPU index: no cap
+        again = rows[short]
+        exact = search(cpu, queries[again], k, query_ids=qids[again])
+        redo.indices[short], redo.distances[short] = exact.indices, exact.distances
     indices, distances = g.indices.copy(), g.distances.copy()
     indices[rows], distances[rows] = redo.indices, redo.distances
     return KNNGraph(indices, distances)
@@ -234,7 +249,14 @@ def search_part(fs, part: FeaturePart, index_refs: list, k: int, use_gpu: bool) 
         blob = ray.get(ref[0])
         indexes.append((offset, load_index(blob, info, use_gpu)))
         del blob
+    log.info("kNN: rows %d-%d searched on %s over %d index shard(s)", part.start, part.stop - 1,
+             index_device(indexes[0][1]), len(indexes))
     return search_index_shards(indexes, queries, rows, k)
+
+
+def index_device(index: faiss.Index) -> str:
+    """``"cuda"`` for a FAISS GPU index, else ``"cpu"`` (what a kNN task reports it searched on)."""
+    return "cuda" if is_gpu_index(index) else "cpu"
 
 
 def _search_task(fs, part: FeaturePart, index_refs: list, k: int, use_gpu: bool, n_threads: int) -> KNNGraph:

@@ -189,13 +189,35 @@ def check_creatable(fs: pafs.FileSystem, path: str) -> None:
     """
     if not isinstance(fs, pafs.LocalFileSystem):
         return
-    probe = os.path.dirname(os.path.abspath(path))
+    problem = _uncreatable(os.path.dirname(os.path.abspath(path)))
+    if problem:
+        raise OutputLocationError(f"cannot create {path!r}: {problem}")
+
+
+def check_writable_dir(fs: pafs.FileSystem, path: str) -> None:
+    """Raise :class:`OutputLocationError` unless files can be created in the local directory ``path``.
+
+    ``path`` may exist (a directory this user may write to) or not (then its
+    nearest existing ancestor must be). Checked before any work; other
+    filesystems answer only when written to.
+    """
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return
+    problem = _uncreatable(os.path.abspath(path))
+    if problem:
+        raise OutputLocationError(f"cannot write to {path!r}: {problem}")
+
+
+def _uncreatable(directory: str) -> str | None:
+    """Why ``directory`` (created with its parents when missing) could not take new files, or None."""
+    probe = directory
     while not os.path.lexists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
-        raise OutputLocationError(f"cannot create {path!r}: {probe!r} is not a directory")
+        return f"{probe!r} is not a directory"
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputLocationError(f"cannot create {path!r}: no permission to write in {probe!r}")
+        return f"no permission to write in {probe!r}"
+    return None
 
 
 class StagedDir:

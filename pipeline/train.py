@@ -447,6 +447,34 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[dict, dict, dict[str,
     return config, state, load_file(str(directory / CHECKPOINT_WEIGHTS))
 
 
+def load_optimizer_state(directory: str | os.PathLike) -> dict:
+    """The optimiser and scheduler state of a checkpoint, its tensors on CPU.
+
+    A checkpoint written by a GPU worker resumes anywhere: ``load_state_dict`` of
+    the optimiser moves each state tensor onto its parameter's device.
+    """
+    return torch.load(Path(directory) / CHECKPOINT_OPTIMIZER, map_location="cpu", weights_only=True)
+
+
+def check_gpu_workers(num_workers: int, use_gpu: bool, gpus_per_worker: float) -> None:
+    """Refuse training workers that could share a GPU (``ValueError``).
+
+    With less than one GPU per worker Ray may place several workers on one GPU;
+    they all train on its ``cuda:0`` and NCCL refuses duplicate GPUs at the first
+    collective, so such a run could only crash.
+    """
+    if not use_gpu:
+        return
+    if not float(gpus_per_worker) > 0:
+        raise ValueError(f"GPU training needs gpus_per_worker > 0, got {gpus_per_worker!r}")
+    if num_workers > 1 and float(gpus_per_worker) < 1:
+        raise ValueError(
+            f"{num_workers} training workers with {float(gpus_per_worker):g} GPU each could share a GPU, "
+            "which NCCL refuses (two ranks on one device); give each worker a whole GPU (1) or train "
+            "with one worker"
+        )
+
+
 def mapper_from_checkpoint(directory: str | os.PathLike) -> tuple[Mapper, dict, dict]:
     """Rebuild the trained mapper from a checkpoint: ``(mapper, config, state)``."""
     config, state, weights = load_checkpoint(directory)
@@ -525,7 +553,7 @@ def _train_loop_per_worker(loop_config: dict) -> None:
         with checkpoint.as_directory() as d:
             _, state, weights = load_checkpoint(d)
             mapper.load_state_dict(weights)
-            optimizer_state = torch.load(Path(d) / CHECKPOINT_OPTIMIZER, weights_only=True)
+            optimizer_state = load_optimizer_state(d)
         start_epoch = int(state["epoch"]) + 1
         history = state["history"]
         resumed_from = state.get("resumed_from", []) + [start_epoch]
@@ -649,6 +677,7 @@ def train_distributed(
         Data-parallel workers (processes).
     use_gpu : bool
         One GPU per worker (``gpus_per_worker`` of it) and NCCL; gloo on CPU otherwise.
+        Several workers need a whole GPU each (:func:`check_gpu_workers`).
     storage_path : path
         Where Ray Train keeps the run and its epoch checkpoints; shared storage
         (NFS, S3) on a multi-node cluster.
@@ -692,6 +721,12 @@ def train_distributed(
     for pname, v, lo in (("num_workers", num_workers, 1), ("cpus_per_worker", cpus_per_worker, 1), ("max_failures", max_failures, 0)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
             raise ValueError(f"train_distributed: {pname} must be an integer >= {lo}, got {v!r}")
+    try:
+        check_gpu_workers(num_workers, use_gpu, gpus_per_worker)
+    except ValueError as exc:
+        raise ValueError(
+            f"train_distributed: num_workers={num_workers}, gpus_per_worker={gpus_per_worker!r}: {exc}"
+        ) from None
     if edges_ingest not in EDGES_INGEST:
         raise ValueError(f"train_distributed: edges_ingest must be one of {EDGES_INGEST}, got {edges_ingest!r}")
     if on_epoch is not None and not callable(on_epoch):

@@ -16,6 +16,10 @@ log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "float32", "bfloat16")
+#: Environment variable that decides what ``precision="auto"`` resolves to (one of
+#: ``PRECISIONS``; unset, empty or ``auto``: by the hardware), e.g. ``PTSNE_PRECISION=float32``
+#: to train in float32 on a machine with bfloat16 hardware. Explicit precisions are kept.
+PRECISION_ENV = "PTSNE_PRECISION"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -67,7 +71,8 @@ def set_num_threads(n: int | None = None) -> int:
 def native_bfloat16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bfloat16 in hardware (CUDA bf16, AVX512-BF16 or AMX)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        # Without this flag torch also counts GPUs that only emulate bfloat16 (pre-Ampere), where it is slow.
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
@@ -80,9 +85,20 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     ``"auto"`` picks bfloat16 where ``device`` computes it natively (about 3x
     faster on an AVX512-BF16 CPU, at equal map quality on MNIST) and float32
     elsewhere; ``"bfloat16"`` forces it (emulated, slow, without hardware support).
+    The environment variable ``PTSNE_PRECISION`` (:data:`PRECISION_ENV`), when set
+    to ``"float32"`` or ``"bfloat16"``, is what ``"auto"`` resolves to instead; it
+    is read here only, in the process that trains (a Ray worker inherits it from a
+    local Ray; on a cluster, pass it in the job's ``runtime_env``).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    forced = os.environ.get(PRECISION_ENV, "").strip()
+    if forced and forced not in PRECISIONS:
+        raise ValueError(
+            f"environment variable {PRECISION_ENV} must be one of {PRECISIONS} (or unset), got {forced!r}"
+        )
+    if precision == "auto" and forced in ("float32", "bfloat16"):
+        precision = forced
     if precision == "bfloat16" or (precision == "auto" and native_bfloat16(device)):
         return torch.bfloat16
     return None

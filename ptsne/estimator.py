@@ -22,7 +22,7 @@ from ptsne import digest
 from ptsne.affinity import Edges, as_perplexities, default_k, joint_probabilities
 from ptsne.device import default_num_threads, resolve_device, set_num_threads
 from ptsne.errors import ModelFileError, NotFittedError
-from ptsne.knn import KNNConfig, knn_graph
+from ptsne.knn import KNNConfig, knn_graph, resolve_knn_device
 from ptsne.model import DEFAULT_HIDDEN, Mapper, ModelConfig, build_mapper
 from ptsne.pca import PCA
 from ptsne.reference import (
@@ -91,12 +91,17 @@ class ParametricTSNE:
     random_state : int, optional
         Seed; with a seed, CPU training is deterministic.
     device : {"auto", "cpu", "cuda"}
-        ``"auto"`` takes a GPU when one is visible.
+        ``"auto"`` takes a GPU when one is visible; its kNN search then runs on
+        CPU when FAISS is a CPU build (with a warning, see
+        :func:`ptsne.knn.resolve_knn_device`). :meth:`load` ignores it and loads
+        onto the device it is given (CPU by default).
     precision : {"auto", "float32", "bfloat16"}
         Arithmetic of the training forward pass. ``"auto"`` trains the default MLP
         with bfloat16 autocast where the device has bfloat16 in hardware (recent
         x86 CPUs, CUDA GPUs) and a custom ``model`` in float32; the output layer,
-        the loss and ``transform`` are always float32.
+        the loss and ``transform`` are always float32. The environment variable
+        ``PTSNE_PRECISION=float32`` (or ``bfloat16``) overrides what ``"auto"``
+        picks (:func:`ptsne.device.resolve_precision`).
     n_threads : int, optional
         Threads for torch and FAISS on CPU; ``None`` keeps the current settings.
     verbose : bool
@@ -267,6 +272,7 @@ class ParametricTSNE:
         train_config = self._train_config(n)  # validates the optimisation settings early
         k = self._resolve_k(n)
         device = resolve_device(self.device)
+        search_on = resolve_knn_device(knn_device(self.device, device), k)  # before PCA: k may not fit a GPU
         if self.n_threads is not None:
             set_num_threads(self.n_threads)
         timings = {}
@@ -291,7 +297,7 @@ class ParametricTSNE:
             KNNConfig(
                 k=k,
                 method=self.knn_method,
-                device="cuda" if device.type == "cuda" else "cpu",
+                device=search_on,
                 random_state=train_config.seed,
             ),
         )
@@ -352,10 +358,9 @@ class ParametricTSNE:
         config = self._reference_config()
         Z = check_array(Z, "Z", n_features=int(self.model_.standardize.mean.shape[0]))
         seed = self._seed() if random_state is None else int(random_state)
-        on_gpu = self.device_.type == "cuda"
         if edges is None:
             k = min(int(self.n_neighbors_), len(Z) - 1)
-            graph = knn_graph(Z, KNNConfig(k=k, method=self.knn_method, device="cuda" if on_gpu else "cpu",
+            graph = knn_graph(Z, KNNConfig(k=k, method=self.knn_method, device=knn_device(self.device, self.device_),
                                            random_state=seed))
             edges = joint_probabilities(graph, self.perplexity)
         init = self._forward(Z)
@@ -484,9 +489,14 @@ class ParametricTSNE:
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, model: nn.Module | None = None, device: str = "auto"
+        cls, path: str | os.PathLike, model: nn.Module | None = None, device: str = "cpu"
     ) -> ParametricTSNE:
         """Load a mapper written by :meth:`save`.
+
+        The mapper goes onto ``device``: CPU unless another is asked for (``"cuda"``,
+        ``"auto"``), whatever device it was trained on, so that a model loads and
+        transforms the same way on every host; the loaded estimator's ``device``
+        parameter is that device.
 
         ``model`` must be given (an untrained instance of the same network) when the
         mapper was trained with a custom ``model``; weights are read with safetensors,
@@ -570,8 +580,8 @@ class ParametricTSNE:
         """Alias of :meth:`save`."""
         return self.save(path)
 
-    def restore_model(self, path: str | os.PathLike, device: str = "auto") -> ParametricTSNE:
-        """Load a saved mapper into this instance (alias of :meth:`load`); returns self."""
+    def restore_model(self, path: str | os.PathLike, device: str = "cpu") -> ParametricTSNE:
+        """Load a saved mapper into this instance (alias of :meth:`load`, onto CPU by default); returns self."""
         loaded = type(self).load(path, model=self.model, device=device)
         self.__dict__.update(loaded.__dict__)
         return self
@@ -581,6 +591,18 @@ _PARAMS = tuple(
     name
     for name in ParametricTSNE.__init__.__code__.co_varnames[1 : ParametricTSNE.__init__.__code__.co_argcount]
 )
+
+
+def knn_device(asked: str | torch.device, resolved: torch.device) -> str:
+    """The ``KNNConfig.device`` of an estimator asked for ``asked`` and running on ``resolved``.
+
+    The search follows the device the network runs on, except that ``"auto"`` on a GPU
+    stays ``"auto"``: CUDA torch next to a CPU build of FAISS then trains on the GPU
+    and searches on CPU, with a warning, instead of failing.
+    """
+    if resolved.type != "cuda":
+        return "cpu"
+    return "auto" if isinstance(asked, str) and asked == "auto" else "cuda"
 
 
 def _jsonable(params: dict) -> dict:

@@ -8,6 +8,10 @@ Small inputs use an exact flat index; large inputs use an IVF index whose
 ``nprobe`` is raised until a sampled recall against exact search reaches the
 requested target. A GPU index is used when FAISS sees a GPU and ``device`` asks
 for it (``"auto"`` or ``"cuda"``).
+
+FAISS GPU selects at most :data:`GPU_MAX_SELECTION_K` candidates per query and
+probes at most as many IVF cells: on a GPU, ``k + 1`` above it is refused before
+any work, and every ``nprobe`` set here is capped at ``min(nlist, 2048)``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import NamedTuple
 
 import faiss
 import numpy as np
+import torch
 
 from ptsne.device import faiss_gpu_count, set_num_threads
 
@@ -27,6 +32,10 @@ log = logging.getLogger(__name__)
 METHODS = ("auto", "exact", "ivf")
 #: Above this many indexed points ``method="auto"`` switches from exact to IVF.
 EXACT_MAX_POINTS = 200_000
+#: Largest k of a FAISS GPU search and largest nprobe of a FAISS GPU IVF index
+#: (``GPU_MAX_SELECTION_K`` in faiss gpu/utils/DeviceDefs.cuh, checked by
+#: ``validateKSelect`` / ``validateNProbe``; 2048 for builds without cuVS, as pip's faiss-gpu).
+GPU_MAX_SELECTION_K = 2048
 
 
 class KNNGraph(NamedTuple):
@@ -105,6 +114,48 @@ def _use_gpu(device: str) -> bool:
     return gpus > 0
 
 
+def check_gpu_k(k: int, extra: int = 1) -> None:
+    """Refuse a GPU search of ``k + extra`` candidates per query beyond :data:`GPU_MAX_SELECTION_K`.
+
+    ``extra`` is 1 when each query's own row is searched for and dropped.
+    """
+    if k + extra > GPU_MAX_SELECTION_K:
+        raise ValueError(
+            f"kNN: k={k} needs {k + extra} candidates per query, but FAISS on a GPU selects at most "
+            f"{GPU_MAX_SELECTION_K} (k <= {GPU_MAX_SELECTION_K - extra}, i.e. a perplexity below "
+            f"{(GPU_MAX_SELECTION_K - extra + 1) / 3:.1f} with k = floor(3 * perplexity)); search on CPU "
+            "(device='cpu') or lower k / perplexity"
+        )
+
+
+def resolve_knn_device(device: str, k: int) -> str:
+    """Where FAISS searches a ``k``-NN graph: ``"cuda"`` or ``"cpu"`` for a ``KNNConfig.device``.
+
+    ``"cuda"`` is refused when FAISS sees no GPU or ``k + 1`` exceeds
+    :data:`GPU_MAX_SELECTION_K`. ``"auto"`` takes the GPU when FAISS sees one and
+    the search fits it, else the CPU, with a warning when a GPU was there to use
+    (CUDA torch next to a CPU build of FAISS, or a ``k`` too large for the GPU).
+    """
+    if device == "cpu":
+        return "cpu"
+    gpus = faiss_gpu_count()
+    if device == "cuda":
+        if gpus == 0:
+            raise ValueError("KNNConfig: device='cuda' was asked for but FAISS sees no GPU")
+        check_gpu_k(k)
+        return "cuda"
+    if gpus == 0:
+        if torch.cuda.is_available():
+            log.warning("kNN: torch sees a CUDA GPU but FAISS is a CPU build (install faiss-gpu: "
+                        "pip install 'ptsne[gpu]'); searching on CPU")
+        return "cpu"
+    if k + 1 > GPU_MAX_SELECTION_K:
+        log.warning("kNN: k=%d exceeds what FAISS on a GPU selects (k + 1 <= %d); searching on CPU",
+                    k, GPU_MAX_SELECTION_K)
+        return "cpu"
+    return "cuda"
+
+
 _GPU_RESOURCES: list = []
 
 
@@ -147,14 +198,41 @@ def build_index(
     return index
 
 
-def set_nprobe(index: faiss.Index, nprobe: int) -> None:
-    """Set ``nprobe`` on a CPU or GPU IVF index (no-op for flat indexes)."""
+def ivf_nlist(index: faiss.Index) -> int | None:
+    """The cell count of a CPU or GPU IVF index, None for other indexes."""
     try:
-        faiss.extract_index_ivf(index).nprobe = int(nprobe)
+        return int(faiss.extract_index_ivf(index).nlist)
+    except (RuntimeError, AttributeError):
+        nlist = getattr(index, "nlist", None)
+        return None if nlist is None else int(nlist)
+
+
+def max_nprobe(index: faiss.Index) -> int:
+    """The largest useful ``nprobe`` of an IVF index: ``nlist``, and at most 2048 on a GPU."""
+    nlist = ivf_nlist(index) or GPU_MAX_SELECTION_K
+    return min(nlist, GPU_MAX_SELECTION_K) if is_gpu_index(index) else nlist
+
+
+def set_nprobe(index: faiss.Index, nprobe: int) -> int:
+    """Set ``nprobe`` on a CPU or GPU IVF index (no-op for flat indexes); returns the value set.
+
+    On a GPU index it is capped at :func:`max_nprobe`, ``min(nlist, 2048)`` (FAISS GPU
+    refuses more than :data:`GPU_MAX_SELECTION_K`), with a warning above 2048: recall
+    may then fall short of what the uncapped value gave on CPU.
+    """
+    nprobe = int(nprobe)
+    if is_gpu_index(index):
+        cap = max_nprobe(index)
+        if nprobe > GPU_MAX_SELECTION_K:
+            log.warning("kNN: nprobe=%d capped at %d, the most FAISS probes on a GPU", nprobe, cap)
+        nprobe = min(nprobe, cap)
+    try:
+        faiss.extract_index_ivf(index).nprobe = nprobe
     except (RuntimeError, AttributeError):
         ps = faiss.GpuParameterSpace() if hasattr(faiss, "GpuParameterSpace") else None
         if ps is not None:
-            ps.set_index_parameter(index, "nprobe", int(nprobe))
+            ps.set_index_parameter(index, "nprobe", nprobe)
+    return nprobe
 
 
 def search(
@@ -194,6 +272,8 @@ def search(
     queries = _as_float32(queries, "queries")
     m = queries.shape[0]
     extra = 0 if query_ids is None else 1
+    if is_gpu_index(index):
+        check_gpu_k(k, extra)
     out_i = np.empty((m, k), dtype=np.int64)
     out_d = np.empty((m, k), dtype=np.float32)
     for start in range(0, m, batch_size):
@@ -256,8 +336,9 @@ def knn_graph(X: np.ndarray, config: KNNConfig | None = None, **kwargs) -> KNNGr
     if config.n_threads is not None:
         set_num_threads(config.n_threads)
     method = resolve_method(config.method, n)
-    log.info("kNN: n=%d dim=%d k=%d method=%s", n, X.shape[1], config.k, method)
-    index = build_index(X, method, config.device, config.random_state)
+    device = resolve_knn_device(config.device, config.k)  # before any work: k may not fit a GPU
+    log.info("kNN: n=%d dim=%d k=%d method=%s device=%s", n, X.shape[1], config.k, method, device)
+    index = build_index(X, method, device, config.random_state)
     if method == "ivf":
         tune_nprobe(index, X, config.k, config.target_recall, config.random_state)
     return search(index, X, config.k, query_ids=np.arange(n, dtype=np.int64), fallback_data=X)
@@ -275,14 +356,14 @@ def tune_nprobe(
 
     The probe compares against exact search of a random sample of ``X`` (the
     indexed points). Returns ``(nprobe, recall)`` and leaves ``index`` set to it.
+    ``nprobe`` stops at :func:`max_nprobe` (``nlist``; at most 2048 on a GPU).
     """
     n = X.shape[0]
     rng = np.random.default_rng(random_state + 1)
     q_ids = np.sort(rng.choice(n, min(n_probe_queries, n), replace=False)).astype(np.int64)
     exact = exact_neighbors(X, X[q_ids], k, q_ids)
-    nlist = faiss.extract_index_ivf(index).nlist if not _is_gpu_index(index) else None
     nprobe, recall = 1, 0.0
-    limit = nlist or 4096
+    limit = max_nprobe(index)  # nlist, and at most GPU_MAX_SELECTION_K on a GPU
     while True:
         set_nprobe(index, nprobe)
         approx = search(index, X[q_ids], k, query_ids=q_ids, allow_missing=True)
@@ -294,7 +375,8 @@ def tune_nprobe(
     return nprobe, recall
 
 
-def _is_gpu_index(index: faiss.Index) -> bool:
+def is_gpu_index(index: faiss.Index) -> bool:
+    """Whether ``index`` is a FAISS GPU index (its class is one of faiss's ``Gpu*``)."""
     return "Gpu" in type(index).__name__
 
 

@@ -1,4 +1,10 @@
-"""Shared, seeded fixtures. Ray and MLflow fixtures start real local services."""
+"""Shared, seeded fixtures. Ray and MLflow fixtures start real local services.
+
+Training with ``precision="auto"`` uses bfloat16 autocast on hardware that has it (AMX,
+AVX512-BF16, CUDA). To run the suite in float32 there, as a machine without bfloat16
+would: ``PTSNE_PRECISION=float32 make test`` (read by ``ptsne.device.resolve_precision``;
+Ray workers of the local test Ray inherit it).
+"""
 
 from __future__ import annotations
 

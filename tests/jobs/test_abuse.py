@@ -288,7 +288,8 @@ def test_named_ray_address(monkeypatch):
 # -- a broken model is refused before Ray starts, naming its file (exit 4) ----------------------
 
 #: Runs ``ptsne`` command lines in a fresh process and reports, for each, the exit code, the
-#: ERROR log lines and whether it started Ray (spawned a raylet or GCS server).
+#: ERROR log lines (with "Traceback" appended to one logged with its exception) and whether it
+#: started Ray (spawned a raylet or GCS server).
 _RUN_COMMANDS = r"""
 import json, logging, sys
 
@@ -299,7 +300,7 @@ sys.addaudithook(lambda event, args: spawned.append(repr(args[:2])) if event == 
 class _Errors(logging.Handler):
     def emit(self, record):
         if record.levelno >= logging.ERROR:
-            errors.append(record.getMessage())
+            errors.append(record.getMessage() + ("\nTraceback" if record.exc_info else ""))
 
 
 logging.getLogger().addHandler(_Errors())
@@ -401,3 +402,66 @@ def test_embed_refuses_a_broken_model_before_ray_starts(shards, tmp_path, mlflow
     assert WEIGHTS_FILE in error and "recorded in the tags of models:/demo/1" in error, error
     assert control == {"code": EXIT_OK, "errors": [], "ray": True}
     assert sorted(p.name for p in tmp_path.glob("out-*")) == ["out-good"]
+
+
+# -- a refused or idle embed run starts no Ray -------------------------------------------------
+
+
+def test_embed_refused_or_idle_runs_start_no_ray(shards, tmp_path):
+    """Output, lock and input are checked, and the ledger read, before Ray starts (exit codes of the README)."""
+    import fcntl
+
+    from pipeline.embed import LOCK_FILE
+    from ptsne import ParametricTSNE
+
+    inp, before = shards
+    X = np.random.default_rng(1).normal(size=(120, 4)).astype(np.float32)
+    model = ParametricTSNE(n_epochs=1, perplexity=5, hidden_layers=(8,), reference_size=0, random_state=0,
+                           device="cpu").fit(X).save(tmp_path / "model")
+    (tmp_path / "file").write_text("")
+    unwritable = [tmp_path / "file" / "out", tmp_path / "file"]  # under a regular file; a regular file
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "ro").mkdir(mode=0o500)
+        (tmp_path / "ro-out").mkdir(mode=0o500)  # an existing output this user may not write to
+        unwritable += [tmp_path / "ro" / "out", tmp_path / "ro-out"]
+    (tmp_path / "empty").mkdir()  # nothing has arrived yet
+    locked = tmp_path / "locked"
+    locked.mkdir()
+
+    def embed(input, output):
+        return ["embed", "--model", str(model), "--input", str(input), "--output", str(output),
+                "--num-cpus", "2", "--no-progress"]
+
+    argvs = [embed(inp, out) for out in unwritable]
+    argvs += [
+        embed(tmp_path / "empty", tmp_path / "out-empty"),
+        embed(tmp_path / "missing", tmp_path / "out-missing"),
+        embed(inp, locked),
+        embed(inp, tmp_path / "out"),  # the control: embeds both shards, so it starts Ray
+        embed(inp, tmp_path / "out"),  # an idle cron run: nothing new
+    ]
+    fd = os.open(locked / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another run holds that output
+        *refused, empty, missing, busy, first, idle = _run_commands(argvs)
+    finally:
+        os.close(fd)
+
+    for result, out in zip(refused, unwritable):
+        assert result["code"] == EXIT_ERROR and not result["ray"], (out, result)
+        (error,) = result["errors"]
+        assert error.startswith(f"--output: cannot write to {str(out)!r}: ") and "Traceback" not in error, error
+    assert empty == {"code": EXIT_OK, "errors": [], "ray": False}
+    assert missing["code"] == EXIT_NOT_FOUND and not missing["ray"], missing
+    (error,) = missing["errors"]
+    assert str(tmp_path / "missing") in error and "does not exist" in error, error
+    assert busy["code"] == EXIT_ERROR and not busy["ray"], busy
+    (error,) = busy["errors"]
+    assert "another `ptsne embed` is writing to" in error and str(locked) in error, error
+    assert first == {"code": EXIT_OK, "errors": [], "ray": True}
+    assert idle == {"code": EXIT_OK, "errors": [], "ray": False}
+
+    assert _snapshot(inp) == before
+    assert (tmp_path / "file").read_text() == "" and sorted(p.name for p in locked.iterdir()) == [LOCK_FILE]
+    if os.geteuid() != 0:
+        assert not (tmp_path / "ro" / "out").exists() and not any((tmp_path / "ro-out").iterdir())

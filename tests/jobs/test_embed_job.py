@@ -220,6 +220,26 @@ def test_bad_input_exit_codes(ray_local, store, tmp_path, caplog):
     assert rejects.column("id").to_pylist() == [1, 2, 3, 4]
 
 
+def test_duplicate_ids_warn_by_default_or_exit_bad_input(ray_local, store, tmp_path, caplog):
+    inp = tmp_path / "in"
+    X, _ = gaussian_blobs(40, DIM, 3)
+    ids = np.arange(40)
+    ids[[5, 6]] = 3  # id 3 on 3 rows: 2 duplicates
+    write_shard(inp / "a.parquet", ids, X)
+
+    assert embed("--model", "demo@prod", "--input", inp, "--output", tmp_path / "o1",
+                 "--on-duplicate-ids", "error") == EXIT_BAD_INPUT
+    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "a.parquet: 2 duplicate id(s) in id column 'id' (e.g. 3 on 3 rows)" in error, error
+    assert not list((tmp_path / "o1").rglob("*.parquet"))
+
+    caplog.clear()
+    assert embed("--model", "demo@prod", "--input", inp, "--output", tmp_path / "o2") == EXIT_OK
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "duplicate" in r.getMessage()]
+    assert "id column 'id': 2 duplicate id(s) in 1 shard(s)" in warning, warning
+    assert load_output(tmp_path / "o2" / "v1").column("id").to_pylist() == ids.tolist()
+
+
 def test_watch_polls_until_max_polls(ray_local, store, tmp_path, capsys):
     inp, out = tmp_path / "in", tmp_path / "out"
     make_shards(inp, 2, 50)
@@ -291,4 +311,5 @@ def test_cli_defaults_are_the_pipeline_defaults():
     assert int(args.block_mb * (1 << 20)) == default.block_bytes
     assert args.cpus_per_actor == default.cpus_per_actor
     assert args.method == default.method
+    assert args.on_duplicate_ids == default.on_duplicate_ids
 

@@ -149,6 +149,7 @@ def test_config_file_rejects_unknown_and_mistyped_settings(tmp_path):
 def test_train_exit_codes_for_bad_usage(tmp_path):
     assert main(["train", "--workdir", str(tmp_path)]) == EXIT_USAGE  # neither --input nor --affinities
     assert main(["train", "--input", "x", "--workers", "0"]) == EXIT_USAGE
+    assert main(["train", "--input", "x", "--workers", "2", "--gpus-per-worker", "0.5"]) == EXIT_USAGE
     assert main(["train", "--config", str(tmp_path / "missing.toml")]) == EXIT_NOT_FOUND
 
 
@@ -177,6 +178,15 @@ def test_train_from_an_affinity_directory_with_pca_and_a_config_file(ray_local, 
     run = mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name("pca-test").experiment_id])[0]
     assert run.data.params["workers"] == "1" and run.data.params["data.dim"] == "20"
     assert run.data.tags["eval_source"] == "training_sample"
+
+
+def test_workers_sharing_a_gpu_are_refused_naming_the_values():
+    from jobs.train import UsageError
+
+    with pytest.raises(UsageError, match=r"--workers 2 --gpus-per-worker 0.5: 2 training workers .* share a GPU"):
+        resolve_args(_parse(["train", "--input", "data", "--workers", "2", "--gpus-per-worker", "0.5"]))
+    assert resolve_args(_parse(["train", "--input", "data", "--workers", "1", "--gpus-per-worker", "0.5"]))
+    assert resolve_args(_parse(["train", "--input", "data", "--workers", "2", "--gpus-per-worker", "1"]))
 
 
 def test_epochs_auto_resolves_for_the_data_size():

@@ -203,6 +203,41 @@ def test_nan_rows_fail_their_shard_only(ray_local, model_dir, tmp_path):
     assert not (out / CURRENT_FILE).exists()  # incomplete output is never made current
 
 
+def test_duplicate_ids_are_counted_per_row_for_any_id_type():
+    from pipeline.embed import _duplicate_ids
+
+    assert _duplicate_ids(pa.chunked_array([[1, 2], [3]])) == (0, None, 0)
+    # Nulls are no ids; the example is the first id, in order of appearance, that repeats.
+    assert _duplicate_ids(pa.chunked_array([["b", "a", None], ["a", None, "b", "a"]])) == (3, "b", 2)
+
+
+def test_duplicate_ids_warn_with_the_count_or_fail_their_shard(ray_local, model_dir, tmp_path, caplog):
+    import dataclasses
+
+    inp = tmp_path / "in"
+    ids, X, y = shard_data(0, 60, 0)
+    write_shard(inp / "a.parquet", ids, X, y)
+    dup = ids + 100
+    dup[[10, 11, 12]] = 107  # id 107 on 4 rows: 3 duplicate rows
+    dup[20] = 130  # and id 130 on 2 rows: 1 more
+    write_shard(inp / "b.parquet", dup, X, y)
+
+    summary = embed_shards(inp, tmp_path / "warn", spec(model_dir), CFG)
+    assert (summary.shards_written, summary.rows, summary.duplicate_ids) == (2, 120, 4)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "duplicate" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "id column 'id': 4 duplicate id(s) in 1 shard(s)" in warnings[0] and "107 on 4 rows of b.parquet" in warnings[0]
+    assert load_output(tmp_path / "warn").column("id").to_pylist() == [*ids.tolist(), *dup.tolist()]
+
+    strict = dataclasses.replace(CFG, on_duplicate_ids="error")
+    with pytest.raises(EmbedInputError, match=r"b.parquet: 4 duplicate id\(s\) in id column 'id' \(e.g. 107 on 4 rows\)") as info:
+        embed_shards(inp, tmp_path / "error", spec(model_dir), strict)
+    assert "--on-duplicate-ids warn" in str(info.value)
+    assert (info.value.summary.shards_written, info.value.summary.shards_failed) == (1, 1)
+    assert sorted(Ledger.load(tmp_path / "error" / "v1").entries) == ["a.parquet"]
+    assert not (tmp_path / "error" / "v1" / "b.parquet").exists()
+
+
 @pytest.mark.parametrize(
     "problem, match",
     [
@@ -279,6 +314,8 @@ def test_config_validation():
         EmbedConfig(method="fast")
     with pytest.raises(ValueError, match="on_invalid must be one of"):
         EmbedConfig(on_invalid="drop")
+    with pytest.raises(ValueError, match=r"on_duplicate_ids must be one of \('warn', 'error'\), got 'drop'"):
+        EmbedConfig(on_duplicate_ids="drop")
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
         EmbedConfig(batch_size=0)
     with pytest.raises(ValueError, match="not both"):

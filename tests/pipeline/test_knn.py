@@ -97,3 +97,48 @@ def test_rows_with_too_few_ivf_hits_are_searched_again(rng):
     set_nprobe(index, 1)
     g = search_index_shards([(0, index)], X, np.arange(len(X)), 30)
     assert (g.indices >= 0).all() and (g.indices != np.arange(len(X))[:, None]).all()
+
+
+def test_rows_short_after_the_gpu_cap_of_cells_are_searched_over_all_cells_on_cpu(monkeypatch, rng):
+    # A faked GPU that probes at most 32 of 64 cells. Only the two end clusters of a row of
+    # 64 are indexed, so a point probing its 32 nearest cells finds its own 20 points, not k + 1 = 31.
+    import faiss
+
+    import ptsne.knn as knn
+
+    centers = np.zeros((64, 4), np.float32)
+    centers[:, 0] = 10 * np.arange(64)
+    train = (centers.repeat(40, axis=0) + rng.normal(size=(64 * 40, 4))).astype(np.float32)
+    X = np.concatenate([centers[0] + rng.normal(size=(20, 4)), centers[63] + rng.normal(size=(20, 4))])
+    X = X.astype(np.float32)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(4), 4, 64)
+    index.train(train)
+    index.add(X)
+    copies = []
+
+    def to_cpu(gpu_index):
+        copies.append(gpu_index)
+        return faiss.clone_index(gpu_index)
+
+    monkeypatch.setattr(knn, "is_gpu_index", lambda index: True)
+    monkeypatch.setattr(knn, "GPU_MAX_SELECTION_K", 32)
+    monkeypatch.setattr(faiss, "index_gpu_to_cpu", to_cpu, raising=False)
+    knn.set_nprobe(index, 1)
+    g = search_index_shards([(0, index)], X, np.arange(len(X)), 30)
+    assert len(copies) == 1  # rows still short after 32 cells went to one CPU copy
+    np.testing.assert_array_equal(g.indices, exact_neighbors(X, X, 30, np.arange(len(X))))
+    assert faiss.extract_index_ivf(index).nprobe == 1  # the index keeps its own nprobe
+
+
+def test_a_gpu_knn_task_without_a_faiss_gpu_raises_instead_of_searching_on_cpu(monkeypatch, rng):
+    import pytest
+
+    import pipeline.knn as pknn
+
+    monkeypatch.setattr(pknn, "faiss_gpu_count", lambda: 0)
+    X = rng.normal(size=(100, 4)).astype(np.float32)
+    blob, info = pknn.build_index_blob(X, "exact", 5, 0.9, 0)
+    with pytest.raises(RuntimeError, match="given a GPU but FAISS here sees none"):
+        pknn.load_index(blob, info, use_gpu=True)
+    index = pknn.load_index(blob, info, use_gpu=False)
+    assert pknn.index_device(index) == "cpu"

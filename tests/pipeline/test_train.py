@@ -17,13 +17,16 @@ import torch
 
 from pipeline import schema
 from pipeline.train import (
+    CHECKPOINT_OPTIMIZER,
     DistributedTrainConfig,
     ScannedFeatures,
     SharedFeatures,
+    check_gpu_workers,
     edge_shard,
     fit_reference,
     load_edges,
     load_features,
+    load_optimizer_state,
     read_manifest,
     reference_rows,
     run_name,
@@ -188,6 +191,41 @@ def test_rejects_bad_edges_ingest_and_on_epoch(affinity_dir, tmp_path):
         train_distributed(affinity_dir, DistributedTrainConfig(), storage_path=tmp_path, edges_ingest="disk")
     with pytest.raises(TypeError, match="on_epoch"):
         train_distributed(affinity_dir, DistributedTrainConfig(), storage_path=tmp_path, on_epoch="log")
+
+
+def test_rejects_training_workers_that_could_share_a_gpu(affinity_dir, tmp_path):
+    # NCCL refuses two ranks on one GPU at the first collective: refused before any work.
+    with pytest.raises(ValueError, match=r"num_workers=2, gpus_per_worker=0.5: 2 training workers with 0.5 GPU"):
+        train_distributed(affinity_dir, DistributedTrainConfig(), num_workers=2, use_gpu=True,
+                          gpus_per_worker=0.5, storage_path=tmp_path)
+    with pytest.raises(ValueError, match="gpus_per_worker > 0"):
+        check_gpu_workers(1, True, 0)
+    for ok in ((1, True, 0.5), (2, True, 1.0), (4, True, 2.0), (2, False, 0.5)):
+        check_gpu_workers(*ok)
+
+
+def test_checkpoint_written_on_a_gpu_resumes_on_cpu(tmp_path, monkeypatch):
+    # torch.save tags each tensor with its device; tagging them "cuda:0" writes the file
+    # a GPU worker writes, which plain torch.load cannot read without CUDA.
+    import torch.serialization as ser
+
+    net = torch.nn.Linear(4, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    net(torch.ones(3, 4)).sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    monkeypatch.setattr(ser, "_package_registry", list(ser._package_registry))
+    ser.register_package(0, lambda storage: "cuda:0", lambda storage, location: None)
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp_path / CHECKPOINT_OPTIMIZER)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(tmp_path / CHECKPOINT_OPTIMIZER, weights_only=True)
+    state = load_optimizer_state(tmp_path)
+    moments = [v for s in state["optimizer"]["state"].values() for v in s.values() if torch.is_tensor(v)]
+    assert moments and all(v.device.type == "cpu" for v in moments)
+    fresh = torch.optim.Adam(torch.nn.Linear(4, 2).parameters(), lr=0.1)
+    fresh.load_state_dict(state["optimizer"])
+    torch.testing.assert_close(fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
 
 
 def kill_rank_zero_once(at_epoch: int, marker: str):

@@ -69,7 +69,7 @@ def test_save_load_roundtrip(fitted, tmp_path):
     assert sorted(p.name for p in path.iterdir()) == ["SHA256SUMS", "config.json", "model.safetensors"]
     config = json.loads((path / "config.json").read_text())
     assert config["params"]["perplexity"] == 10.0
-    loaded = ParametricTSNE.load(path)
+    loaded = ParametricTSNE.load(path, device="cpu")
     np.testing.assert_array_equal(loaded.transform(X), est.transform(X))
     assert not list(tmp_path.glob(".model.*"))  # no temp directories left behind
 
@@ -78,14 +78,51 @@ def test_save_replaces_existing_model(fitted, tmp_path):
     est, X, _ = fitted
     est.save(tmp_path / "m")
     est.save(tmp_path / "m")
-    np.testing.assert_array_equal(ParametricTSNE.load(tmp_path / "m").transform(X[:5]), est.transform(X[:5]))
+    np.testing.assert_array_equal(ParametricTSNE.load(tmp_path / "m", device="cpu").transform(X[:5]), est.transform(X[:5]))
 
 
 def test_legacy_names(fitted, tmp_path):
     est, X, _ = fitted
     est.save_model(tmp_path / "legacy")
-    other = ParametricTSNE().restore_model(tmp_path / "legacy")
+    other = ParametricTSNE().restore_model(tmp_path / "legacy", device="cpu")
     np.testing.assert_array_equal(other.transform(X[:5]), est.transform(X[:5]))
+
+
+def test_load_and_restore_default_to_cpu(fitted, tmp_path):
+    # Whatever the host has, a model loads onto CPU unless another device is asked for.
+    est, X, _ = fitted
+    path = est.save(tmp_path / "m")
+    for loaded in (ParametricTSNE.load(path), ParametricTSNE(device="auto").restore_model(path)):
+        assert loaded.device_ == torch.device("cpu") and loaded.device == "cpu"
+        assert next(loaded.model_.parameters()).device.type == "cpu"
+    np.testing.assert_array_equal(ParametricTSNE.load(path).transform(X[:5]), est.transform(X[:5]))
+
+
+def test_knn_follows_the_network_device_and_auto_stays_auto_on_a_gpu():
+    from ptsne.estimator import knn_device
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert knn_device("auto", cpu) == "cpu" and knn_device("cpu", cpu) == "cpu"
+    # "auto" on a GPU lets ptsne.knn search on CPU when FAISS is a CPU build.
+    assert knn_device("auto", cuda) == "auto"
+    assert knn_device("cuda", cuda) == "cuda" and knn_device("cuda:0", cuda) == "cuda"
+
+
+def test_k_too_large_for_a_gpu_is_refused_before_any_work(monkeypatch):
+    # A faked CUDA host: perplexity 700 needs k = 2100 > 2047, which FAISS on a GPU cannot select.
+    import ptsne.estimator as estimator
+    import ptsne.knn as knn
+    from tests.conftest import gaussian_blobs
+
+    def no_pca(*args, **kwargs):
+        raise AssertionError("PCA ran before k was checked")
+
+    monkeypatch.setattr(estimator, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(knn, "faiss_gpu_count", lambda: 1)
+    monkeypatch.setattr(estimator, "PCA", no_pca)
+    X, _ = gaussian_blobs(2200, 5, 3)
+    with pytest.raises(ValueError, match="k=2100 needs 2101 candidates"):
+        ParametricTSNE(perplexity=700.0, pca_components=2, device="cuda").fit(X)
 
 
 def test_pca_inside_fit_and_transform(digits, tmp_path):
@@ -94,7 +131,7 @@ def test_pca_inside_fit_and_transform(digits, tmp_path):
     assert est.pca_.components_.shape == (20, 64)
     Y = est.transform(X[1000:])
     assert Y.shape == (len(X) - 1000, 2)
-    loaded = ParametricTSNE.load(est.save(tmp_path / "pca"))
+    loaded = ParametricTSNE.load(est.save(tmp_path / "pca"), device="cpu")
     np.testing.assert_allclose(loaded.transform(X[1000:]), Y, rtol=1e-6, atol=1e-6)
 
 
@@ -111,11 +148,11 @@ def test_custom_network_and_reload(blobs, tmp_path):
     def net():
         return torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
 
-    est = ParametricTSNE(model=net(), perplexity=10.0, n_epochs=2, batch_size=128, random_state=0).fit(X)
+    est = ParametricTSNE(model=net(), perplexity=10.0, n_epochs=2, batch_size=128, random_state=0, device="cpu").fit(X)
     est.save(tmp_path / "custom")
     with pytest.raises(ValueError, match="custom network"):
         ParametricTSNE.load(tmp_path / "custom")
-    loaded = ParametricTSNE.load(tmp_path / "custom", model=net())
+    loaded = ParametricTSNE.load(tmp_path / "custom", model=net(), device="cpu")
     np.testing.assert_array_equal(loaded.transform(X[:5]), est.transform(X[:5]))
 
 

@@ -31,3 +31,109 @@ def test_fit_on_cuda_matches_cpu_quality(digits):
            for name, m in (("gpu", gpu), ("cpu", cpu))}
     assert acc["gpu"] > 0.9
     assert abs(acc["gpu"] - acc["cpu"]) < 0.05
+
+
+def _needs_faiss_gpu():
+    from ptsne.device import faiss_gpu_count
+
+    if faiss_gpu_count() == 0:
+        pytest.skip("FAISS CPU build: install faiss-gpu (pip install 'ptsne[gpu]')")
+
+
+def test_load_is_on_cpu_unless_cuda_is_asked_for(blobs, tmp_path):
+    import torch
+
+    X, _ = blobs
+    # "auto": trains on the GPU, and searches on CPU should FAISS be a CPU build.
+    est = ParametricTSNE(perplexity=10.0, n_epochs=2, batch_size=128, random_state=0, device="auto").fit(X)
+    assert est.device_.type == "cuda"
+    path = est.save(tmp_path / "m")
+    cpu = ParametricTSNE.load(path)
+    assert cpu.device_ == torch.device("cpu")
+    gpu = ParametricTSNE.load(path, device="cuda")
+    assert gpu.device_.type == "cuda" and next(gpu.model_.parameters()).is_cuda
+    np.testing.assert_allclose(gpu.transform(X[:50]), cpu.transform(X[:50]), rtol=1e-3, atol=1e-3)
+
+
+def test_bfloat16_detection_excludes_emulation():
+    import torch
+
+    from ptsne.device import native_bfloat16
+
+    major = torch.cuda.get_device_properties(0).major
+    assert native_bfloat16(torch.device("cuda")) is (major >= 8)
+
+
+def test_gpu_ivf_nprobe_is_capped_at_the_selection_limit(rng):
+    # nlist 4096 > 2048: nprobe = nlist would crash FAISS GPU.
+    import faiss
+
+    from ptsne.knn import GPU_MAX_SELECTION_K, _gpu_resources, max_nprobe, set_nprobe, tune_nprobe
+
+    _needs_faiss_gpu()
+    X = rng.normal(size=(4096 * 40, 8)).astype(np.float32)
+    cpu = faiss.IndexIVFFlat(faiss.IndexFlatL2(8), 8, 4096)
+    cpu.train(X)
+    cpu.nprobe = 4096  # a CPU-tuned value, copied to the GPU as is
+    index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, cpu)
+    index.add(X)
+    assert max_nprobe(index) == GPU_MAX_SELECTION_K
+    assert set_nprobe(index, 4096) == GPU_MAX_SELECTION_K
+    index.search(X[:10], 10)
+    nprobe, _ = tune_nprobe(index, X, 10, target_recall=1.0, n_probe_queries=50)
+    assert nprobe <= GPU_MAX_SELECTION_K
+
+
+def test_gpu_short_rows_are_filled_beyond_the_cap(rng):
+    # Only the two end clusters of a row of 4096 cells are indexed: 2048 probed cells hold 20 points, not 31.
+    import faiss
+
+    from pipeline.knn import search_index_shards
+    from ptsne.knn import _gpu_resources, exact_neighbors, set_nprobe
+
+    _needs_faiss_gpu()
+    centers = np.zeros((4096, 4), np.float32)
+    centers[:, 0] = 10 * np.arange(4096)
+    cpu = faiss.IndexIVFFlat(faiss.IndexFlatL2(4), 4, 4096)
+    cpu.train((centers.repeat(40, axis=0) + rng.normal(size=(4096 * 40, 4))).astype(np.float32))
+    X = np.concatenate([centers[0] + rng.normal(size=(20, 4)), centers[-1] + rng.normal(size=(20, 4))]).astype(np.float32)
+    index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, cpu)
+    index.add(X)
+    set_nprobe(index, 1)
+    g = search_index_shards([(0, index)], X, np.arange(len(X)), 30)
+    np.testing.assert_array_equal(g.indices, exact_neighbors(X, X, 30, np.arange(len(X))))
+
+
+def test_gpu_k_above_the_selection_limit_is_refused(rng):
+    from ptsne.knn import GPU_MAX_SELECTION_K
+
+    _needs_faiss_gpu()
+    X = rng.normal(size=(GPU_MAX_SELECTION_K + 100, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match="at most 2048"):
+        knn_graph(X, k=GPU_MAX_SELECTION_K, method="exact", device="cuda")
+    g = knn_graph(X, k=GPU_MAX_SELECTION_K, method="exact", device="auto")  # searched on CPU instead
+    assert g.indices.shape == (len(X), GPU_MAX_SELECTION_K)
+
+
+def test_gpu_knn_task_searches_on_the_gpu(rng):
+    from pipeline.knn import build_index_blob, index_device, load_index
+
+    _needs_faiss_gpu()
+    X = rng.normal(size=(5000, 8)).astype(np.float32)
+    blob, info = build_index_blob(X, "ivf", 10, 0.9, 0)
+    assert index_device(load_index(blob, info, use_gpu=True)) == "cuda"
+
+
+def test_gpu_checkpoint_resumes_on_cpu(tmp_path):
+    import torch
+
+    from pipeline.train import CHECKPOINT_OPTIMIZER, load_optimizer_state
+
+    net = torch.nn.Linear(4, 2).cuda()
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.ones(3, 4, device="cuda")).sum().backward()
+    opt.step()
+    torch.save({"optimizer": opt.state_dict(), "scheduler": {}}, tmp_path / CHECKPOINT_OPTIMIZER)
+    state = load_optimizer_state(tmp_path)
+    assert all(v.device.type == "cpu" for s in state["optimizer"]["state"].values() for v in s.values())
+    torch.optim.Adam(torch.nn.Linear(4, 2).parameters()).load_state_dict(state["optimizer"])

@@ -71,3 +71,74 @@ def test_config_validation(kwargs, match):
 def test_too_few_points():
     with pytest.raises(ValueError, match="k=10 needs at least"):
         knn_graph(np.zeros((5, 2), np.float32), k=10)
+
+
+# -- GPU limits and fallbacks, against a faked FAISS GPU -------------------------------------
+
+
+def test_gpu_k_above_the_selection_limit_is_refused_before_any_work(monkeypatch, rng):
+    import ptsne.knn as knn
+
+    def no_index(*args, **kwargs):
+        raise AssertionError("an index was built before k was checked")
+
+    monkeypatch.setattr(knn, "faiss_gpu_count", lambda: 1)
+    monkeypatch.setattr(knn, "build_index", no_index)
+    X = rng.normal(size=(knn.GPU_MAX_SELECTION_K + 10, 2)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"k=2048 needs 2049 candidates .* at most 2048 .*perplexity below 682\.7"):
+        knn_graph(X, k=knn.GPU_MAX_SELECTION_K, device="cuda")
+    knn.check_gpu_k(knn.GPU_MAX_SELECTION_K - 1)  # k + 1 = 2048 fits
+    knn.check_gpu_k(knn.GPU_MAX_SELECTION_K, extra=0)
+
+
+def test_auto_searches_on_cpu_when_k_does_not_fit_the_gpu(monkeypatch, caplog):
+    import ptsne.knn as knn
+
+    monkeypatch.setattr(knn, "faiss_gpu_count", lambda: 1)
+    assert knn.resolve_knn_device("auto", knn.GPU_MAX_SELECTION_K - 1) == "cuda"
+    with caplog.at_level("WARNING", logger="ptsne.knn"):
+        assert knn.resolve_knn_device("auto", knn.GPU_MAX_SELECTION_K) == "cpu"
+    assert "searching on CPU" in caplog.text
+    assert knn.resolve_knn_device("cpu", 10) == "cpu"
+
+
+def test_auto_falls_back_to_cpu_faiss_next_to_cuda_torch(monkeypatch, caplog, rng):
+    # CUDA torch with the CPU build of FAISS: "auto" searches on CPU with a warning; "cuda" is refused.
+    import ptsne.knn as knn
+
+    monkeypatch.setattr(knn, "faiss_gpu_count", lambda: 0)
+    monkeypatch.setattr(knn.torch.cuda, "is_available", lambda: True)
+    X = rng.normal(size=(200, 4)).astype(np.float32)
+    with caplog.at_level("WARNING", logger="ptsne.knn"):
+        g = knn_graph(X, k=10, method="exact", device="auto")
+    assert "FAISS is a CPU build" in caplog.text
+    np.testing.assert_array_equal(g.indices, brute_force(X, 10)[0])
+    with pytest.raises(ValueError, match="device='cuda' was asked for but FAISS sees no GPU"):
+        knn_graph(X, k=10, method="exact", device="cuda")
+
+
+def test_nprobe_is_capped_on_a_gpu_index(monkeypatch, caplog, rng):
+    # A faked GPU with a selection limit of 8: every nprobe set on its index stops there.
+    import ptsne.knn as knn
+
+    X = rng.normal(size=(2000, 8)).astype(np.float32)
+    index = build_index(X, "ivf", "cpu", random_state=0)
+    nlist = knn.ivf_nlist(index)
+    assert nlist > 8 and knn.max_nprobe(index) == nlist
+    monkeypatch.setattr(knn, "is_gpu_index", lambda index: True)
+    monkeypatch.setattr(knn, "GPU_MAX_SELECTION_K", 8)
+    assert knn.max_nprobe(index) == 8
+    with caplog.at_level("WARNING", logger="ptsne.knn"):
+        assert knn.set_nprobe(index, nlist) == 8
+    assert "nprobe=%d capped at 8" % nlist in caplog.text
+    assert faiss_nprobe(index) == 8
+    nprobe, _ = tune_nprobe(index, X, 5, target_recall=1.0)  # unreachable: the loop stops at the cap
+    assert nprobe == 8 and faiss_nprobe(index) == 8
+    with pytest.raises(ValueError, match="k=8 needs 9 candidates"):
+        search(index, X[:3], 8, query_ids=np.arange(3))
+
+
+def faiss_nprobe(index) -> int:
+    import faiss
+
+    return int(faiss.extract_index_ivf(index).nprobe)

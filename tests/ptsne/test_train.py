@@ -124,15 +124,43 @@ def test_default_epochs_scale_with_n():
 # -- mixed precision ----------------------------------------------------------
 
 
-def test_resolve_precision():
-    from ptsne.device import native_bfloat16, resolve_precision
+def test_resolve_precision(monkeypatch):
+    from ptsne.device import PRECISION_ENV, native_bfloat16, resolve_precision
 
+    monkeypatch.delenv(PRECISION_ENV, raising=False)
     cpu = torch.device("cpu")
     assert resolve_precision("float32", cpu) is None
     assert resolve_precision("bfloat16", cpu) is torch.bfloat16
     assert resolve_precision("auto", cpu) is (torch.bfloat16 if native_bfloat16(cpu) else None)
     with pytest.raises(ValueError, match="precision must be one of .* got 'half'"):
         resolve_precision("half", cpu)
+
+
+def test_precision_env_decides_what_auto_resolves_to(monkeypatch):
+    from ptsne.device import PRECISION_ENV, native_bfloat16, resolve_precision
+
+    cpu = torch.device("cpu")
+    native = torch.bfloat16 if native_bfloat16(cpu) else None
+    for value, auto in [("float32", None), ("bfloat16", torch.bfloat16), ("auto", native), ("", native)]:
+        monkeypatch.setenv(PRECISION_ENV, value)
+        assert resolve_precision("auto", cpu) is auto, value
+        # An explicit precision is kept whatever the environment says.
+        assert resolve_precision("float32", cpu) is None, value
+        assert resolve_precision("bfloat16", cpu) is torch.bfloat16, value
+    monkeypatch.setenv(PRECISION_ENV, "half")
+    with pytest.raises(ValueError, match=r"PTSNE_PRECISION must be one of \('auto', 'float32', 'bfloat16'\).* got 'half'"):
+        resolve_precision("auto", cpu)
+
+
+def test_cuda_bfloat16_counts_only_hardware_support(monkeypatch):
+    # torch.cuda.is_bf16_supported() is also True on GPUs that only emulate bfloat16 (pre-Ampere).
+    from ptsne.device import native_bfloat16
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert native_bfloat16(cuda) is False  # an emulating GPU
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert native_bfloat16(cuda) is True  # compute capability >= 8
 
 
 def test_output_layer_stays_float32_under_autocast():
