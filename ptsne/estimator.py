@@ -35,6 +35,7 @@ from ptsne.reference import (
     similarity_fit,
 )
 from ptsne.train import Callback, TrainConfig, default_epochs, fit_mapper
+from ptsne.transform import check_batch_size
 from ptsne.transform import transform as batched_transform
 from ptsne.validation import check_array
 
@@ -413,9 +414,8 @@ class ParametricTSNE:
         self._check_fitted()
         method = self._resolve_method(method)
         X = check_array(X, "X", n_features=self.n_features_in_)
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
-                                       or batch_size < 1):
-            raise ValueError(f"ParametricTSNE.transform: batch_size must be an integer >= 1, got {batch_size!r}")
+        if batch_size is not None:  # checked here too: the default placement runs no network pass
+            check_batch_size(batch_size, "ParametricTSNE.transform")
         Z = self.pca_.transform(X) if self.pca_ is not None else X
         if method == "network":
             return self._forward(Z, batch_size)

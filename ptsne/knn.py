@@ -105,15 +105,6 @@ def default_nlist(n: int) -> int:
     return int(max(1, min(4 * math.isqrt(max(n, 1)), n // 39)))
 
 
-def _use_gpu(device: str) -> bool:
-    if device == "cpu":
-        return False
-    gpus = faiss_gpu_count()
-    if device == "cuda" and gpus == 0:
-        raise ValueError("KNNConfig: device='cuda' was asked for but FAISS sees no GPU")
-    return gpus > 0
-
-
 def check_gpu_k(k: int, extra: int = 1) -> None:
     """Refuse a GPU search of ``k + extra`` candidates per query beyond :data:`GPU_MAX_SELECTION_K`.
 
@@ -128,13 +119,14 @@ def check_gpu_k(k: int, extra: int = 1) -> None:
         )
 
 
-def resolve_knn_device(device: str, k: int) -> str:
+def resolve_knn_device(device: str, k: int | None = None) -> str:
     """Where FAISS searches a ``k``-NN graph: ``"cuda"`` or ``"cpu"`` for a ``KNNConfig.device``.
 
     ``"cuda"`` is refused when FAISS sees no GPU or ``k + 1`` exceeds
     :data:`GPU_MAX_SELECTION_K`. ``"auto"`` takes the GPU when FAISS sees one and
     the search fits it, else the CPU, with a warning when a GPU was there to use
     (CUDA torch next to a CPU build of FAISS, or a ``k`` too large for the GPU).
+    ``k=None`` (an index built before its ``k`` is known) skips the ``k`` checks.
     """
     if device == "cpu":
         return "cpu"
@@ -142,14 +134,15 @@ def resolve_knn_device(device: str, k: int) -> str:
     if device == "cuda":
         if gpus == 0:
             raise ValueError("KNNConfig: device='cuda' was asked for but FAISS sees no GPU")
-        check_gpu_k(k)
+        if k is not None:
+            check_gpu_k(k)
         return "cuda"
     if gpus == 0:
         if torch.cuda.is_available():
             log.warning("kNN: torch sees a CUDA GPU but FAISS is a CPU build (install faiss-gpu: "
                         "pip install 'ptsne[gpu]'); searching on CPU")
         return "cpu"
-    if k + 1 > GPU_MAX_SELECTION_K:
+    if k is not None and k + 1 > GPU_MAX_SELECTION_K:
         log.warning("kNN: k=%d exceeds what FAISS on a GPU selects (k + 1 <= %d); searching on CPU",
                     k, GPU_MAX_SELECTION_K)
         return "cpu"
@@ -192,7 +185,7 @@ def build_index(
         index.train(sample)
     else:
         raise ValueError(f"build_index: method must be 'exact' or 'ivf', got {method!r}")
-    if _use_gpu(device):
+    if resolve_knn_device(device) == "cuda":
         index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
     index.add(data)
     return index

@@ -11,6 +11,12 @@ from torch import nn
 DEFAULT_BATCH = {"cpu": 2048, "cuda": 65536}
 
 
+def check_batch_size(batch_size, owner: str) -> None:
+    """Raise unless ``batch_size`` is an integer >= 1 (``owner`` names the caller in the message)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"{owner}: batch_size must be an integer >= 1, got {batch_size!r}")
+
+
 @torch.inference_mode()
 def transform(
     model: nn.Module,
@@ -26,8 +32,7 @@ def transform(
     device = torch.device(device)
     if batch_size is None:
         batch_size = DEFAULT_BATCH.get(device.type, DEFAULT_BATCH["cuda"])
-    if batch_size < 1:
-        raise ValueError(f"transform: batch_size must be >= 1, got {batch_size}")
+    check_batch_size(batch_size, "transform")
     model.eval()
     X = np.asarray(X, dtype=np.float32)
     out = []
