@@ -188,7 +188,7 @@ def generate(n: int, holdout: int, dim: int, centers: int, spread: float, seed: 
     """
     from pipeline.synth import SynthConfig, generate_shard
     from pipeline.schema import part_name
-    from pipeline.shards import resolve, write_parquet_atomic
+    from pipeline.storage import resolve, write_parquet_atomic
 
     if n % shard_rows:
         raise ValueError(f"--shard-rows={shard_rows} must divide every N, got N={n}")

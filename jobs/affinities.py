@@ -97,7 +97,7 @@ def config_from_args(args: argparse.Namespace, **overrides):
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.shards import check_disjoint
+    from pipeline.storage import check_disjoint
 
     try:
         check_disjoint(args.input, args.output, ("--input", "--output"))
@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline.affinity import build_affinities
     from pipeline.session import start_ray
-    from pipeline.shards import InvalidInputError, OutputLocationError
+    from pipeline.shards import InvalidInputError
+    from pipeline.storage import OutputLocationError
 
     # Without --num-cpus, Ray starts (on loopback) only once the input is listed and the
     # output found out of date, so an up-to-date rerun costs no Ray start-up.

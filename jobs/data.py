@@ -74,7 +74,7 @@ def _scale(value: str) -> float:
 
 def _write_error(command: str, output: str, exc: OSError) -> int:
     """Exit code and one-line message of a failed write of ``output``."""
-    from pipeline.shards import OutputLocationError
+    from pipeline.storage import OutputLocationError
 
     if isinstance(exc, FileExistsError):
         sys.stderr.write(f"ptsne {command}: {exc} (--overwrite replaces it)\n")
@@ -87,7 +87,8 @@ def _write_error(command: str, output: str, exc: OSError) -> int:
 def run_import(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from pipeline.shards import InvalidInputError, check_disjoint, load_csv, load_npy, write_array_shards
+    from pipeline.shards import InvalidInputError, load_csv, load_npy, write_array_shards
+    from pipeline.storage import check_disjoint
 
     src = args.source
     if not os.path.exists(src):

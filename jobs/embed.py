@@ -239,7 +239,8 @@ def _failure_code(exc: Exception) -> int | None:
     """The exit code of an expected failure (the message is the whole report); None for others."""
     from jobs import registry
     from pipeline.embed import EmbedInputError
-    from pipeline.shards import InvalidInputError, OutputLocationError
+    from pipeline.shards import InvalidInputError
+    from pipeline.storage import OutputLocationError
     from ptsne.errors import ModelFileError
 
     if isinstance(exc, OutputLocationError):  # checked before the first poll; here only if it changed since
@@ -275,7 +276,7 @@ def run(args) -> int:
     from jobs import registry, tempdirs
     from jobs.tracking import configure_mlflow
     from pipeline.embed import EmbedConfig, check_output
-    from pipeline.shards import OutputLocationError
+    from pipeline.storage import OutputLocationError
 
     tempdirs.remove_stale(TEMP_PREFIX)  # model copies of runs killed with SIGKILL
     if _missing_model_dir(args.model):

@@ -337,7 +337,8 @@ def _read_eval_input(args, max_rows: int, seed: int):
     """Raw held-out vectors (m, input_dim) and labels (or None) from Parquet shards."""
     import numpy as np
 
-    from pipeline.shards import ColumnSpec, list_parquet, read_shard, resolve
+    from pipeline.shards import ColumnSpec, list_parquet, read_shard
+    from pipeline.storage import resolve
 
     feature_cols = tuple(c.strip() for c in args.feature_cols.split(",")) if args.feature_cols else None
     spec = ColumnSpec(None if feature_cols else args.vector_col, feature_cols, None, args.label_col)
@@ -681,7 +682,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         resolve_args(args)
         train_config_from_args(args)
-        from pipeline.shards import check_disjoint
+        from pipeline.storage import check_disjoint
 
         # A workdir inside the input is read back as input by every rerun; an input inside it can be replaced.
         for option in ("input", "eval_input"):

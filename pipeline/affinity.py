@@ -47,23 +47,8 @@ from pipeline import schema
 from pipeline.knn import DEFAULT_MAX_INDEX_BYTES, FeaturePart, build_indexes, peak_rss_mb, search_part
 from pipeline.pca import fit_pca, load_pca, sample_rate, sample_rows, save_pca
 from pipeline.session import start_ray
-from pipeline.shards import (
-    MAX_REPORT,
-    ColumnSpec,
-    InvalidInputError,
-    StagedDir,
-    check_disjoint,
-    duplicate_ids,
-    exists,
-    fingerprint,
-    join,
-    list_parquet,
-    read_shard,
-    resolve,
-    row_ids,
-    write_bytes_atomic,
-    write_parquet_atomic,
-)
+from pipeline.shards import MAX_REPORT, ColumnSpec, InvalidInputError, duplicate_ids, list_parquet, read_shard, row_ids
+from pipeline.storage import StagedDir, check_disjoint, exists, fingerprint, join, resolve, write_bytes_atomic, write_parquet_atomic
 from ptsne.affinity import as_perplexities, conditional_probabilities, default_k
 from ptsne.device import set_num_threads
 from ptsne.knn import METHODS, check_gpu_k

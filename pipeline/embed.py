@@ -55,7 +55,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline import shards
+from pipeline import shards, storage
 from ptsne.reference import METHODS
 
 log = logging.getLogger(__name__)
@@ -507,7 +507,7 @@ def _list_input(fs: pafs.FileSystem, root: str) -> list[_Shard]:
     paths = shards.list_parquet(fs, root)
     base = posixpath.dirname(root) if info.type == pafs.FileType.File else root
     out = []
-    for path, size, mtime in shards.fingerprint(fs, paths):
+    for path, size, mtime in storage.fingerprint(fs, paths):
         out.append(_Shard(path=path, rel=posixpath.relpath(path, base), size=int(size), mtime_ns=mtime))
     return out
 
@@ -913,7 +913,7 @@ class _Collector:
         # Parquet's default tries it on every column, and on the float embedding and the ids
         # it costs 4x the rest of the write for a larger file.
         repeated = {MODEL_NAME, MODEL_VERSION, "reason", "shard", *self.spec.passthrough} - {self.spec.id_col}
-        return shards.write_parquet_atomic(
+        return storage.write_parquet_atomic(
             self.local, str(path), table, use_dictionary=[c for c in table.column_names if c in repeated]
         )
 
@@ -1006,7 +1006,7 @@ def embed_shards(
         Schema or dimension mismatch (nothing written), or NaN/Inf/null vectors
         with ``on_invalid="error"``, or duplicate ids with
         ``on_duplicate_ids="error"`` (those shards not written, others complete).
-    pipeline.shards.OutputLocationError
+    pipeline.storage.OutputLocationError
         ``output`` cannot be written (not a directory, no permission).
     RuntimeError
         Another run holds the output's lock.
@@ -1015,7 +1015,7 @@ def embed_shards(
     """
     check_output(output)
     t0 = time.perf_counter()
-    fs, root = shards.resolve(input)
+    fs, root = storage.resolve(input)
     out_root = Path(output).resolve()
     target = out_root / model.tag
     summary = EmbedSummary(output=str(target), model_name=model.name, model_version=model.version)
@@ -1065,14 +1065,14 @@ def check_output(output: str | os.PathLike) -> None:
     ------
     ValueError
         ``output`` is a URI: the exactly-once guarantee rests on POSIX renames.
-    pipeline.shards.OutputLocationError
+    pipeline.storage.OutputLocationError
         It, or the nearest existing ancestor of it, is not a writable directory.
     """
     if "://" in os.fspath(output):
         raise ValueError(
             f"output must be a local or shared POSIX directory (atomic renames), got {os.fspath(output)!r}"
         )
-    shards.check_writable_dir(pafs.LocalFileSystem(), os.fspath(output))
+    storage.check_writable_dir(pafs.LocalFileSystem(), os.fspath(output))
 
 
 def _run(fs, planned, spec, schema, target, ledger, model, config, summary, start_ray=None) -> set[str]:
@@ -1084,7 +1084,7 @@ def _run(fs, planned, spec, schema, target, ledger, model, config, summary, star
     for shard in [s for s in planned if s.rows == 0]:
         path = target / shard.rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        sha = shards.write_parquet_atomic(local, str(path), _empty_output(schema, spec, model))
+        sha = storage.write_parquet_atomic(local, str(path), _empty_output(schema, spec, model))
         ledger.record(
             {
                 "input": shard.rel, "size": shard.size, "mtime_ns": shard.mtime_ns, "rows": 0,

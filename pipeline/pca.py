@@ -15,7 +15,7 @@ import pyarrow.fs as pafs
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from pipeline.shards import write_bytes_atomic
+from pipeline.storage import write_bytes_atomic
 from ptsne.pca import PCA
 
 log = logging.getLogger(__name__)

@@ -1,22 +1,15 @@
-"""Parquet shards on any pyarrow filesystem: listing, reading vectors, checks, atomic writes.
+"""Parquet shards on any pyarrow filesystem: listing, reading vectors, checks.
 
 Input vectors come from one column (``fixed_size_list`` or ``list`` of numbers)
 or from a set of numeric columns; ids from an int64 or string column, or, when
 there is none, from the row's position in the input (shards in path order).
-
-Every file is written under a hidden temporary name and moved into place, and
-whole output directories are built in a hidden sibling directory
-(:class:`StagedDir`) that is moved into place at the end, so a failed or
-rejected run leaves nothing under the output path.
+Files are written through :mod:`pipeline.storage`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import posixpath
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import schema
+from pipeline.storage import StagedDir, join, resolve, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
@@ -38,68 +32,7 @@ class InvalidInputError(ValueError):
     """The input shards were rejected; nothing was written."""
 
 
-# --------------------------------------------------------------------------- filesystems
-
-
-def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """Filesystem and path of a local path or URI (``s3://``, ``gs://``, ``file://``, ...)."""
-    uri = os.fspath(uri)
-    if not isinstance(uri, str) or not uri:
-        raise ValueError(f"path must be a non-empty string or path, got {uri!r}")
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
-    fs, path = pafs.FileSystem.from_uri(uri)
-    return fs, path.rstrip("/")
-
-
-def _location(uri: str | os.PathLike) -> str:
-    """A comparable form of a path or URI: local paths (and ``file://``) resolved, other URIs as text."""
-    uri = os.fspath(uri)
-    if "://" not in uri:
-        return os.path.realpath(uri)
-    scheme, rest = uri.split("://", 1)
-    if scheme.lower() == "file":
-        return os.path.realpath(rest or "/")
-    return f"{scheme.lower()}://{rest.rstrip('/')}"
-
-
-def check_disjoint(first: str | os.PathLike, second: str | os.PathLike,
-                   names: tuple[str, str] = ("input", "output")) -> None:
-    """Raise :class:`ValueError` when two locations are the same or one lies inside the other.
-
-    An output inside its input is read back as input by the next run; an input
-    inside an output is deleted when that output is replaced. ``names`` name the
-    two parameters (or command-line options) in the message.
-    """
-    a, b = _location(first), _location(second)
-    if a == b:
-        relation = "is the same location as"
-    elif b.startswith(a.rstrip("/") + "/"):
-        relation = "lies inside"
-    elif a.startswith(b.rstrip("/") + "/"):
-        relation = "contains"
-    else:
-        return
-    raise ValueError(
-        f"{names[1]} {os.fspath(second)!r} {relation} {names[0]} {os.fspath(first)!r}; "
-        f"{names[0]} and {names[1]} must not contain each other (choose another {names[1]})"
-    )
-
-
-def join(*parts: str) -> str:
-    """Join path parts with ``/`` (pyarrow filesystems use POSIX paths)."""
-    return posixpath.join(*parts)
-
-
-def exists(fs: pafs.FileSystem, path: str) -> bool:
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def is_empty_dir(fs: pafs.FileSystem, path: str) -> bool:
-    info = fs.get_file_info(path)
-    if info.type != pafs.FileType.Directory:
-        return False
-    return not fs.get_file_info(pafs.FileSelector(path, recursive=False))
+# --------------------------------------------------------------------------- listing
 
 
 def list_parquet(fs: pafs.FileSystem, path: str) -> list[str]:
@@ -127,147 +60,6 @@ def list_parquet(fs: pafs.FileSystem, path: str) -> list[str]:
         raise InvalidInputError(f"input {path!r} holds no .parquet files")
     return sorted(files)
 
-
-def fingerprint(fs: pafs.FileSystem, paths: Sequence[str]) -> list[list]:
-    """``[path, size, mtime_ns]`` of each file, to tell whether an input changed."""
-    out = []
-    for info in fs.get_file_info(list(paths)):
-        mtime = info.mtime_ns if info.mtime_ns is not None else None
-        out.append([info.path, info.size, mtime])
-    return out
-
-
-def _tmp_sibling(path: str) -> str:
-    head, name = posixpath.split(path)
-    return join(head, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
-
-
-def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> str:
-    """Write ``data`` to ``path`` through a temporary name; return its sha256."""
-    tmp = _tmp_sibling(path)
-    try:
-        with fs.open_output_stream(tmp) as out:
-            out.write(data)
-        fs.move(tmp, path)
-    except BaseException:
-        if exists(fs, tmp):
-            fs.delete_file(tmp)
-        raise
-    return hashlib.sha256(data).hexdigest()
-
-
-def write_parquet_atomic(
-    fs: pafs.FileSystem, path: str, table: pa.Table, use_dictionary: bool | list[str] = True
-) -> str:
-    """Write ``table`` as Parquet to ``path`` through a temporary name; return its sha256.
-
-    ``use_dictionary``: dictionary-encode every column (Parquet's default) or only those named.
-    """
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", use_dictionary=use_dictionary)
-    return write_bytes_atomic(fs, path, sink.getvalue().to_pybytes())
-
-
-def sha256_file(fs: pafs.FileSystem, path: str, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with fs.open_input_stream(path) as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-class OutputLocationError(OSError):
-    """An output cannot be created where it was asked for; the message says why (one line)."""
-
-
-def check_creatable(fs: pafs.FileSystem, path: str) -> None:
-    """Raise :class:`OutputLocationError` when a local ``path`` and its hidden siblings cannot be created.
-
-    Checked before any work: the nearest existing ancestor of ``path``'s parent
-    must be a directory this user may write to. Other filesystems answer only
-    when written to.
-    """
-    if not isinstance(fs, pafs.LocalFileSystem):
-        return
-    problem = _uncreatable(os.path.dirname(os.path.abspath(path)))
-    if problem:
-        raise OutputLocationError(f"cannot create {path!r}: {problem}")
-
-
-def check_writable_dir(fs: pafs.FileSystem, path: str) -> None:
-    """Raise :class:`OutputLocationError` unless files can be created in the local directory ``path``.
-
-    ``path`` may exist (a directory this user may write to) or not (then its
-    nearest existing ancestor must be). Checked before any work; other
-    filesystems answer only when written to.
-    """
-    if not isinstance(fs, pafs.LocalFileSystem):
-        return
-    problem = _uncreatable(os.path.abspath(path))
-    if problem:
-        raise OutputLocationError(f"cannot write to {path!r}: {problem}")
-
-
-def _uncreatable(directory: str) -> str | None:
-    """Why ``directory`` (created with its parents when missing) could not take new files, or None."""
-    probe = directory
-    while not os.path.lexists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        return f"{probe!r} is not a directory"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"no permission to write in {probe!r}"
-    return None
-
-
-class StagedDir:
-    """Build a directory in a hidden sibling and move it to ``path`` on success.
-
-    On an exception the staging directory is deleted unless ``keep_on_error``
-    (used to resume long jobs); ``path`` is never touched then. ``path`` must
-    not exist, or be an empty directory, or ``overwrite`` must be true.
-
-    Parameters
-    ----------
-    fs, path : the final location.
-    staging : str, optional
-        Fixed staging path (to resume); default a fresh hidden sibling.
-    """
-
-    def __init__(
-        self,
-        fs: pafs.FileSystem,
-        path: str,
-        staging: str | None = None,
-        keep_on_error: bool = False,
-        overwrite: bool = False,
-    ):
-        self.fs, self.path = fs, path
-        self.staging = staging or _tmp_sibling(path)
-        self.keep_on_error = keep_on_error
-        self.overwrite = overwrite
-
-    def check_target(self) -> None:
-        check_creatable(self.fs, self.path)
-        if exists(self.fs, self.path) and not is_empty_dir(self.fs, self.path) and not self.overwrite:
-            raise FileExistsError(
-                f"output {self.path!r} exists and is not empty; choose another output or pass overwrite"
-            )
-
-    def __enter__(self) -> str:
-        self.check_target()
-        self.fs.create_dir(self.staging, recursive=True)
-        return self.staging
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            if not self.keep_on_error and exists(self.fs, self.staging):
-                self.fs.delete_dir(self.staging)
-            return
-        self.check_target()
-        if exists(self.fs, self.path):
-            self.fs.delete_dir(self.path)
-        self.fs.move(self.staging, self.path)
 
 
 # --------------------------------------------------------------------------- reading vectors

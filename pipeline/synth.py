@@ -18,7 +18,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from pipeline import schema
-from pipeline.shards import StagedDir, join, resolve, write_bytes_atomic, write_parquet_atomic
+from pipeline.storage import StagedDir, join, resolve, write_bytes_atomic, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,10 @@ Ray workers of the local test Ray inherit it).
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,26 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# The S3-protocol server of the `s3` fixture listens on this port. Its address and
+# credentials are in the environment from the start, so that every process the suite
+# starts (local Ray's workers, `ptsne` subprocesses) reaches it the way pyarrow and
+# boto reach S3: through AWS_ENDPOINT_URL.
+S3_PORT = _free_port()
+os.environ.update(
+    AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}",
+    AWS_ACCESS_KEY_ID="ptsne-test",
+    AWS_SECRET_ACCESS_KEY="ptsne-test",
+    AWS_DEFAULT_REGION="us-east-1",
+    AWS_EC2_METADATA_DISABLED="true",
+)
 
 MNIST_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
 
@@ -83,6 +106,40 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+class S3:
+    """A running S3-protocol server (moto) on 127.0.0.1; ``bucket()`` makes a fresh bucket."""
+
+    def __init__(self, server):
+        import boto3
+
+        self.server = server
+        self.endpoint = os.environ["AWS_ENDPOINT_URL"]
+        self.client = boto3.client("s3", endpoint_url=self.endpoint)
+
+    def bucket(self, prefix: str = "ptsne") -> str:
+        """A new empty bucket; returns its URI ``s3://NAME``."""
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        self.client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    def keys(self, uri: str) -> list[str]:
+        """Every object key under an ``s3://bucket/prefix`` URI, sorted."""
+        bucket, _, prefix = uri[len("s3://"):].partition("/")
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3-protocol server (moto's ``ThreadedMotoServer``) for the session, at AWS_ENDPOINT_URL."""
+    moto_server = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    yield S3(server)
+    server.stop()
 
 
 @pytest.fixture

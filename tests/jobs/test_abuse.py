@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from jobs.cli import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, main
-from pipeline.shards import check_disjoint, write_array_shards
+from pipeline.shards import write_array_shards
+from pipeline.storage import check_disjoint
 
 REPO = Path(__file__).resolve().parents[2]
 

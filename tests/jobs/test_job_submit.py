@@ -266,7 +266,7 @@ ALIAS = "prod"
 def _write_data(root: Path) -> tuple[Path, Path]:
     """Training shards and one "new" shard from the same synthetic mixture."""
     from pipeline.schema import part_name
-    from pipeline.shards import resolve, write_parquet_atomic
+    from pipeline.storage import resolve, write_parquet_atomic
     from pipeline.synth import SynthConfig, generate_shard
 
     config = SynthConfig(n=1600, dim=8, centers=3, seed=7, shard_rows=400)

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 
 from pipeline import schema
 from pipeline.knn import FeaturePart, distributed_knn, merge_topk, plan_index_shards, search_index_shards
-from pipeline.shards import resolve
+from pipeline.storage import resolve
 from ptsne.knn import KNNGraph, build_index, exact_neighbors, knn_graph, recall_at_k
 from tests.conftest import gaussian_blobs
 

@@ -10,19 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import schema
-from pipeline.shards import (
-    ColumnSpec,
-    InvalidInputError,
-    StagedDir,
-    duplicate_ids,
-    list_parquet,
-    load_csv,
-    load_npy,
-    read_shard,
-    resolve,
-    write_array_shards,
-    write_parquet_atomic,
-)
+from pipeline.shards import ColumnSpec, InvalidInputError, duplicate_ids, list_parquet, load_csv, load_npy, read_shard, write_array_shards
+from pipeline.storage import StagedDir, resolve, write_parquet_atomic
 
 
 def test_list_parquet_skips_hidden_files_and_sorts(tmp_path):

@@ -1,0 +1,121 @@
+"""pipeline.storage on the local filesystem and on a real S3-protocol server."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    """``(filesystem, path, uri)`` of an empty directory on each kind of filesystem."""
+    if request.param == "local":
+        location = str(tmp_path / "root")
+    else:
+        location = request.getfixturevalue("s3").bucket() + "/root"
+    fs, path = storage.resolve(location)
+    return fs, path, location
+
+
+def _files(fs, path) -> list[str]:
+    if not storage.exists(fs, path):
+        return []
+    return sorted(
+        f.path[len(path) + 1:] for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        if f.type == pafs.FileType.File
+    )
+
+
+def test_uri_round_trips(root):
+    fs, path, location = root
+    assert storage.uri(fs, path) == location
+    again, again_path = storage.resolve(storage.uri(fs, storage.join(path, "a/b.parquet")))
+    assert again_path == storage.join(path, "a/b.parquet")
+    assert type(again) is type(fs)
+
+
+def test_parquet_writer_streams_and_hashes(root):
+    fs, path, _ = root
+    target = storage.join(path, "sub", "t.parquet")
+    table = pa.table({"a": list(range(1000)), "b": [float(i) for i in range(1000)]})
+    with storage.parquet_writer(fs, target, table.schema) as sink:
+        for batch in table.to_batches(max_chunksize=100):
+            sink.write(batch)
+    assert sink.rows == 1000
+    data = storage.read_bytes(fs, target)
+    assert sink.sha256 == hashlib.sha256(data).hexdigest() and sink.bytes == len(data)
+    with fs.open_input_file(target) as f:
+        assert pq.read_table(f).equals(table)
+    assert _files(fs, path) == ["sub/t.parquet"]
+
+
+def test_failed_write_leaves_nothing_and_keeps_the_old_file(root):
+    fs, path, _ = root
+    target = storage.join(path, "t.parquet")
+    old = pa.table({"a": [1, 2, 3]})
+    storage.write_parquet_atomic(fs, target, old)
+    with pytest.raises(RuntimeError, match="boom"):
+        with storage.parquet_writer(fs, target, old.schema) as sink:
+            sink.write(pa.table({"a": [9] * 100}))
+            raise RuntimeError("boom")
+    assert _files(fs, path) == ["t.parquet"]
+    with fs.open_input_file(target) as f:
+        assert pq.read_table(f).equals(old)
+
+
+def test_staged_dir_appears_whole(root):
+    fs, path, _ = root
+    final = storage.join(path, "out")
+    with storage.StagedDir(fs, final, commit=("manifest.json",)) as stage:
+        storage.write_bytes_atomic(fs, storage.join(stage, "edges", "part-0.parquet"), b"edges")
+        storage.write_bytes_atomic(fs, storage.join(stage, "manifest.json"), b"{}")
+        assert not storage.exists(fs, storage.join(final, "manifest.json"))
+    assert _files(fs, final) == ["edges/part-0.parquet", "manifest.json"]
+    assert storage.read_bytes(fs, storage.join(final, "edges", "part-0.parquet")) == b"edges"
+    # Nothing is left beside it: the staging directory is gone.
+    assert _files(fs, path) == ["out/edges/part-0.parquet", "out/manifest.json"]
+    with pytest.raises(FileExistsError, match="not empty"):
+        with storage.StagedDir(fs, final):
+            pass
+
+
+def test_failed_staged_dir_leaves_the_target_alone(root):
+    fs, path, _ = root
+    final = storage.join(path, "out")
+    with pytest.raises(ValueError):
+        with storage.StagedDir(fs, final) as stage:
+            storage.write_bytes_atomic(fs, storage.join(stage, "x"), b"x")
+            raise ValueError("stop")
+    assert _files(fs, path) == []
+
+
+def test_lock_refuses_a_second_writer(root):
+    fs, path, _ = root
+    with storage.lock(fs, path, ".lock", what="a test"):
+        with pytest.raises(storage.LockedError, match=r"a test is writing to .* \(lea|lock"):
+            with storage.lock(fs, path, ".lock"):
+                pass
+    with storage.lock(fs, path, ".lock"):  # released: free again
+        pass
+
+
+def test_expired_lease_is_taken_over(s3, monkeypatch):
+    fs, path = storage.resolve(s3.bucket() + "/out")
+    storage.write_bytes_atomic(fs, storage.join(path, ".lock"), b'{"holder": "dead:1:x", "expires": 0}')
+    with storage.lock(fs, path, ".lock"):
+        held = storage.read_json(fs, storage.join(path, ".lock"))
+        assert held["holder"] != "dead:1:x"
+    assert not storage.exists(fs, storage.join(path, ".lock"))
+
+
+def test_is_ours_marks_only_our_names():
+    assert storage.is_ours(".a.parquet.tmp-0123456789ab")
+    assert storage.is_ours(".aff.partial-0123")
+    for name in ("a.parquet", ".hidden.parquet", "x.tmp-1", "_ledger.jsonl"):
+        assert not storage.is_ours(name)
