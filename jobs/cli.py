@@ -12,6 +12,8 @@ import importlib
 import logging
 import sys
 
+from jobs.config import CommandParser
+
 #: Job modules that provide subcommands, in the order of ``ptsne --help``.
 JOB_MODULES = (
     "jobs.quickstart",
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="count", default=1, help="more logging (-vv: debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     for name in JOB_MODULES:
         try:
             module = importlib.import_module(name)

@@ -4,7 +4,12 @@ A config file holds the same settings as the command line, named like the
 long options with or without the dashes (``vector-col`` or ``vector_col``;
 ``pca`` or ``pca_components``), either at the top level or under a table named
 after the subcommand (``[train]``). Values given on the command line win over
-the file; the file wins over the built-in defaults. Example ``train.toml``::
+the file; the file wins over the built-in defaults. An option counts as given
+when it is on the command line at all, whatever its value: ``--seed 0`` wins
+over ``seed = 5`` although 0 is the default. The subcommands' parsers are
+:class:`CommandParser` instances, which remember the command line they parsed,
+so that :func:`apply_config` can tell a given option from a default. Example
+``train.toml``::
 
     [train]
     input = "data/train"
@@ -21,13 +26,58 @@ the file; the file wins over the built-in defaults. Example ``train.toml``::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 #: Destinations that a config file may not set (the file itself, the callable).
 _RESERVED = {"help", "config", "func", "command", "verbose", "quiet"}
+#: Namespace attribute where :class:`CommandParser` keeps, per parser ``prog``, the strings it parsed.
+COMMAND_LINES = "_command_lines"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An argument parser that records the command line it parsed on the namespace it returns.
+
+    Used as the ``parser_class`` of the subcommands, so that :func:`apply_config`
+    can tell the options given on the command line from those left at their
+    defaults. The record is ``namespace._command_lines[parser.prog]``, the list
+    of strings this parser parsed (for a subcommand: those after its name).
+    """
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        namespace, extras = super().parse_known_args(args, namespace)
+        # A nested subcommand's parser has recorded its own part already: keep it.
+        lines = dict(getattr(namespace, COMMAND_LINES, None) or {})
+        lines[self.prog] = args
+        setattr(namespace, COMMAND_LINES, lines)
+        return namespace, extras
+
+
+def given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """Destinations of the options that ``argv`` gives, whatever their values.
+
+    ``argv`` is parsed a second time by a copy of ``parser`` whose defaults are
+    all ``argparse.SUPPRESS``, so only the options on the command line (under
+    any of their names, abbreviated or as ``--opt=value``) reach the namespace.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The parser that parsed ``argv``.
+    argv : sequence of str
+        The strings ``parser`` parsed (for a subcommand: those after its name).
+    """
+    probe = copy.deepcopy(parser)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    namespace, _ = probe.parse_known_args(list(argv))
+    return {action.dest for action in probe._actions if hasattr(namespace, action.dest)}
 
 
 def load_config_file(path: str | os.PathLike, section: str | None = None) -> dict[str, Any]:
@@ -52,23 +102,21 @@ def load_config_file(path: str | os.PathLike, section: str | None = None) -> dic
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ValueError(f"config file {str(path)!r}: suffix must be .toml, .yaml, .yml or .json, got {suffix!r}")
     text = path.read_text()
     try:
         if suffix == ".toml":
             import tomllib
 
             data = tomllib.loads(text)
-        elif suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
         elif suffix == ".json":
             data = json.loads(text)
         else:
-            raise ValueError(f"config file {str(path)!r}: suffix must be .toml, .yaml, .yml or .json, got {suffix!r}")
-    except ValueError:
-        raise
-    except Exception as exc:  # tomllib / yaml parse errors carry the line number
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as exc:  # the parsers' errors carry the line number
         raise ValueError(f"config file {str(path)!r} could not be parsed: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(path)!r} must hold a table of settings, got {type(data).__name__}")
@@ -129,22 +177,56 @@ def _coerce(action: argparse.Action, key: str, value: Any) -> Any:
 
 
 def apply_config(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, settings: dict[str, Any], source: str = "config file"
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    settings: dict[str, Any],
+    source: str = "config file",
+    argv: Sequence[str] | None = None,
 ) -> argparse.Namespace:
-    """Fill ``args`` from ``settings`` where the command line left the default.
+    """Fill ``args`` from ``settings`` for every option not given on the command line.
+
+    An option given on the command line keeps its value even when that value
+    equals the default; the others take the file's value, converted like
+    argparse converts the command line's.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The parser that produced ``args`` (for a subcommand: its own parser).
+    args : argparse.Namespace
+        The parsed command line; updated in place and returned.
+    settings : dict
+        Settings read by :func:`load_config_file`.
+    source : str
+        Names the settings' origin in error messages.
+    argv : sequence of str, optional
+        The strings ``parser`` parsed. By default the command line that a
+        :class:`CommandParser` recorded on ``args``.
 
     Raises
     ------
     ValueError
         A setting that names no option of ``parser``, or a value of the wrong kind.
+    TypeError
+        ``argv`` not given and ``args`` not parsed by a :class:`CommandParser`.
     """
     index = _option_index(parser)
+    unknown = [key for key in settings if key not in index]
+    if unknown:
+        known = sorted({a.option_strings[-1].lstrip("-") for a in index.values() if a.option_strings})
+        raise ValueError(f"{source}: unknown setting {unknown[0]!r}; known settings: {', '.join(known)}")
+    if not settings:
+        return args
+    if argv is None:
+        argv = (getattr(args, COMMAND_LINES, None) or {}).get(parser.prog)
+        if argv is None:
+            raise TypeError(
+                f"{source}: cannot tell which options of {parser.prog!r} were given on the command line; "
+                f"parse with jobs.config.CommandParser or pass argv"
+            )
+    given = given_options(parser, argv)
     for key, value in settings.items():
-        action = index.get(key)
-        if action is None:
-            known = sorted({a.option_strings[-1].lstrip("-") for a in index.values() if a.option_strings})
-            raise ValueError(f"{source}: unknown setting {key!r}; known settings: {', '.join(known)}")
-        if getattr(args, action.dest, None) != action.default:
-            continue  # given on the command line
-        setattr(args, action.dest, _coerce(action, key, value))
+        action = index[key]
+        if action.dest not in given:
+            setattr(args, action.dest, _coerce(action, key, value))
     return args
