@@ -17,22 +17,27 @@ numbers by tens of percent; ``load_average_1min`` is recorded with the result.
 Actor start-up (a process importing torch) is a fixed cost per run, so the
 steady-state rate (``EmbedSummary.stream_rows_per_s``: all embedded rows over
 the time from the first model call in an actor to the last shard written,
-which includes reading, the model, and writing each shard with its ledger
-line) is compared with the raw rate; the end-to-end rate (start-up included)
+which includes the actors' reading, model calls and writing) is compared with the raw rate; the end-to-end rate (start-up included)
 is reported too, and so is the share of the stream time the actors spent in
 the model (``model_seconds``) and in their per-batch calls (``actor_seconds``).
+
+With ``--s3`` the input shards and every output live on a local S3-protocol server
+(moto's ``ThreadedMotoServer`` on 127.0.0.1, started here; pyarrow and the actors reach it
+through ``AWS_ENDPOINT_URL``), so the actors read and write over the S3 protocol.
 
 Example::
 
     python benchmarks/embed_throughput.py --cpus 2 --json /tmp/embed_bench/result.json
+    python benchmarks/embed_throughput.py --cpus 2 --num-actors 2 --s3
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -40,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -62,11 +68,39 @@ def make_model(dim: int, hidden: tuple[int, ...], X: np.ndarray, path: Path) -> 
     return est
 
 
-def write_shards(root: Path, X: np.ndarray, n_shards: int) -> None:
-    root.mkdir(parents=True)
+def write_shards(root: str, X: np.ndarray, n_shards: int) -> None:
+    fs, path = pafs.FileSystem.from_uri(root)
+    fs.create_dir(path)
     for i, idx in enumerate(np.array_split(np.arange(len(X)), n_shards)):
         vec = pa.FixedSizeListArray.from_arrays(pa.array(X[idx].reshape(-1)), X.shape[1])
-        pq.write_table(pa.table({"id": pa.array(idx, pa.int64()), "vector": vec}), root / f"part-{i:04d}.parquet")
+        pq.write_table(pa.table({"id": pa.array(idx, pa.int64()), "vector": vec}), f"{path}/part-{i:04d}.parquet",
+                       filesystem=fs)
+
+
+def remove(root: str) -> None:
+    fs, path = pafs.FileSystem.from_uri(root)
+    fs.delete_dir(path)
+
+
+@contextlib.contextmanager
+def local_s3(bucket: str):
+    """A local S3-protocol server for this process and the Ray it starts; yields ``s3://bucket``."""
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    try:
+        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
+                               access_key="bench", secret_key="bench")
+        fs.create_dir(bucket)
+        yield f"s3://{bucket}"
+    finally:
+        server.stop()
 
 
 def raw_forward(model_dir: str, X: np.ndarray, threads: int, batch_size: int) -> float:
@@ -87,12 +121,11 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", default=",".join(map(str, DEFAULT_HIDDEN)), help="hidden widths, comma-separated")
     p.add_argument("--batch-size", type=int, default=EmbedConfig.batch_size,
                    help=f"rows per model call, raw and pipeline (default: the pipeline's, {EmbedConfig.batch_size})")
-    p.add_argument("--block-mb", type=float, default=EmbedConfig.block_bytes / (1 << 20),
-                   help=f"Ray Data block size in MiB (default: the pipeline's, {EmbedConfig.block_bytes >> 20})")
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
     p.add_argument("--num-actors", type=int, default=1)
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=3, help="interleaved raw and pipeline runs")
+    p.add_argument("--s3", action="store_true", help="input and outputs on a local S3-protocol server (moto)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     if args.shards < 2 or args.rows < args.shards:
@@ -104,12 +137,13 @@ def main(argv=None) -> int:
 
     import ray
 
-    with tempfile.TemporaryDirectory(prefix="ptsne-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ptsne-bench-") as tmp, contextlib.ExitStack() as stack:
         tmp = Path(tmp)
+        data = stack.enter_context(local_s3("ptsne-bench")) if args.s3 else str(tmp)
         rng = np.random.default_rng(0)
         X = rng.normal(size=(args.rows, args.dim)).astype(np.float32)
         make_model(args.dim, hidden, X, tmp / "model")
-        write_shards(tmp / "in", X, args.shards)
+        write_shards(f"{data}/in", X, args.shards)
 
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         raw_times, runs = [], []
@@ -119,12 +153,11 @@ def main(argv=None) -> int:
             del X
             spec = ModelSpec(path=str(tmp / "model"), name="bench", version="1", tag="v1")
             cfg = EmbedConfig(batch_size=args.batch_size, num_actors=args.num_actors,
-                              cpus_per_actor=args.cpus_per_actor, progress=False,
-                              block_bytes=int(args.block_mb * (1 << 20)))
+                              cpus_per_actor=args.cpus_per_actor, progress=False)
             for i in range(args.repeats):
                 raw_times.append(ray.get(raw_task.remote(str(tmp / "model"), X_ref, threads, args.batch_size)))
-                runs.append(embed_shards(tmp / "in", tmp / f"out-{i}", spec, cfg))
-                shutil.rmtree(tmp / f"out-{i}")
+                runs.append(embed_shards(f"{data}/in", f"{data}/out-{i}", spec, cfg))
+                remove(f"{data}/out-{i}")
                 print(f"repeat {i + 1}/{args.repeats}: raw {args.rows / raw_times[-1]:,.0f} rows/s, "
                       f"pipeline steady {runs[-1].stream_rows_per_s:,.0f} rows/s", file=sys.stderr)
         finally:
@@ -134,8 +167,9 @@ def main(argv=None) -> int:
     steady = [s.stream_rows_per_s for s in runs]
     raw, pipe = float(np.median(raw_rates)), float(np.median(steady))
     result = {
+        "storage": "s3 (local moto server)" if args.s3 else "local disk",
         "rows": args.rows, "dim": args.dim, "shards": args.shards, "hidden": list(hidden),
-        "batch_size": args.batch_size, "block_mb": args.block_mb, "ray_cpus": args.cpus, "num_actors": args.num_actors,
+        "batch_size": args.batch_size, "ray_cpus": args.cpus, "num_actors": args.num_actors,
         "cpus_per_actor": args.cpus_per_actor, "threads_raw": threads, "repeats": args.repeats,
         "raw_rows_per_s_median": round(raw), "raw_rows_per_s_best": round(max(raw_rates)),
         "pipeline_rows_per_s_steady_median": round(pipe),

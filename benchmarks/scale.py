@@ -17,8 +17,11 @@ subcommands do:
 
 Measured per N: wall seconds per stage, peak resident memory per Ray worker
 process per stage (sampled from ``/proc`` for every process of the local Ray
-this script starts; with ``--address`` only the per-task peaks that the affinity
-stages report), and quality on a held-out sample (kNN accuracy of held-out
+this script starts, the largest and each process's own; with ``--address`` only
+the per-task peaks that the affinity stages report), per training worker its
+peak resident memory (``ru_maxrss``, reported by the worker itself), the edge
+bytes it read against all of them, its owned edges and its sampler's bytes per
+edge (``TrainResult``), and quality on a held-out sample (kNN accuracy of held-out
 points among embedded training points, and trustworthiness of the held-out
 embedding); the reference stage (inside **train**, in the driver: its seconds, points,
 MB and the train stage's driver peak memory), the registered artifact's size, and embed
@@ -129,6 +132,7 @@ class RssMonitor:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._current: dict | None = None
+        self._peaks: dict[str, float] = {}
         self.stages: dict[str, dict] = {}
         self._thread = threading.Thread(target=self._run, name="rss-monitor", daemon=True)
 
@@ -158,22 +162,30 @@ class RssMonitor:
                 cur["driver_rss_mb"] = max(cur["driver_rss_mb"], sample["driver"])
                 total = sum(r for r, _ in sample["workers"].values())
                 cur["workers_total_rss_mb"] = max(cur["workers_total_rss_mb"], total)
-                for rss, name in sample["workers"].values():
+                for pid, (rss, name) in sample["workers"].items():
                     if rss > cur["max_worker_rss_mb"]:
                         cur["max_worker_rss_mb"], cur["max_worker"] = rss, name
+                    key = f"{name} [{pid}]"
+                    self._peaks[key] = max(self._peaks.get(key, 0.0), rss)
 
     @contextlib.contextmanager
     def stage(self, name: str):
         with self._lock:
             self._current = {"max_worker_rss_mb": 0.0, "max_worker": None, "workers_total_rss_mb": 0.0,
                              "driver_rss_mb": 0.0}
+            self._peaks = {}
         try:
             yield
         finally:
             time.sleep(self.interval_s)  # one more sample after the stage's tasks end
             with self._lock:
                 cur, self._current = self._current, None
+                peaks, self._peaks = self._peaks, {}
             self.stages[name] = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in cur.items()}
+            # Each Ray worker process's own peak in the stage, largest first.
+            self.stages[name]["worker_rss_mb"] = {
+                k: round(v, 1) for k, v in sorted(peaks.items(), key=lambda kv: -kv[1])
+            }
 
 
 # --------------------------------------------------------------------------- stages
@@ -350,7 +362,14 @@ def run_one(n: int, args: argparse.Namespace, monitor: RssMonitor | None) -> dic
         "train": {"epochs": epochs, "workers": args.train_workers,
                   # Time inside the epochs; the rest of "train" is Ray Train start-up and checkpoints.
                   "epoch_seconds": round(sum(float(h.get("seconds", 0.0)) for h in result.history), 2),
-                  "final_loss": result.history[-1].get("loss") if result.history else None},
+                  "final_loss": result.history[-1].get("loss") if result.history else None,
+                  # Per training worker (rank order): what it read of the edges and what it held.
+                  "worker_peak_rss_mb": result.worker_peak_rss_mb,
+                  "edges_bytes_read": result.edges_bytes_read,
+                  "edges_bytes_total": result.edges_bytes_total,
+                  "owned_edges": result.owned_edges,
+                  "sampler_bytes_per_edge": [round(b / max(1, e), 2)
+                                             for b, e in zip(result.sampler_bytes, result.owned_edges)]},
         "model": {"name": ref.name, "version": ref.version, "artifact_mb": round(artifact_mb, 1)},
         # The reference stage runs in the driver inside "train": its memory is the
         # train stage's driver peak.
@@ -378,10 +397,11 @@ def write_report(out: Path, results: dict) -> None:
     (out / "scale.json").write_text(json.dumps(results, indent=2))
     rows = results["runs"]
     lines = [
-        "| N | " + " | ".join(STAGES) + " | total (s) | of which epochs (s) | peak worker RSS (MB) | kNN acc. | trust. "
+        "| N | " + " | ".join(STAGES) + " | total (s) | of which epochs (s) | peak worker RSS (MB) "
+        "| train worker peak RSS (MB) | edges read per train worker (MB) | kNN acc. | trust. "
         "| reference (s) | reference points | driver peak RSS (MB) | artifact (MB) | embed rows/s "
         "| network embed rows/s |",
-        "|---" * (len(STAGES) + 12) + "|",
+        "|---" * (len(STAGES) + 14) + "|",
     ]
     for r in rows:
         mem = r["peak_memory"] or {}
@@ -391,6 +411,9 @@ def write_report(out: Path, results: dict) -> None:
         lines.append(
             f"| {r['n']:,} | " + " | ".join(f"{r['seconds'][s]:.1f}" for s in STAGES)
             + f" | {r['pipeline_seconds']:.1f} | {r['train']['epoch_seconds']:.1f} | {peak:.0f}"
+            f" | {max(r['train'].get('worker_peak_rss_mb') or [float('nan')]):.0f}"
+            f" | {max(r['train'].get('edges_bytes_read') or [float('nan')]) / 2**20:.1f}"
+            f" of {r['train'].get('edges_bytes_total', 0) / 2**20:.1f}"
             f" | {r['quality']['knn_accuracy_k10']:.3f}"
             f" | {r['quality']['trustworthiness_k12']:.3f}"
             f" | {r['reference']['seconds']:.1f} | {r['reference']['points']:,}"

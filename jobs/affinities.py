@@ -111,8 +111,13 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.affinity import build_affinities
     from pipeline.session import start_ray
     from pipeline.shards import InvalidInputError
-    from pipeline.storage import OutputLocationError
+    from pipeline.storage import OutputLocationError, check_creatable, resolve
 
+    try:  # a local output that cannot be created is reported before the input is read
+        check_creatable(*resolve(config.output))
+    except OutputLocationError as exc:
+        sys.stderr.write(f"ptsne affinities: --output: {exc}\n")
+        return EXIT_ERROR
     # Without --num-cpus, Ray starts (on loopback) only once the input is listed and the
     # output found out of date, so an up-to-date rerun costs no Ray start-up.
     ray_before = ray.is_initialized()

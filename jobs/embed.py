@@ -10,15 +10,19 @@ Keep polling, and follow the alias (re-embedding everything when it moves)::
 
     ptsne embed --model models:/mnist-map@prod --input ... --output ... --watch --interval 60 --reembed
 
+Input and output are local paths or URIs of any pyarrow filesystem (``s3://...``); Ray workers
+read the input and write the output shards themselves, so on a cluster of several machines a
+local ``--output`` must be a filesystem shared by every node.
+
 Exit codes: 0 done (also when there is nothing new to embed); 1 an output that cannot be
 written or is locked by another run, or an unexpected error;
-2 usage (bad URI, output held by another model without ``--reembed``,
-``--method refine`` for a network-only model);
+2 usage (bad URI, an input and an output of which one contains the other, output held by
+another model without ``--reembed``, ``--method refine`` for a network-only model);
 3 bad input (schema, dimension, NaN/Inf rows, duplicate ids with ``--on-duplicate-ids error``);
 4 model, alias, version or input not found, or a model that cannot be used (a missing or corrupt
 file, a sha256 mismatch; the message names the file).
-The output is checked, the model resolved, downloaded and checked, the lock taken and the input
-listed before Ray starts; Ray starts only when some shard has rows to embed.
+The output is checked (and against the input), the model resolved, downloaded and checked, the
+lock taken and the input listed before Ray starts; Ray starts only when some shard has rows to embed.
 """
 
 from __future__ import annotations
@@ -61,7 +65,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", required=True,
                    help="models:/NAME@ALIAS, models:/NAME/VERSION, NAME/VERSION, runs:/RUN_ID/PATH or a local model dir")
     p.add_argument("--input", required=True, help="Parquet file or directory (local path or URI such as s3://...)")
-    p.add_argument("--output", required=True, help="output directory (local or shared POSIX filesystem)")
+    p.add_argument("--output", required=True,
+                   help="output location: a local path (on a cluster of several machines: a filesystem every node "
+                        "shares) or a URI such as s3://...; it may not contain --input or lie inside it")
     cols = p.add_mutually_exclusive_group()
     cols.add_argument("--vector-col", help="list column holding the vectors (default: 'vector')")
     cols.add_argument("--feature-cols", type=_columns, help="comma-separated numeric columns forming the vector")
@@ -91,14 +97,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-polls", type=int, default=None, help="with --watch: stop after this many polls")
     # Defaults as in pipeline.embed.EmbedConfig (a test checks), chosen with benchmarks/embed_throughput.py.
     p.add_argument("--batch-size", type=int, default=16384, help="rows per model call (default 16384)")
-    p.add_argument("--num-actors", type=int, default=None, help="model actors (default: one per GPU, or CPUs - 1)")
+    p.add_argument("--num-actors", type=int, default=None,
+                   help="model actors, each embedding one shard at a time (default: one per GPU, or one per "
+                        "--cpus-per-actor CPUs of the cluster)")
     p.add_argument("--cpus-per-actor", type=_positive_float, default=1.0, help="CPUs (torch threads) per actor")
     p.add_argument("--gpus-per-actor", type=float, default=None, help="default 1 when the cluster has GPUs")
-    p.add_argument("--block-mb", type=_positive_float, default=32.0,
-                   help="Ray Data block size in MiB: one actor task per block; smaller blocks stream finished "
-                        "shards out sooner, at a cost per block (default 32)")
-    p.add_argument("--address", default=None,
+    # Accepted so that existing command lines keep working; each input shard is one task now.
+    p.add_argument("--block-mb", type=_positive_float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--ray-address", dest="ray_address", default=None,
                    help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--address", dest="ray_address", default=None, help=argparse.SUPPRESS)  # the old name
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -114,11 +122,14 @@ def _on_sigterm(signum, frame):
 
 
 def _init_ray(args) -> bool:
-    """Connect to Ray (or start a local one on loopback) unless the caller already did; True when done here."""
+    """Connect to Ray (or start a local one on loopback) unless the caller already did; True when done here.
+
+    ``args`` needs ``num_cpus``; without a ``ray_address`` the cluster is RAY_ADDRESS's, else a local Ray.
+    """
     from pipeline.session import start_ray
 
-    return start_ray(args.address, args.num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-                     log_to_driver=False)
+    return start_ray(getattr(args, "ray_address", None), args.num_cpus, include_dashboard=False,
+                     logging_level=logging.WARNING, log_to_driver=False)
 
 
 #: Name prefix of the model download directories in the system temp directory.
@@ -276,7 +287,7 @@ def run(args) -> int:
     from jobs import registry, tempdirs
     from jobs.tracking import configure_mlflow
     from pipeline.embed import EmbedConfig, check_output
-    from pipeline.storage import OutputLocationError
+    from pipeline.storage import check_disjoint
 
     tempdirs.remove_stale(TEMP_PREFIX)  # model copies of runs killed with SIGKILL
     if _missing_model_dir(args.model):
@@ -295,19 +306,22 @@ def run(args) -> int:
             cpus_per_actor=args.cpus_per_actor,
             gpus_per_actor=args.gpus_per_actor,
             progress=not args.no_progress,
-            block_bytes=int(args.block_mb * (1 << 20)),
             method=args.method,
         )
         if args.max_polls is not None and args.max_polls < 1:
             raise ValueError(f"--max-polls must be >= 1, got {args.max_polls}")
         registry.parse_model_uri(args.model)
         check_output(args.output)
+        # An output inside the input is read back as input; an input inside the output is taken for output.
+        check_disjoint(args.input, args.output, names=("--input", "--output"))
     except (ValueError, TypeError) as exc:
         log.error("%s", exc)
         return EXIT_USAGE
-    except OutputLocationError as exc:  # not a directory, no permission: refused before any work
+    except OSError as exc:  # not a directory, no permission, an unreachable store: refused before any work
         log.error("--output: %s", exc)
         return EXIT_ERROR
+    if args.block_mb is not None:
+        log.warning("--block-mb has no effect (each input shard is one task); ignored")
     if registry.parse_model_uri(args.model)[0] != "dir":
         configure_mlflow(experiment=None)
     # SIGTERM (cron timeouts, `ray job stop`) ends a poll loop cleanly; only the main thread may set it.

@@ -16,6 +16,12 @@ Against a running cluster (``RAY_ADDRESS`` is set by ``ray job submit``)::
 
     ray job submit --working-dir . -- ptsne train --config train.toml --workers 8 --gpus-per-worker 1
 
+Every location (``--input``, ``--workdir``, ``--affinities``, ``--eval-input``,
+``--storage-path``) is a local path or a URI of a pyarrow filesystem
+(``s3://bucket/prefix``); the workdir, say, can live on S3 with the input::
+
+    ptsne train --input s3://bucket/vectors --workdir s3://bucket/ptsne/digits --register digits
+
 Stages, each skipped when its output exists and matches the settings:
 ``affinities`` (``WORKDIR/affinities``, by the manifest's ``config_hash``),
 ``train`` (``WORKDIR/model``, by a stamp of the data hash, settings and worker
@@ -23,8 +29,10 @@ count; an interrupted run resumes from its last epoch checkpoint under
 ``--storage-path``), ``register`` (no new run when the stamp records one for the
 same model name).
 
-Exit codes: 0 ok; 1 unexpected error; 2 usage (bad option or config file);
-3 bad input data; 4 input, config file or affinity directory not found.
+Exit codes: 0 ok; 1 unexpected error; 2 usage (bad option or config file, an
+input and a location this job writes of which one contains the other, a model
+location holding something else); 3 bad input data; 4 input, config file or
+affinity directory not found.
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WORKDIR = "ptsne-work"
 MODEL_DIR = "model"
+AFFINITY_DIR = "affinities"
+RAY_RESULTS_DIR = "ray_results"
 STAMP_FILE = "train-stamp.json"
 PLOT_FILE = "embedding.png"
 #: Phases logged as the numeric ``phase`` metric.
@@ -72,11 +82,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("input")
     src.add_argument("--input", default=None, help="directory, file or URI of Parquet shards to train on")
     src.add_argument("--affinities", default=None,
-                     help="an existing affinity directory to train on instead of --input (skips kNN and P)")
+                     help="an existing affinity directory (path or URI) to train on instead of --input (skips kNN and P)")
     src.add_argument("--workdir", default=DEFAULT_WORKDIR,
-                     help=f"where the affinities, checkpoints, model and plot go (default: ./{DEFAULT_WORKDIR})")
+                     help=f"directory or URI where the affinities, checkpoints, model and plot go (default: ./{DEFAULT_WORKDIR})")
     src.add_argument("--eval-input", default=None,
-                     help="held-out Parquet shards (same columns) for the quality metrics "
+                     help="held-out Parquet shards (same columns; path or URI) for the quality metrics "
                      "(default: a sample of the training rows)")
     src.add_argument("--eval-samples", type=int, default=5000, help="held-out rows used for metrics (default: 5000)")
     src.add_argument("--plot-points", type=int, default=1_000_000,
@@ -140,8 +150,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     sc.add_argument("--max-failures", type=int, default=1,
                     help="worker-group restarts, each resuming from the last epoch checkpoint (default: 1)")
     sc.add_argument("--storage-path", default=None,
-                    help="Ray Train storage for checkpoints; shared storage on a multi-node cluster "
-                    "(default: WORKDIR/ray_results)")
+                    help="Ray Train storage for checkpoints (path or URI); shared storage (NFS, s3://...) on a "
+                    "multi-node cluster (default: WORKDIR/ray_results)")
     sc.add_argument("--fresh", action="store_true", help="retrain even when a matching model or checkpoint exists")
     sc.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     sc.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray started by this command")
@@ -185,6 +195,85 @@ class TrainJobResult:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def location_arg(value: str | os.PathLike) -> str:
+    """A location option's value: a local path made absolute, a URI as given without a trailing slash."""
+    text = os.fspath(value)
+    if "://" in text:
+        scheme, rest = text.split("://", 1)
+        return f"{scheme}://{rest.rstrip('/')}"
+    return str(Path(text).expanduser().resolve())
+
+
+@dataclass(frozen=True)
+class TrainLocations:
+    """Where one ``ptsne train`` reads and writes: absolute local paths or URIs.
+
+    ``affinities`` is ``--affinities`` when given, else ``WORKDIR/affinities``
+    (built there); ``model``, ``plot`` and the default ``storage_path`` lie under
+    ``workdir``. Sub-locations are joined as strings, the same way for a path
+    and a URI.
+    """
+
+    workdir: str
+    affinities: str
+    model: str
+    plot: str
+    storage_path: str
+    input: str | None = None
+    eval_input: str | None = None
+    affinities_given: bool = False
+    storage_path_given: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainLocations:
+        from pipeline.storage import join
+
+        workdir = location_arg(args.workdir)
+        given = getattr(args, "storage_path", None)
+        return cls(
+            workdir=workdir,
+            affinities=location_arg(args.affinities) if args.affinities else join(workdir, AFFINITY_DIR),
+            model=join(workdir, MODEL_DIR),
+            plot=join(workdir, PLOT_FILE),
+            storage_path=location_arg(given) if given else join(workdir, RAY_RESULTS_DIR),
+            input=location_arg(args.input) if args.input else None,
+            eval_input=location_arg(args.eval_input) if getattr(args, "eval_input", None) else None,
+            affinities_given=bool(args.affinities),
+            storage_path_given=bool(given),
+        )
+
+    def check(self) -> None:
+        """Raise :class:`ValueError` when an input and a location this job writes contain each other.
+
+        A workdir inside its input is read back as input by every rerun; an input
+        inside the workdir can be replaced by it. ``--affinities`` may lie inside
+        the workdir (its ``affinities/``, say), but not where training writes.
+        """
+        from pipeline.storage import check_disjoint
+
+        outputs = [("--workdir", self.workdir)]
+        if self.storage_path_given:
+            outputs.append(("--storage-path", self.storage_path))
+        for option, value in (("--input", self.input), ("--eval-input", self.eval_input)):
+            for output, where in outputs if value else ():
+                check_disjoint(value, where, (option, output))
+        if not self.affinities_given:
+            return
+        if self.storage_path_given:
+            check_disjoint(self.affinities, self.storage_path, ("--affinities", "--storage-path"))
+        written = [self.model, self.plot] + ([] if self.storage_path_given else [self.storage_path])
+        for where in written:
+            try:
+                check_disjoint(self.affinities, where)
+            except ValueError:
+                raise ValueError(
+                    f"--affinities {self.affinities!r} and --workdir {self.workdir!r} overlap where training "
+                    f"writes ({where!r}); the affinity directory may lie inside --workdir, but must not be it, "
+                    f"contain it or hold its {MODEL_DIR}/, {RAY_RESULTS_DIR}/ or {PLOT_FILE} "
+                    "(choose another --workdir)"
+                ) from None
 
 
 # -- settings --------------------------------------------------------------------------------
@@ -282,12 +371,15 @@ def _init_ray(args) -> bool:
     return start_ray(args.ray_address, args.num_cpus, **quiet)
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
+def _stamp_bytes(stamp: dict) -> bytes:
+    return json.dumps(stamp, indent=2, sort_keys=True, default=str).encode()
+
+
+def _write_stamp(model_dir: str, stamp: dict) -> None:
+    from pipeline.storage import join, resolve, write_bytes_atomic
+
+    fs, path = resolve(model_dir)
+    write_bytes_atomic(fs, join(path, STAMP_FILE), _stamp_bytes(stamp))
 
 
 def _train_key(manifest: dict, config, workers: int) -> str:
@@ -295,31 +387,33 @@ def _train_key(manifest: dict, config, workers: int) -> str:
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:24]
 
 
-def _read_stamp(model_dir: Path) -> dict | None:
-    stamp = model_dir / STAMP_FILE
-    if not stamp.is_file():
-        return None
+def _read_stamp(model_dir: str) -> dict | None:
+    """The stamp the last training wrote next to its model, or None (none, or unreadable)."""
+    from pipeline.storage import join, read_json, resolve
+
+    fs, path = resolve(model_dir)
     try:
-        return json.loads(stamp.read_text())
+        stamp = read_json(fs, join(path, STAMP_FILE))
     except (OSError, ValueError):
         return None
+    return stamp if isinstance(stamp, dict) else None
 
 
-def _sample_features(affinity_dir: str, manifest: dict, max_rows: int, seed: int):
+def _sample_features(affinity_dir: str, max_rows: int, seed: int):
     """A seeded sample of the stored features: (rows (m,), X (m, dim), labels (m,) or None)."""
     import numpy as np
-    import pyarrow.parquet as pq
 
     from pipeline import schema
-    from pipeline.train import shard_files
+    from pipeline.affinity_dir import AffinityDir
 
-    n = int(manifest["n"])
+    directory = AffinityDir(affinity_dir)
+    n = directory.manifest.n
     rng = np.random.default_rng(seed)
     take_all = max_rows >= n
+    cols = [schema.ROW, schema.VECTOR] + ([schema.LABEL] if directory.manifest.label_col else [])
     rows, X, labels = [], [], []
-    for path in shard_files(affinity_dir, manifest, "features"):
-        cols = [schema.ROW, schema.VECTOR] + ([schema.LABEL] if manifest.get("label_col") else [])
-        t = pq.read_table(path, columns=[c for c in cols if c in pq.read_schema(path).names])
+    for i in range(len(directory.manifest.features)):
+        t = directory.read_features_file(i, columns=cols)
         keep = np.arange(t.num_rows)
         if not take_all:
             m = int(round(max_rows * t.num_rows / n))
@@ -377,11 +471,11 @@ def evaluate(args, estimator, affinity_dir: str, manifest: dict) -> dict:
         X_eval, y_eval = _read_eval_input(args, args.eval_samples, args.seed)
         emb_eval = {p: estimator.transform(X_eval, method=m) for p, m in methods.items()}
         metrics["eval_source"] = "held_out"
-        ref_rows, ref_X, ref_y = _sample_features(affinity_dir, manifest, max(args.eval_samples, 10_000), args.seed)
+        ref_rows, ref_X, ref_y = _sample_features(affinity_dir, max(args.eval_samples, 10_000), args.seed)
         ref_emb = {p: _embed_features(estimator, ref_X, m) for p, m in methods.items()}
     else:
         # Without held-out shards: half of a training sample is the reference, half the query.
-        _, X, y = _sample_features(affinity_dir, manifest, 2 * args.eval_samples, args.seed)
+        _, X, y = _sample_features(affinity_dir, 2 * args.eval_samples, args.seed)
         emb = {p: _embed_features(estimator, X, m) for p, m in methods.items()}
         half = len(X) // 2
         X_eval = X[half:]
@@ -421,7 +515,7 @@ def _plot(args, estimator, affinity_dir: str, manifest: dict, path: Path) -> Pat
     from jobs.plot import plot_embedding
     from ptsne.transform import transform
 
-    _, X, y = _sample_features(affinity_dir, manifest, args.plot_points, args.seed)
+    _, X, y = _sample_features(affinity_dir, args.plot_points, args.seed)
     Y = transform(estimator.model_, X)
     name = args.register or "ptsne"
     return plot_embedding(Y, path, labels=y, title=f"{name}: {len(Y):,} training points")
@@ -515,15 +609,29 @@ def train_job(args: argparse.Namespace) -> TrainJobResult:
 
     One MLflow run per job: it starts before training, so that the per-epoch metrics
     appear while the workers train, and ends after the model is registered (status
-    FAILED when a stage raises).
+    FAILED when a stage raises). Every location may be a local path or a URI
+    (:class:`TrainLocations`).
     """
     import mlflow
 
+    from jobs import tempdirs
+    from jobs.modelstore import check_saveable, load_model, save_model
     from jobs.tracking import configure_mlflow
-    from pipeline.train import read_manifest, train_distributed
-    from ptsne.estimator import ParametricTSNE
+    from pipeline.affinity import read_manifest
+    from pipeline.storage import check_writable_dir, is_local, makedirs, resolve
+    from pipeline.train import train_distributed
 
-    workdir = Path(args.workdir).resolve()
+    where = TrainLocations.from_args(args)
+    check_writable_dir(*resolve(where.workdir))  # before Ray starts, as the model check below
+    check_saveable(where.model, (STAMP_FILE,))  # a model directory holding other files is left alone
+    manifest = None
+    if where.affinities_given:  # a missing affinity directory is reported before Ray starts
+        manifest = read_manifest(where.affinities)
+        if manifest is None:
+            raise FileNotFoundError(
+                f"--affinities {where.affinities!r}: no manifest.json there (not an affinity directory "
+                "written by `ptsne affinities`)"
+            )
     started_ray = _init_ray(args)
     if started_ray:
         _check_local_resources(args)
@@ -535,41 +643,39 @@ def train_job(args: argparse.Namespace) -> TrainJobResult:
 
             ray.shutdown()
         raise
-    workdir.mkdir(parents=True, exist_ok=True)
+    fs, workdir_path = resolve(where.workdir)
+    if is_local(fs):  # object stores have no directories to create
+        makedirs(fs, workdir_path)
     skipped: list[str] = []
     timings: dict[str, float] = {}
     try:
         t = time.perf_counter()
-        if args.affinities:
-            affinity_dir = str(Path(args.affinities).resolve())
-            manifest = read_manifest(affinity_dir)
+        if manifest is not None:
             skipped.append("affinities")
         else:
             from jobs.affinities import config_from_args
             from pipeline.affinity import build_affinities
 
-            affinity_dir = str(workdir / "affinities")
-            before = _manifest_hash(affinity_dir)
+            before = _manifest_hash(where.affinities)
             # The affinity directory belongs to this job's workdir: rebuild it when the settings change.
-            aff_args = argparse.Namespace(**{**vars(args), "output": affinity_dir, "overwrite": True})
+            aff_args = argparse.Namespace(**{**vars(args), "output": where.affinities, "overwrite": True})
             manifest = build_affinities(config_from_args(aff_args))
             if before is not None and before == manifest.get("config_hash"):
                 skipped.append("affinities")
         timings["affinities_seconds"] = time.perf_counter() - t
         config = train_config_from_args(args, n=int(manifest["n"]))
 
-        model_dir = workdir / MODEL_DIR
         key = _train_key(manifest, config, args.workers)
-        stamp = None if args.fresh else _read_stamp(model_dir)
+        stamp = None if args.fresh else _read_stamp(where.model)
         out = TrainJobResult(
-            workdir=str(workdir), affinity_dir=affinity_dir, model_dir=str(model_dir), plot=None, run_id=None,
+            workdir=where.workdir, affinity_dir=where.affinities, model_dir=where.model, plot=None, run_id=None,
             experiment_id=location.experiment_id, tracking_uri=location.tracking_uri, model_uri=None,
             registered=None, skipped=skipped,
         )
         t = time.perf_counter()
         if stamp is not None and stamp.get("key") == key:
-            log.info("train: %s already holds the model of these settings; skipping training", model_dir)
-            estimator = ParametricTSNE.load(model_dir, device="cpu")
+            log.info("train: %s already holds the model of these settings; skipping training", where.model)
+            estimator = load_model(where.model, device="cpu")
             history, train_info = stamp["history"], stamp["train_info"]
             skipped.append("train")
             timings["train_stage_seconds"] = time.perf_counter() - t
@@ -586,15 +692,14 @@ def train_job(args: argparse.Namespace) -> TrainJobResult:
             stamp = None
             feature_source = _feature_source(config, manifest)
 
-        with mlflow.start_run(run_name=args.run_name) as run:
-            _log_params(args, manifest, key, str(workdir), feature_source, config.n_epochs)
+        with mlflow.start_run(run_name=args.run_name) as run, tempdirs.make("ptsne-run-") as tmp:
+            _log_params(args, manifest, key, where.workdir, feature_source, config.n_epochs)
             epochs = EpochLogger(run.info.run_id)
             if stamp is None:
-                storage = args.storage_path or str(workdir / "ray_results")
                 # Per-epoch metrics reach the run while training goes on (on_epoch runs here, in the driver).
                 result = train_distributed(
-                    affinity_dir, config, num_workers=args.workers, use_gpu=args.gpus_per_worker > 0,
-                    storage_path=storage, resume=not args.fresh, cpus_per_worker=args.cpus_per_worker,
+                    where.affinities, config, num_workers=args.workers, use_gpu=args.gpus_per_worker > 0,
+                    storage_path=where.storage_path, resume=not args.fresh, cpus_per_worker=args.cpus_per_worker,
                     gpus_per_worker=args.gpus_per_worker or 1.0, max_failures=args.max_failures,
                     on_epoch=epochs,
                 )
@@ -607,28 +712,37 @@ def train_job(args: argparse.Namespace) -> TrainJobResult:
                                 "seconds_per_epoch": sum(epoch_s) / max(1, len(epoch_s)),
                                 "reference_seconds": result.reference_seconds},
                 }
-                estimator.save(model_dir)
                 stamp = {"key": key, "history": history, "train_info": train_info}
-                _write_json_atomic(model_dir / STAMP_FILE, stamp)
+                # The model and its stamp appear together: a rerun never sees one without the other.
+                save_model(estimator, where.model, extra={STAMP_FILE: _stamp_bytes(stamp)})
                 timings["train_stage_seconds"] = time.perf_counter() - t
             train_info = {**train_info, "timings": {**train_info.get("timings", {}), **timings}}
 
-            metrics = evaluate(args, estimator, affinity_dir, manifest)
-            plot_path = _plot(args, estimator, affinity_dir, manifest, workdir / PLOT_FILE)
-            model_uri, registered = _log_run(args, estimator, manifest, history, metrics, plot_path, train_info, epochs)
+            metrics = evaluate(args, estimator, where.affinities, manifest)
+            plot_file = _plot(args, estimator, where.affinities, manifest, Path(tmp) / PLOT_FILE)
+            _copy_file(plot_file, where.plot)
+            model_uri, registered = _log_run(args, estimator, manifest, history, metrics, plot_file, train_info, epochs)
             run_id = run.info.run_id
-        out.run_id, out.model_uri, out.registered, out.plot = run_id, model_uri, registered, str(plot_path)
+        out.run_id, out.model_uri, out.registered, out.plot = run_id, model_uri, registered, where.plot
         out.metrics = {**metrics, **train_info.get("timings", {})}
         stamp["logged"] = {"run_id": run_id, "model_uri": model_uri, "registered": registered,
                            "register": args.register, "alias": args.alias, "tracking_uri": location.tracking_uri,
-                           "plot": str(plot_path), "metrics": out.metrics}
-        _write_json_atomic(model_dir / STAMP_FILE, stamp)
+                           "plot": where.plot, "metrics": out.metrics}
+        _write_stamp(where.model, stamp)
         return out
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
+
+
+def _copy_file(local: Path, location: str) -> None:
+    """Copy the local file ``local`` to ``location`` (a path or URI), whole or not at all."""
+    from pipeline.storage import resolve, write_bytes_atomic
+
+    fs, path = resolve(location)
+    write_bytes_atomic(fs, path, Path(local).read_bytes())
 
 
 def _check_local_resources(args) -> None:
@@ -652,11 +766,13 @@ def _check_local_resources(args) -> None:
 
 
 def _manifest_hash(affinity_dir: str) -> str | None:
-    path = Path(affinity_dir) / "manifest.json"
+    from pipeline.affinity import read_manifest
+
     try:
-        return json.loads(path.read_text()).get("config_hash")
+        manifest = read_manifest(affinity_dir)
     except (OSError, ValueError):
         return None
+    return manifest.get("config_hash") if isinstance(manifest, dict) else None
 
 
 def _feature_source(config, manifest: dict) -> str:
@@ -682,12 +798,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         resolve_args(args)
         train_config_from_args(args)
-        from pipeline.storage import check_disjoint
-
-        # A workdir inside the input is read back as input by every rerun; an input inside it can be replaced.
-        for option in ("input", "eval_input"):
-            if getattr(args, option, None):
-                check_disjoint(getattr(args, option), args.workdir, (f"--{option.replace('_', '-')}", "--workdir"))
+        TrainLocations.from_args(args).check()
     except FileNotFoundError as exc:
         log.error("%s", exc)
         return EXIT_NOT_FOUND
@@ -695,12 +806,16 @@ def run(args: argparse.Namespace) -> int:
         log.error("ptsne train: %s", exc)
         return EXIT_USAGE
     from pipeline.shards import InvalidInputError
+    from pipeline.storage import OutputLocationError
 
     try:
         result = train_job(args)
     except InvalidInputError as exc:
         log.error("ptsne train: %s", exc)
         return EXIT_BAD_INPUT
+    except OutputLocationError as exc:
+        log.error("ptsne train: --workdir: %s", exc)
+        return EXIT_ERROR
     except FileNotFoundError as exc:
         log.error("ptsne train: %s", exc)
         return EXIT_NOT_FOUND

@@ -16,13 +16,19 @@ its wall time and the peak RSS of its workers):
    ``(i, j, p_{j|i} / 2n)`` and their transposes ``(j, i, p_{j|i} / 2n)``,
    already split by head range (the map side of a shuffle).
 5. **symmetrize**: one task per head range sums duplicate ``(head, tail)``
-   pairs in float64 and writes ``edges/part-RRRRR.parquet`` sorted by
-   ``(head, tail)``; no process ever holds all edges.
+   pairs in float64 and writes ``edges/part-RRRRR.parquet`` with one row group
+   per head bucket, sorted by ``(bucket, head, tail)``
+   (:func:`pipeline.affinity_dir.write_edges_file`), so that each training
+   worker reads only its own rows; no process ever holds all edges.
 
-The output directory is built in a hidden sibling and moved into place at the
-end (see :class:`pipeline.shards.StagedDir`); its ``manifest.json`` carries a
+Input and output may be local paths or URIs (``s3://bucket/prefix``, see
+:mod:`pipeline.storage`). The output directory is built in a hidden sibling
+(``.NAME.partial-HASH``) and moved into place at the end (copied, the manifest
+last, on object stores; see :class:`pipeline.storage.StagedDir`); its
+``manifest.json`` (:class:`pipeline.affinity_dir.AffinityManifest`) carries a
 ``config_hash`` so that a second run with the same input and settings returns
-at once.
+at once, and a run interrupted after the features stage resumes from the
+partial directory.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,16 +46,36 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
 from tqdm.auto import tqdm
 
 from pipeline import schema
+from pipeline.affinity_dir import (
+    AffinityDir,
+    AffinityManifest,
+    DataFile,
+    EdgesFile,
+    RowGroup,
+    manifest_json,
+    read_manifest,
+    write_edges_file,
+)
 from pipeline.knn import DEFAULT_MAX_INDEX_BYTES, FeaturePart, build_indexes, peak_rss_mb, search_part
-from pipeline.pca import fit_pca, load_pca, sample_rate, sample_rows, save_pca
+from pipeline.pca import fit_pca, sample_rate, sample_rows, save_pca
 from pipeline.session import start_ray
 from pipeline.shards import MAX_REPORT, ColumnSpec, InvalidInputError, duplicate_ids, list_parquet, read_shard, row_ids
-from pipeline.storage import StagedDir, check_disjoint, exists, fingerprint, join, resolve, write_bytes_atomic, write_parquet_atomic
+from pipeline.storage import (
+    StagedDir,
+    check_disjoint,
+    exists,
+    fingerprint,
+    is_ours,
+    join,
+    read_json,
+    resolve,
+    write_bytes_atomic,
+    write_parquet_atomic,
+)
 from ptsne.affinity import as_perplexities, conditional_probabilities, default_k
 from ptsne.device import set_num_threads
 from ptsne.knn import METHODS, check_gpu_k
@@ -226,16 +253,6 @@ def config_hash(config: AffinityJobConfig, input_fingerprint: list) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def read_manifest(output: str) -> dict | None:
-    """The manifest of an affinity directory, or ``None`` when there is none."""
-    fs, path = resolve(output)
-    mpath = join(path, schema.MANIFEST_FILE)
-    if not exists(fs, mpath):
-        return None
-    with fs.open_input_stream(mpath) as f:
-        return json.loads(f.read().decode())
-
-
 # --------------------------------------------------------------------------- Ray helpers
 
 
@@ -377,16 +394,19 @@ def _reduce_task(fs, path: str, lo: int, hi: int, n: int, *blocks) -> dict:
     T = np.concatenate([b[1] for b in blocks])
     W = np.concatenate([b[2] for b in blocks])
     key = (H - lo) * np.int64(n) + T
+    del H, T
     order = np.argsort(key, kind="stable")
     key, W = key[order], W[order]
+    del order
     starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if key.size else np.zeros(0, np.int64)
     w = np.add.reduceat(W, starts) if key.size else np.zeros(0)
     uk = key[starts]
+    del key, W, starts
     head = uk // n + lo
     tail = uk % n
-    sha = write_parquet_atomic(fs, path, schema.edges_table(head, tail, w))
-    return {"rows": int(head.size), "sha256": sha, "weight_sum": float(w.sum()),
-            "head_start": int(lo), "head_stop": int(hi), "peak_rss_mb": peak_rss_mb()}
+    written = write_edges_file(fs, path, head, tail, w)
+    return {**written, "weight_sum": float(w.sum()), "head_start": int(lo), "head_stop": int(hi),
+            "peak_rss_mb": peak_rss_mb()}
 
 
 # --------------------------------------------------------------------------- driver
@@ -519,8 +539,14 @@ def build_affinities(config: AffinityJobConfig) -> dict:
     if existing is not None and existing.get("config_hash") == chash:
         log.info("affinities: %s is up to date (config_hash %s), nothing to do", config.output, chash[:12])
         return existing
-    staged = StagedDir(fs, out, staging=join(os.path.dirname(out) or "/", f".{os.path.basename(out)}.partial-{chash[:16]}"),
-                       keep_on_error=True, overwrite=config.overwrite)
+    if existing is not None and existing.get("format_version") != schema.FORMAT_VERSION and not config.overwrite:
+        raise FileExistsError(
+            f"output {config.output!r} holds an affinity directory of format_version "
+            f"{existing.get('format_version')!r} (this version writes {schema.FORMAT_VERSION}); "
+            "pass overwrite (--overwrite) to rebuild it"
+        )
+    staged = StagedDir(fs, out, staging=_staging_path(config.output, out, chash), keep_on_error=True,
+                       overwrite=config.overwrite, commit=(schema.MANIFEST_FILE,))
     staged.check_target()
     _ensure_ray(config.ray_address)
     use_gpu = _use_gpu(config)
@@ -530,10 +556,9 @@ def build_affinities(config: AffinityJobConfig) -> dict:
     log.info("affinities: %d shard(s) from %s -> %s", len(files), config.input, config.output)
 
     marker_path = join(staged.staging, _FEATURES_MARKER)
-    resumed = exists(fs, marker_path)
+    feat = read_json(fs, marker_path)
+    resumed = feat is not None
     if resumed:
-        with fs.open_input_stream(marker_path) as f:
-            feat = json.loads(f.read().decode())
         log.info("affinities: reusing the features of an interrupted run in %s", staged.staging)
         k = _resolve_k(config, feat["n"])
     else:
@@ -602,58 +627,63 @@ def build_affinities(config: AffinityJobConfig) -> dict:
         log.info("symmetrize: %d edges in %d parts, weight sum %.9f", sum(r["rows"] for r in reduced), n_parts, total)
 
         timings["total"] = round(time.perf_counter() - t_start, 3)
-        manifest = {
-            "format_version": schema.FORMAT_VERSION,
-            "n": int(n),
-            "input_dim": int(feat["input_dim"]),
-            "dim": int(dim),
-            "k": int(k),
-            "perplexities": list(config.perplexities),
-            "knn_method": method,
-            "knn_recall": recall,
-            "knn_index_shards": n_index_shards,
-            "knn_nprobe": infos[0]["nprobe"],
-            "max_index_bytes": max_index_bytes,
-            "n_edges": int(sum(r["rows"] for r in reduced)),
-            "weight_sum": total,
-            "vector_col": config.vector_col,
-            "feature_cols": list(config.feature_cols) if config.feature_cols else None,
-            "id_col": config.id_col,
-            "label_col": config.label_col,
-            "pca": config.pca_components is not None,
-            "pca_components": config.pca_components,
-            "n_input_rows": int(feat["n_input_rows"]),
-            "n_rejected": int(feat["n_rejected"]),
-            "rejects": schema.REJECTS_FILE if feat["n_rejected"] else None,
-            "input": config.input,
-            "config_hash": chash,
-            "files": {
-                "features": [{k_: p[k_] for k_ in ("path", "rows", "sha256")} for p in feat["parts"]],
-                "edges": [
-                    {"path": f"{schema.EDGES_DIR}/{schema.part_name(r)}", "rows": red["rows"],
-                     "sha256": red["sha256"], "head_start": red["head_start"], "head_stop": red["head_stop"]}
-                    for r, red in enumerate(reduced)
-                ],
-            },
-            "timings_s": timings if not resumed else {**feat.get("timings_s", {}), **timings},
-            "peak_worker_rss_mb": memory if not resumed else {**feat.get("peak_worker_rss_mb", {}), **memory},
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        if feat.get("pca_sha256"):
-            manifest["files"]["pca"] = [{"path": schema.PCA_FILE, "sha256": feat["pca_sha256"]}]
+        manifest = AffinityManifest(
+            n=int(n), input_dim=int(feat["input_dim"]), dim=int(dim), k=int(k),
+            perplexities=config.perplexities,
+            features=tuple(DataFile(p["path"], p["rows"], p["sha256"]) for p in feat["parts"]),
+            edges=tuple(
+                EdgesFile(f"{schema.EDGES_DIR}/{schema.part_name(r)}", red["rows"], red["sha256"], red["bytes"],
+                          red["head_start"], red["head_stop"], tuple(RowGroup(b, c) for b, c in red["row_groups"]))
+                for r, red in enumerate(reduced)
+            ),
+            edge_buckets=schema.EDGE_BUCKETS,
+            config_hash=chash,
+            n_edges=int(sum(r["rows"] for r in reduced)),
+            weight_sum=total,
+            knn_method=method,
+            knn_recall=recall,
+            knn_index_shards=n_index_shards,
+            knn_nprobe=infos[0]["nprobe"],
+            max_index_bytes=max_index_bytes,
+            vector_col=config.vector_col,
+            feature_cols=config.feature_cols,
+            id_col=config.id_col,
+            label_col=config.label_col,
+            pca_components=config.pca_components,
+            pca_file=DataFile(schema.PCA_FILE, 0, feat["pca_sha256"]) if feat.get("pca_sha256") else None,
+            n_input_rows=int(feat["n_input_rows"]),
+            n_rejected=int(feat["n_rejected"]),
+            rejects=schema.REJECTS_FILE if feat["n_rejected"] else None,
+            input=config.input,
+            timings_s=timings if not resumed else {**feat.get("timings_s", {}), **timings},
+            peak_worker_rss_mb=memory if not resumed else {**feat.get("peak_worker_rss_mb", {}), **memory},
+            created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
         fs.delete_file(marker_path)
-        write_bytes_atomic(fs, join(stage_dir, schema.MANIFEST_FILE), json.dumps(manifest, indent=2).encode())
+        write_bytes_atomic(fs, join(stage_dir, schema.MANIFEST_FILE), manifest_json(manifest))
     _remove_stale_partials(fs, out)
     log.info("affinities: wrote %s in %.1f s", config.output, time.perf_counter() - t_start)
-    return manifest
+    return manifest.to_dict()
+
+
+def _staging_path(output: str, out: str, chash: str) -> str:
+    """The partial build of ``out`` for a config hash: ``.NAME.partial-HASH`` next to it."""
+    parent, name = posixpath.split(out.rstrip("/"))
+    if not parent or not name:
+        raise ValueError(
+            f"output {output!r} is the root of its filesystem or bucket; give a directory inside it "
+            f"(e.g. {output.rstrip('/')}/affinities)"
+        )
+    return join(parent, f".{name}.partial-{chash[:16]}")
 
 
 def _remove_stale_partials(fs: pafs.FileSystem, out: str) -> None:
-    """Delete partial builds of ``out`` left by interrupted runs with other settings."""
-    parent, name = os.path.dirname(out) or "/", os.path.basename(out)
+    """Delete partial builds of ``out`` (``.NAME.partial-*``) left by interrupted runs with other settings."""
+    parent, name = posixpath.split(out.rstrip("/"))
     prefix = f".{name}.partial-"
     for info in fs.get_file_info(pafs.FileSelector(parent, recursive=False)):
-        if info.type == pafs.FileType.Directory and os.path.basename(info.path).startswith(prefix):
+        base = posixpath.basename(info.path)
+        if info.type == pafs.FileType.Directory and base.startswith(prefix) and is_ours(base):
             log.info("affinities: removing the stale partial build %s", info.path)
             fs.delete_dir(info.path)
 
@@ -708,27 +738,16 @@ def _features_stage(config, fs_in, files, v, fs, stage_dir, opts, timings, memor
 
 
 def load_edges(output: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All edges of an affinity directory as ``(head, tail, weight)`` (for small data and tests)."""
-    fs, path = resolve(output)
-    m = read_manifest(output)
-    if m is None:
-        raise FileNotFoundError(f"no {schema.MANIFEST_FILE} in {output!r}")
-    tables = [pq.read_table(join(path, f["path"]), filesystem=fs) for f in m["files"]["edges"]]
-    t = pa.concat_tables(tables)
-    return (t.column(schema.HEAD).to_numpy(), t.column(schema.TAIL).to_numpy(), t.column(schema.WEIGHT).to_numpy())
+    """All edges of an affinity directory as ``(head, tail, weight)`` sorted by ``(head, tail)`` (small data, tests)."""
+    edges = AffinityDir(output).read_edges()
+    return edges.head, edges.tail, edges.weight
 
 
 def load_features(output: str) -> pa.Table:
-    """All features of an affinity directory in row order (for small data and tests)."""
-    fs, path = resolve(output)
-    m = read_manifest(output)
-    if m is None:
-        raise FileNotFoundError(f"no {schema.MANIFEST_FILE} in {output!r}")
-    return pa.concat_tables([pq.read_table(join(path, f["path"]), filesystem=fs) for f in m["files"]["features"]])
+    """All features of an affinity directory in row order (small data, tests)."""
+    return AffinityDir(output).read_features()
 
 
 def load_pca_of(output: str):
     """The PCA of an affinity directory, or ``None`` when none was applied."""
-    fs, path = resolve(output)
-    p = join(path, schema.PCA_FILE)
-    return load_pca(fs, p) if exists(fs, p) else None
+    return AffinityDir(output).load_pca()

@@ -1,50 +1,71 @@
-"""Batch embedding of Parquet shards with Ray Data, each input shard exactly once.
+"""Batch embedding of Parquet shards on a Ray actor pool, each input shard exactly once.
 
-Ray Data reads the pending shards (``include_paths=True`` tags every row with
-its shard), an actor pool of :class:`_Embedder` (the model, loaded once per
-actor with ``ParametricTSNE.load``) maps the batches, and the driver collects
-each shard's rows and writes one output file per input shard.
+The driver plans, submits and commits; no embedded row passes through it. One
+task is one input shard: an :class:`_Embedder` actor (the model, loaded once per
+actor from files the driver put in Ray's object store once) streams the shard
+from its filesystem in ``batch_size``-row batches, embeds them, streams the
+output to the shard's final location (temporary name, then moved into place)
+and returns a few numbers (:class:`_Task` in, a small dict out). The driver then
+adds the shard's ledger line. Its memory grows with the number of shards, not
+with the number of rows.
 
-Output layout (``OUTPUT`` must be a local or shared POSIX directory, as the
-exactly-once guarantee rests on ``os.replace``)::
+Input and output are local paths or URIs of any pyarrow filesystem
+(``s3://...``, see :mod:`pipeline.storage`). A local ``OUTPUT`` on a cluster of
+several machines must be one shared filesystem mounted at the same path on
+every node: the driver checks that it sees each file a worker wrote.
 
-    OUTPUT/_current.json              which version directory is complete and current
-    OUTPUT/.ptsne-embed.lock          one writer at a time (flock)
-    OUTPUT/<tag>/<relative input path>   one file per input shard (tag: v3, run-<id>, local)
-    OUTPUT/<tag>/_ledger.jsonl        one line per finished input shard
-    OUTPUT/<tag>/_rejects/<relative input path>   rejected rows (``on_invalid="reject"``)
+Output layout::
 
-Exactly once: a shard's output (and rejects) are written under a temporary name
-and renamed into place, and only then is its ledger line added (the whole
-ledger is rewritten to a temporary file and renamed). A shard is pending when
-the ledger has no line for it, or its size or modification time changed, or its
-output file is gone. At startup temporary files and outputs that have no ledger
-line (left by a killed run) are deleted, so a run killed at any point and
-rerun leaves each input row in the output exactly once.
+    OUTPUT/_current.json                      which version directory is complete and current
+    OUTPUT/.ptsne-embed.lock                  one writer at a time (flock; a lease object on object stores)
+    OUTPUT/<tag>/<dir>/<stem>.<hash>.parquet  one file per input shard (tag: v3, run-<id>, local)
+    OUTPUT/<tag>/_ledger.jsonl                one line per finished input shard
+    OUTPUT/<tag>/_rejects/<dir>/<stem>.<hash>.parquet   rejected rows (``on_invalid="reject"``)
 
-Ids are checked for duplicates within each shard (the driver holds a shard's
-rows anyway, so it costs one hash of the id column per shard): a warning with
-the count, or with ``on_duplicate_ids="error"`` the shard is not written. Ids
-of different shards, or of shards embedded by earlier runs, are not compared:
-that would need every id of the output in one place.
+``<dir>/<stem>`` is the input shard's path relative to the input root without
+``.parquet``, ``<hash>`` the first 10 hex digits of the sha256 of the shard's
+full URI (:func:`output_name`): two inputs never share an output file, even
+with the same relative path (``incoming/day1/a.parquet`` and
+``incoming/day2/a.parquet`` embedded by two runs into one output).
+
+Exactly once: the ledger is keyed by the input's full URI and records its size
+and modification time. A shard is pending when the ledger has no line for its
+URI, its size or modification time changed, or its output file is gone. Its
+output is written whole or not at all (:func:`pipeline.storage.parquet_writer`),
+and only then is its ledger line added (the ledger is rewritten atomically).
+A run killed at any point leaves temporary files, which the next run deletes
+(the only files clean-up deletes: :func:`pipeline.storage.is_ours`), and maybe
+complete outputs without a ledger line, each replaced when its input is
+embedded again. So every input row ends up in the output exactly once. Files
+the ledger does not name (a user's, or outputs listed by a ledger of the older
+format, which was keyed by relative path) are never deleted.
+
+Ids are checked for duplicates within each shard (the actor keeps the shard's
+id column, not its rows): a warning with the count, or with
+``on_duplicate_ids="error"`` the shard is not written. Ids of different
+shards, or of shards embedded by earlier runs, are not compared: that would
+need every id of the output in one place.
 
 Nothing here needs Ray before some shard has rows to embed: the lock, the
-input listing, the ledger and every shard's footer are read first, so a run
-with nothing to do (or one refused) starts no Ray when given ``start_ray``.
+input listing, the ledger and every pending shard's footer are read first, so a
+run with nothing to do (or one refused) starts no Ray when given ``start_ray``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import hashlib
 import json
 import logging
 import os
 import posixpath
+import queue
 import resource
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -64,7 +85,11 @@ LEDGER_FILE = "_ledger.jsonl"
 CURRENT_FILE = "_current.json"
 LOCK_FILE = ".ptsne-embed.lock"
 REJECTS_DIR = "_rejects"
-FORMAT_VERSION = 1
+#: 2: ledger lines keyed by the input's URI (``uri``), output names with the URI's hash.
+#: 1: keyed by the path relative to the input root (not trusted for skipping any more).
+FORMAT_VERSION = 2
+#: Hex digits of sha256(input URI) in an output file's name.
+HASH_CHARS = 10
 
 EMBEDDING = "embedding"
 MODEL_NAME = "model_name"
@@ -72,15 +97,10 @@ MODEL_VERSION = "model_version"
 COORDS = ("x", "y", "z")
 ON_INVALID = ("error", "reject")
 ON_DUPLICATE_IDS = ("warn", "error")
-#: Column that Ray Data's ``include_paths`` adds; it cannot be an input column.
-RAY_PATH = "path"
-_PATH = "__ptsne_path"
-_STATUS = "__ptsne_status"
-_T0 = "__ptsne_t0"
-#: Per-row share of the actor's seconds in the model / in the whole call (summed by the driver).
-_MODEL_S = "__ptsne_model_s"
-_CALL_S = "__ptsne_call_s"
-_INTERNAL = (_PATH, _STATUS, _T0, _MODEL_S, _CALL_S)
+#: Tasks queued on each actor: the next shard starts as soon as the previous one is written.
+TASKS_PER_ACTOR = 2
+#: Seconds the driver waits for a file a worker wrote to become visible to it (shared filesystems).
+VISIBLE_TIMEOUT_S = 10.0
 
 #: Row status codes computed by the actors.
 OK, NULL_VECTOR, NON_FINITE, WRONG_DIM = 0, 1, 2, 3
@@ -189,33 +209,26 @@ class EmbedConfig:
         written for it, exit with the count and an example id). Checked within
         each shard only (see the module docstring).
     batch_size : int
-        Rows per model call. 16384 gave the fastest Parquet-to-Parquet rate
-        with ``benchmarks/embed_throughput.py`` on a 2-core CPU (64-D input,
-        256-256-256 network): the pipeline's per-batch costs weigh less than
-        at 8192, where the bare forward pass alone is faster (see
-        ``docs/embedding.md``).
+        Rows per model call, and per batch read from the input and written to
+        the output. 16384 gave the fastest Parquet-to-Parquet rate with
+        ``benchmarks/embed_throughput.py`` on a 2-core CPU (64-D input,
+        256-256-256 network; see ``docs/embedding.md``).
     num_actors : int, optional
-        Size of the actor pool; default one per GPU, or one per
-        ``cpus_per_actor`` CPUs of the cluster leaving one CPU for reading.
+        Size of the actor pool (at most one actor per shard to embed); default
+        one per ``gpus_per_actor`` GPUs when actors use GPUs, else one per
+        ``cpus_per_actor`` CPUs of the cluster. Each actor embeds one shard at
+        a time, so shards are the unit of parallelism.
     cpus_per_actor : float
-        CPUs (and torch threads) of each actor.
+        CPUs of each actor: its torch threads and Arrow's decoding threads.
     gpus_per_actor : float, optional
         Default 1 when the cluster has GPUs, else 0.
     progress : bool
-        Show a tqdm progress bar of rows.
+        Show a tqdm progress bar of rows (advanced as each shard is written).
     method : {"auto", "network", "refine"}
         ``ParametricTSNE.transform``'s method: ``"network"`` is the network's
         forward pass, ``"refine"`` places each point on the model's reference
         map, ``"auto"`` refines when the model has a reference. One output
         directory holds one method's map.
-    block_bytes : int
-        Target size of Ray Data blocks during the run; each input block is one
-        actor task. 32 MiB is about 100,000 rows of 64 float32 values: every
-        task costs Ray Data work besides the model (4 MiB blocks measured
-        about 10 points more overhead on a 2-core CPU). Ray's default
-        (128 MiB) would hand a run's embeddings to the writer in a few large
-        pieces; smaller blocks let finished shards stream out (and be in the
-        ledger) sooner.
     """
 
     vector_col: str | None = None
@@ -229,7 +242,6 @@ class EmbedConfig:
     cpus_per_actor: float = 1.0
     gpus_per_actor: float | None = None
     progress: bool = True
-    block_bytes: int = 32 << 20
     method: str = "auto"
 
     def __post_init__(self) -> None:
@@ -263,8 +275,6 @@ class EmbedConfig:
             isinstance(self.num_actors, bool) or not isinstance(self.num_actors, int) or self.num_actors < 1
         ):
             raise ValueError(f"EmbedConfig: num_actors must be a positive integer or None, got {self.num_actors!r}")
-        if isinstance(self.block_bytes, bool) or not isinstance(self.block_bytes, int) or self.block_bytes < 1 << 16:
-            raise ValueError(f"EmbedConfig: block_bytes must be an integer >= 65536, got {self.block_bytes!r}")
         if not self.cpus_per_actor > 0:
             raise ValueError(f"EmbedConfig: cpus_per_actor must be > 0, got {self.cpus_per_actor!r}")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
@@ -275,13 +285,14 @@ class EmbedConfig:
 class EmbedSummary:
     """What a run did. ``rows_per_s`` counts embedded rows over the run's wall time.
 
-    ``stream_rows`` / ``stream_seconds``: the rows embedded and the time from
-    the first model call in an actor to the last shard written, i.e. the rate
-    without the start-up of the actors (``stream_rows_per_s``).
+    ``stream_rows`` / ``stream_seconds``: the rows read by the actors and the
+    time from the first model call in an actor to the last shard written, i.e.
+    the rate without the start-up of the actors (``stream_rows_per_s``).
     ``model_seconds`` / ``actor_seconds``: summed over the actors, the time in
-    the model's forward pass and in the whole per-batch call (conversion from
-    and to Arrow included); ``actor_seconds`` well below ``stream_seconds``
-    times the number of actors means the actors waited for input.
+    the model's forward pass and in the whole per-batch work (conversion from
+    and to Arrow and the write of the batch included); ``actor_seconds`` well
+    below ``stream_seconds`` times the number of actors means the actors waited
+    for input.
     ``duplicate_ids``: rows of the shards processed whose id occurred before in
     the same shard (embedded with ``on_duplicate_ids="warn"``, their shards
     failed with ``"error"``).
@@ -330,13 +341,35 @@ class EmbedSummary:
         )
 
 
+def output_name(rel: str, uri: str) -> str:
+    """Path, relative to the version directory, of the output of the input shard at ``uri``.
+
+    ``rel`` is the shard's path relative to the input root: ``day1/a.parquet``
+    at ``s3://b/in/day1/a.parquet`` becomes ``day1/a.<h>.parquet``, where ``<h>``
+    is the first :data:`HASH_CHARS` hex digits of ``sha256(uri)``.
+    """
+    head, name = posixpath.split(rel)
+    stem = name[: -len(".parquet")] if name.endswith(".parquet") else name
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:HASH_CHARS]
+    return posixpath.join(head, f"{stem}.{digest}.parquet")
+
+
 @dataclass(frozen=True)
 class _Shard:
     path: str  # as the input filesystem names it
-    rel: str  # relative to the input root; also the output's relative path
+    uri: str  # the full location: the ledger's key
+    rel: str  # relative to the input root (messages, and the output's directory and stem)
     size: int
     mtime_ns: int | None
     rows: int = 0
+
+    @property
+    def output(self) -> str:
+        return output_name(self.rel, self.uri)
+
+    @property
+    def rejects(self) -> str:
+        return posixpath.join(REJECTS_DIR, self.output)
 
 
 @dataclass(frozen=True)
@@ -353,8 +386,9 @@ class _Spec:
 
     @property
     def columns(self) -> list[str]:
-        cols = [self.vector_col] if self.vector_col else list(self.feature_cols)
-        return list(dict.fromkeys([self.id_col, *cols, *self.passthrough]))
+        """Input columns to read."""
+        vec = [self.vector_col] if self.vector_col is not None else list(self.feature_cols)
+        return list(dict.fromkeys([self.id_col, *vec, *self.passthrough]))
 
 
 # --------------------------------------------------------------------------- ledger & files
@@ -364,133 +398,135 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class Ledger:
-    """Finished input shards of one output directory (``_ledger.jsonl``).
+    """Finished input shards of one version directory (``_ledger.jsonl``).
 
-    Each line: ``input`` (relative path), ``size``, ``mtime_ns``, ``rows``,
-    ``rejected``, ``output``, ``rejects`` (or null), ``sha256``,
-    ``model_name``, ``model_version``, ``columns``, ``method`` (``network`` or
-    ``refine``), ``finished``.
+    Each line: ``format_version``, ``uri`` (the input's full location, the
+    key), ``input`` (its path relative to the input root), ``size``,
+    ``mtime_ns``, ``rows``, ``rejected``, ``output`` and ``rejects`` (paths
+    relative to the directory, or null), ``sha256``, ``model_name``,
+    ``model_version``, ``columns``, ``method`` (``network`` or ``refine``),
+    ``finished``.
+
+    Lines of the older format (no ``uri``; keyed by the relative path, which
+    two inputs may share) are kept in :attr:`legacy` and in the file, but never
+    make a shard count as done, and :func:`load_output` does not read their files.
     """
 
-    def __init__(self, directory: Path, entries: dict[str, dict] | None = None):
-        self.directory = Path(directory)
+    def __init__(self, fs: pafs.FileSystem, directory: str, entries: dict[str, dict] | None = None,
+                 legacy: list[dict] | None = None):
+        self.fs = fs
+        self.root = directory
         self.entries = entries or {}
+        self.legacy = legacy or []
 
     @property
-    def path(self) -> Path:
-        return self.directory / LEDGER_FILE
+    def directory(self) -> str:
+        """The directory as a path or URI (for messages)."""
+        return storage.uri(self.fs, self.root)
+
+    @property
+    def path(self) -> str:
+        return storage.join(self.root, LEDGER_FILE)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> Ledger:
-        directory = Path(directory)
-        entries = {}
-        path = directory / LEDGER_FILE
-        if path.is_file():
-            for n, line in enumerate(path.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    entry = json.loads(line)
-                    entries[entry["input"]] = entry
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    log.warning("ledger %s: skipping unreadable line %d", path, n)
-        return cls(directory, entries)
+    def load(cls, location: str | os.PathLike, fs: pafs.FileSystem | None = None) -> Ledger:
+        """The ledger of a version directory: a path or URI, or a path on ``fs``."""
+        if fs is None:
+            fs, directory = storage.resolve(location)
+        else:
+            directory = os.fspath(location)
+        entries, legacy = {}, []
+        try:
+            text = storage.read_bytes(fs, storage.join(directory, LEDGER_FILE)).decode()
+        except FileNotFoundError:
+            text = ""
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                if "uri" in entry:
+                    entries[str(entry["uri"])] = entry
+                else:
+                    str(entry["input"])  # a line of the older format names at least its input
+                    legacy.append(entry)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                log.warning("ledger %s: skipping unreadable line %d", storage.uri(fs, directory), n)
+        return cls(fs, directory, entries, legacy)
 
-    def is_done(self, shard: _Shard) -> bool:
-        e = self.entries.get(shard.rel)
-        return (
-            e is not None
-            and e.get("size") == shard.size
-            and e.get("mtime_ns") == shard.mtime_ns
-            and (self.directory / e["output"]).is_file()
-        )
+    def all_entries(self) -> list[dict]:
+        """Every line, of either format: what the directory holds (model, method, columns)."""
+        return [*self.legacy, *self.entries.values()]
 
-    def record(self, entry: dict) -> None:
-        """Add (or replace) one shard's line and rewrite the ledger atomically."""
-        self.entries[entry["input"]] = entry
-        text = "".join(json.dumps(self.entries[k], sort_keys=True) + "\n" for k in sorted(self.entries))
-        _write_text_atomic(self.path, text)
+    def is_done(self, shard: _Shard, present: set[str] | None = None) -> bool:
+        """Whether ``shard`` (as listed now) has a line and its output file is there.
 
-    def files(self) -> set[str]:
-        """Relative paths of every file the ledger vouches for."""
-        out = set()
-        for e in self.entries.values():
-            out.add(e["output"])
-            if e.get("rejects"):
-                out.add(e["rejects"])
-        return out
+        ``present``: relative paths of the files in the directory, when known (saves a request per shard).
+        """
+        e = self.entries.get(shard.uri)
+        if e is None or e.get("size") != shard.size or e.get("mtime_ns") != shard.mtime_ns:
+            return False
+        if present is not None:
+            return e.get("output") in present
+        return storage.exists(self.fs, storage.join(self.root, e["output"]))
+
+    def record(self, entries: Iterable[dict]) -> None:
+        """Add (or replace) shards' lines and rewrite the ledger atomically."""
+        entries = list(entries)
+        if not entries:
+            return
+        for entry in entries:
+            self.entries[entry["uri"]] = entry
+        lines = [*self.legacy, *(self.entries[k] for k in sorted(self.entries))]
+        text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in lines)
+        storage.write_bytes_atomic(self.fs, self.path, text.encode())
 
 
 def read_current(output: str | os.PathLike) -> dict | None:
     """``_current.json`` of an output location (``dir``, ``model_name``, ``model_version``), or None."""
-    path = Path(output) / CURRENT_FILE
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
+    fs, root = storage.resolve(output)
+    return _read_current(fs, root)
 
 
-def _write_current(output: Path, model: ModelSpec, shards_total: int) -> None:
-    _write_text_atomic(
-        output / CURRENT_FILE,
-        json.dumps(
-            {
-                "format_version": FORMAT_VERSION,
-                "dir": model.tag,
-                "model_name": model.name,
-                "model_version": model.version,
-                "shards": shards_total,
-                "updated": _now(),
-            },
-            indent=2,
-        ),
-    )
-
-
-@contextlib.contextmanager
-def _locked(output: Path) -> Iterator[None]:
-    """Hold an exclusive flock on the output location (released by the OS on kill)."""
-    output.mkdir(parents=True, exist_ok=True)
-    fd = os.open(output / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+def _read_current(fs: pafs.FileSystem, root: str) -> dict | None:
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(
-                f"another `ptsne embed` is writing to {str(output)!r} (lock {LOCK_FILE}); "
-                "wait for it or stop it"
-            ) from None
-        yield
-    finally:
-        os.close(fd)
+        doc = storage.read_json(fs, storage.join(root, CURRENT_FILE))
+    except NotADirectoryError:
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
-def _clean(target: Path, ledger: Ledger) -> int:
-    """Delete temp files and outputs without a ledger line (left by a killed run)."""
-    keep = ledger.files()
-    removed = 0
-    for path in sorted(target.rglob("*")):
-        if not path.is_file():
+def _write_current(fs: pafs.FileSystem, root: str, model: ModelSpec, shards_total: int) -> None:
+    doc = {
+        "format_version": FORMAT_VERSION,
+        "dir": model.tag,
+        "model_name": model.name,
+        "model_version": model.version,
+        "shards": shards_total,
+        "updated": _now(),
+    }
+    storage.write_bytes_atomic(fs, storage.join(root, CURRENT_FILE), json.dumps(doc, indent=2).encode())
+
+
+def _scan(fs: pafs.FileSystem, target: str) -> tuple[set[str], int]:
+    """Relative paths of the files under ``target``, after deleting the temporary files of ours there.
+
+    A temporary file is what a killed run (or a worker killed with it) left; the
+    caller holds the lock, so no live run of this output is writing it. No other
+    file is deleted.
+    """
+    present, removed = set(), 0
+    for info in fs.get_file_info(pafs.FileSelector(target, recursive=True, allow_not_found=True)):
+        if info.type != pafs.FileType.File:
             continue
-        rel = path.relative_to(target).as_posix()
-        name = path.name
-        if ".tmp-" in name and name.startswith("."):
-            path.unlink()
+        if storage.is_ours(posixpath.basename(info.path)):
+            with contextlib.suppress(FileNotFoundError):
+                fs.delete_file(info.path)
             removed += 1
-        elif name.endswith(".parquet") and rel not in keep:
-            log.info("removing %s: no ledger entry (left by an interrupted run)", rel)
-            path.unlink()
-            removed += 1
-    return removed
+        else:
+            present.add(posixpath.relpath(info.path, target))
+    return present, removed
 
 
 # --------------------------------------------------------------------------- input planning
@@ -499,16 +535,19 @@ def _clean(target: Path, ledger: Ledger) -> int:
 def _list_input(fs: pafs.FileSystem, root: str) -> list[_Shard]:
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"input {root!r} does not exist")
-    if info.type == pafs.FileType.Directory and not any(
-        f.path.endswith(".parquet") for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    ):
-        return []  # nothing has arrived yet: a normal state under --watch
-    paths = shards.list_parquet(fs, root)
-    base = posixpath.dirname(root) if info.type == pafs.FileType.File else root
+        raise FileNotFoundError(f"input {storage.uri(fs, root)!r} does not exist")
+    if info.type == pafs.FileType.File:
+        infos, base = {root: info}, posixpath.dirname(root)
+    else:
+        listing = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        infos, base = {f.path: f for f in listing if f.type == pafs.FileType.File}, root
+        if not any(p.endswith(".parquet") for p in infos):
+            return []  # nothing has arrived yet: a normal state under --watch
     out = []
-    for path, size, mtime in storage.fingerprint(fs, paths):
-        out.append(_Shard(path=path, rel=posixpath.relpath(path, base), size=int(size), mtime_ns=mtime))
+    for path in shards.list_parquet(fs, root):  # the rule of which files are shards
+        f = infos[path] if path in infos else fs.get_file_info(path)
+        out.append(_Shard(path=path, uri=storage.uri(fs, path), rel=posixpath.relpath(path, base),
+                          size=int(f.size), mtime_ns=f.mtime_ns))
     return out
 
 
@@ -518,7 +557,6 @@ def _is_numeric(t: pa.DataType) -> bool:
 
 def _is_list(t: pa.DataType) -> bool:
     return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
-
 
 def _resolve_spec(schema: pa.Schema, config: EmbedConfig, model: ModelSpec) -> _Spec:
     vector_col, feature_cols = config.vector_col, config.feature_cols
@@ -579,16 +617,12 @@ def _check_schema(schema: pa.Schema, spec: _Spec) -> list[str]:
 
 
 def _check_names(spec: _Spec) -> None:
-    reserved = set(_output_names(spec)) | {RAY_PATH}
-    clash = sorted(reserved & set(spec.passthrough)) + (
-        [spec.id_col] if spec.id_col in reserved else []
-    )
+    reserved = set(_output_names(spec))
+    clash = sorted(reserved & set(spec.passthrough)) + ([spec.id_col] if spec.id_col in reserved else [])
     if clash:
         raise EmbedInputError(
-            f"column name(s) {clash} clash with the output columns {sorted(reserved - {RAY_PATH})} "
-            f"or Ray's {RAY_PATH!r}; rename them in the input"
+            f"column name(s) {clash} clash with the output columns {sorted(reserved)}; rename them in the input"
         )
-
 
 def _columns_of(spec: _Spec) -> list[str]:
     return [spec.id_col, *_output_names(spec), *spec.passthrough]
@@ -596,10 +630,10 @@ def _columns_of(spec: _Spec) -> list[str]:
 
 def _check_method(ledger: Ledger, method: str) -> None:
     """Every shard of one output directory is placed by the same method (one map for readers)."""
-    for e in ledger.entries.values():
+    for e in ledger.all_entries():
         if e.get("method") is not None and e["method"] != method:
             raise ValueError(
-                f"output {str(ledger.directory)!r} holds embeddings placed by method {e['method']!r}, "
+                f"output {ledger.directory!r} holds embeddings placed by method {e['method']!r}, "
                 f"this run would place them by {method!r}; use the same method or another output"
             )
 
@@ -607,17 +641,17 @@ def _check_method(ledger: Ledger, method: str) -> None:
 def _check_columns(ledger: Ledger, spec: _Spec) -> None:
     """Every shard of one output directory has the same columns (one table for readers)."""
     wanted = _columns_of(spec)
-    for e in ledger.entries.values():
+    for e in ledger.all_entries():
         if e.get("columns") is not None and e["columns"] != wanted:
             raise ValueError(
-                f"output {str(ledger.directory)!r} was written with columns {e['columns']}, this run "
+                f"output {ledger.directory!r} was written with columns {e['columns']}, this run "
                 f"would write {wanted}; use the same --id-col/--passthrough or another --output"
             )
 
 
 def _plan(fs: pafs.FileSystem, pending: list[_Shard], config: EmbedConfig, model: ModelSpec):
     """Read each pending shard's footer: row counts, one column layout, schema problems."""
-    spec = None
+    spec = first_schema = None
     planned, problems = [], []
     for shard in pending:
         try:
@@ -633,7 +667,7 @@ def _plan(fs: pafs.FileSystem, pending: list[_Shard], config: EmbedConfig, model
             first_schema = schema
         for p in _check_schema(schema, spec):
             problems.append(f"{shard.rel}: {p}")
-        planned.append(_Shard(shard.path, shard.rel, shard.size, shard.mtime_ns, rows))
+        planned.append(_Shard(shard.path, shard.uri, shard.rel, shard.size, shard.mtime_ns, rows))
     if problems:
         head = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -641,7 +675,7 @@ def _plan(fs: pafs.FileSystem, pending: list[_Shard], config: EmbedConfig, model
             f"{len(problems)} problem(s) in {len({p.split(':')[0] for p in problems})} input shard(s), "
             f"nothing was written:\n  {head}{more}"
         )
-    return planned, spec, (first_schema if spec is not None else None)
+    return planned, spec, first_schema
 
 
 # --------------------------------------------------------------------------- per-batch work
@@ -694,228 +728,9 @@ def _output_columns(emb: np.ndarray) -> dict[str, pa.Array]:
     return cols
 
 
-def _model_columns(table: pa.Table, spec: _Spec, model: ModelSpec) -> pa.Table:
-    """``table`` with the ``model_name`` / ``model_version`` columns after the coordinates.
-
-    Added by the driver per shard rather than by the actors per batch: two string
-    columns less to serialize and ship for every row.
-    """
-    pos = table.schema.get_field_index(COORDS[min(spec.n_components, len(COORDS)) - 1]) + 1
-    n = table.num_rows
-    table = table.add_column(pos, MODEL_NAME, pa.repeat(pa.scalar(model.name, pa.string()), n))
-    return table.add_column(pos + 1, MODEL_VERSION, pa.repeat(pa.scalar(model.version, pa.string()), n))
-
-
 def _minor_faults() -> int:
     """Page faults of the calling thread so far (of the process where the OS cannot tell)."""
     return resource.getrusage(getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)).ru_minflt
-
-
-class _Embedder:
-    """Ray Data callable class: one model per actor, Arrow batches in and out.
-
-    Output per row: the id, the embedding and its coordinates, the passthrough
-    columns, and for the driver the row's shard (dictionary-encoded), its status
-    code, when the batch started and the per-row share of the batch's seconds.
-    """
-
-    def __init__(self, files: dict[str, bytes], spec: _Spec, threads: int, device: str):
-        from ptsne.device import set_num_threads
-        from ptsne.estimator import ParametricTSNE
-
-        # Ray workers start with one thread; use the CPUs this actor reserved.
-        set_num_threads(max(1, threads))
-        with tempfile.TemporaryDirectory(prefix="ptsne-actor-") as tmp:
-            for fname, data in files.items():
-                Path(tmp, fname).write_bytes(data)
-            self.estimator = ParametricTSNE.load(tmp, device=device)
-        self.spec = spec
-        self._last_end: float | None = None
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        t0 = time.time()  # wall clock: comparable across the processes of a node
-        c0 = time.perf_counter()
-        spec = self.spec
-        n = batch.num_rows
-        X, status = _vectors(batch, spec)
-        c1, cpu1 = time.perf_counter(), time.thread_time()
-        faults = _minor_faults()
-        ok = status == OK
-        if ok.all():
-            emb = self.estimator.transform(X, method=spec.method)
-        else:
-            emb = np.full((n, spec.n_components), np.nan, dtype=np.float32)
-            if ok.any():
-                emb[ok] = self.estimator.transform(X[ok], method=spec.method)
-        c2, cpu2 = time.perf_counter(), time.thread_time()
-        faults = _minor_faults() - faults
-        cols = {spec.id_col: batch.column(spec.id_col)}
-        cols.update(_output_columns(emb))
-        for c in spec.passthrough:
-            cols[c] = batch.column(c)
-        # One small dictionary instead of the path string on every row.
-        cols[_PATH] = pc.dictionary_encode(batch.column(RAY_PATH))
-        cols[_STATUS] = pa.array(status)
-        cols[_T0] = pa.array(np.full(n, t0))
-        c3 = time.perf_counter()
-        # Per-row shares, so that the driver's sums are right however Ray re-blocks the rows.
-        cols[_MODEL_S] = pa.array(np.full(n, (c2 - c1) / max(n, 1), dtype=np.float32))
-        cols[_CALL_S] = pa.array(np.full(n, (c3 - c0) / max(n, 1), dtype=np.float32))
-        if log.isEnabledFor(logging.DEBUG):
-            idle = c0 - self._last_end if self._last_end is not None else 0.0
-            log.debug(
-                "batch of %d rows: waited %.1f ms, to numpy %.1f ms, model %.1f ms (%.1f ms CPU, %d page faults), "
-                "to Arrow %.1f ms",
-                n, 1e3 * idle, 1e3 * (c1 - c0), 1e3 * (c2 - c1), 1e3 * (cpu2 - cpu1), faults, 1e3 * (c3 - c2),
-            )
-        self._last_end = time.perf_counter()
-        return pa.table(cols)
-
-
-def _model_files(model: ModelSpec) -> dict[str, bytes]:
-    # Bytes rather than a path, so that actors on other nodes need no shared disk.
-    return {p.name: p.read_bytes() for p in Path(model.path).iterdir() if p.is_file()}
-
-
-def _empty_output(schema: pa.Schema, spec: _Spec, model: ModelSpec) -> pa.Table:
-    cols = {spec.id_col: pa.array([], type=schema.field(spec.id_col).type)}
-    cols.update(_output_columns(np.zeros((0, spec.n_components), np.float32)))
-    for c in spec.passthrough:
-        cols[c] = pa.array([], type=schema.field(c).type)
-    return _model_columns(pa.table(cols), spec, model)
-
-
-# --------------------------------------------------------------------------- driver side
-
-
-def _shard_codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
-    """Per row an index into the returned list of distinct paths, from the actors' path column.
-
-    The chunks are dictionary arrays (each with its own dictionary) or, should Ray
-    decode them on the way, plain strings.
-    """
-    index: dict[str, int] = {}
-    parts = []
-    for chunk in column.chunks:
-        if not pa.types.is_dictionary(chunk.type):
-            chunk = pc.dictionary_encode(chunk)
-        to_global = np.array([index.setdefault(p, len(index)) for p in chunk.dictionary.to_pylist()], dtype=np.int64)
-        parts.append(to_global[chunk.indices.to_numpy(zero_copy_only=False)] if len(to_global) else
-                     np.zeros(len(chunk), dtype=np.int64))
-    codes = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    return codes, list(index)
-
-
-class _Collector:
-    """Gathers each shard's rows from the stream and writes the shard once complete."""
-
-    def __init__(self, target: Path, ledger: Ledger, planned: list[_Shard], spec: _Spec,
-                 model: ModelSpec, config: EmbedConfig, summary: EmbedSummary, bar):
-        self.target, self.ledger, self.spec, self.model = target, ledger, spec, model
-        self.config, self.summary, self.bar = config, summary, bar
-        self.shards = {s.path: s for s in planned}
-        self.parts: dict[str, list[pa.Table]] = {}
-        self.counts: dict[str, int] = {}
-        self.local = pafs.LocalFileSystem()
-        #: Written shards with duplicate ids: (shard, duplicate rows, an example id, its rows).
-        self.duplicates: list[tuple[str, int, object, int]] = []
-        #: How to get past the kinds of failure met (for the final error).
-        self.hints: set[str] = set()
-
-    def add(self, batch: pa.Table) -> None:
-        codes, paths = _shard_codes(batch.column(_PATH))
-        unique = np.unique(codes)
-        for code in unique:
-            p = paths[code]
-            part = batch if len(unique) == 1 else batch.filter(pa.array(codes == code))
-            if p not in self.shards:
-                raise RuntimeError(f"Ray Data returned rows of an unexpected file {p!r}")
-            self.parts.setdefault(p, []).append(part)
-            self.counts[p] = self.counts.get(p, 0) + part.num_rows
-            if self.bar is not None:
-                self.bar.update(part.num_rows)
-            if self.counts[p] == self.shards[p].rows:
-                self.finish(self.shards[p], pa.concat_tables(self.parts.pop(p)))
-
-    def check_complete(self) -> None:
-        for p, count in self.counts.items():
-            if p in self.parts:
-                raise RuntimeError(
-                    f"shard {self.shards[p].rel}: got {count} rows, its footer says "
-                    f"{self.shards[p].rows}; was it modified during the run?"
-                )
-
-    def finish(self, shard: _Shard, table: pa.Table) -> None:
-        status = table.column(_STATUS).to_numpy()
-        bad = status != OK
-        n_bad = int(bad.sum())
-        n_dup, example, times = _duplicate_ids(table.column(self.spec.id_col))
-        self.summary.duplicate_ids += n_dup
-        problems = []
-        if n_bad and self.config.on_invalid == "error":
-            problems.append(_describe_bad(shard, table, status, self.spec))
-            self.hints.add(f"--on-invalid reject writes rows with bad vectors to {REJECTS_DIR}/ and embeds the rest")
-        if n_dup and self.config.on_duplicate_ids == "error":
-            problems.append(
-                f"{shard.rel}: {n_dup} duplicate id(s) in id column {self.spec.id_col!r} "
-                f"(e.g. {example!r} on {times} rows)"
-            )
-            self.hints.add("--on-duplicate-ids warn embeds shards with duplicate ids")
-        if problems:
-            self.summary.shards_failed += 1
-            self.summary.failures.extend(problems)
-            return
-        if n_dup:
-            self.duplicates.append((shard.rel, n_dup, example, times))
-        rejects_rel = None
-        if n_bad:
-            rejects_rel = posixpath.join(REJECTS_DIR, shard.rel)
-            rows = np.flatnonzero(bad)
-            rejects = pa.table(
-                {
-                    self.spec.id_col: table.column(self.spec.id_col).take(pa.array(rows)),
-                    "row": pa.array(rows.astype(np.int64)),
-                    "reason": pa.array([REASONS[int(s)] for s in status[bad]], type=pa.string()),
-                    "shard": pa.array([shard.rel] * n_bad, type=pa.string()),
-                }
-            )
-            self._write(rejects_rel, rejects)
-            table = table.filter(pa.array(~bad))
-        out = _model_columns(table.drop_columns(list(_INTERNAL)), self.spec, self.model)
-        sha = self._write(shard.rel, out)
-        self.ledger.record(
-            {
-                "input": shard.rel,
-                "size": shard.size,
-                "mtime_ns": shard.mtime_ns,
-                "rows": out.num_rows,
-                "rejected": n_bad,
-                "output": shard.rel,
-                "rejects": rejects_rel,
-                "sha256": sha,
-                "model_name": self.model.name,
-                "model_version": self.model.version,
-                "columns": _columns_of(self.spec),
-                "method": self.spec.method,
-                "finished": _now(),
-            }
-        )
-        self.summary.shards_written += 1
-        self.summary.rows += out.num_rows
-        self.summary.rows_rejected += n_bad
-        if self.bar is not None:
-            self.bar.set_postfix(shards=self.summary.shards_written, refresh=False)
-
-    def _write(self, rel: str, table: pa.Table) -> str:
-        path = self.target / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Dictionary encoding only where values repeat (model name/version, labels, reasons):
-        # Parquet's default tries it on every column, and on the float embedding and the ids
-        # it costs 4x the rest of the write for a larger file.
-        repeated = {MODEL_NAME, MODEL_VERSION, "reason", "shard", *self.spec.passthrough} - {self.spec.id_col}
-        return storage.write_parquet_atomic(
-            self.local, str(path), table, use_dictionary=[c for c in table.column_names if c in repeated]
-        )
 
 
 def _duplicate_ids(ids: pa.ChunkedArray) -> tuple[int, object, int]:
@@ -930,41 +745,351 @@ def _duplicate_ids(ids: pa.ChunkedArray) -> tuple[int, object, int]:
     return n_dup, counts.field("values")[first].as_py(), int(times[first])
 
 
-def _describe_bad(shard: _Shard, table: pa.Table, status: np.ndarray, spec: _Spec) -> str:
-    parts = []
-    ids = table.column(spec.id_col)
-    for code, reason in REASONS.items():
-        rows = np.flatnonzero(status == code)
-        if rows.size:
-            first = ", ".join(repr(v) for v in ids.take(pa.array(rows[:5])).to_pylist())
-            parts.append(f"{rows.size} rows with {reason} (first ids: {first})")
-    if np.any(status == WRONG_DIM):
-        parts.append(f"the model expects {spec.n_features} values per vector")
-    return f"{shard.rel}: " + "; ".join(parts)
 
 
-def _actor_resources(config: EmbedConfig, n_batches: int) -> tuple[int, float, float]:
+def _output_schema(schema: pa.Schema, spec: _Spec) -> pa.Schema:
+    """Columns of a shard's output, given its input schema: id, embedding, coordinates, model, passthrough."""
+    k = spec.n_components
+    fields = [schema.field(spec.id_col), pa.field(EMBEDDING, pa.list_(pa.float32(), k))]
+    fields += [pa.field(c, pa.float32()) for c in COORDS[: min(k, len(COORDS))]]
+    fields += [pa.field(MODEL_NAME, pa.string()), pa.field(MODEL_VERSION, pa.string())]
+    fields += [schema.field(c) for c in spec.passthrough]
+    return pa.schema(fields)
+
+
+def _rejects_schema(schema: pa.Schema, spec: _Spec) -> pa.Schema:
+    return pa.schema([schema.field(spec.id_col), pa.field("row", pa.int64()), pa.field("reason", pa.string()),
+                      pa.field("shard", pa.string())])
+
+
+def _dictionary_columns(schema: pa.Schema, spec: _Spec) -> list[str]:
+    # Dictionary encoding only where values repeat (model name/version, labels, reasons):
+    # Parquet's default tries it on every column, and on the float embedding and the ids
+    # it costs 4x the rest of the write for a larger file.
+    repeated = {MODEL_NAME, MODEL_VERSION, "reason", "shard", *spec.passthrough} - {spec.id_col}
+    return [c for c in schema.names if c in repeated]
+
+
+def _output_table(table: pa.Table, emb: np.ndarray, schema: pa.Schema, spec: _Spec,
+                  model_name: str, model_version: str) -> pa.Table:
+    n = table.num_rows
+    cols = [table.column(spec.id_col), *_output_columns(emb).values(),
+            pa.repeat(pa.scalar(model_name, pa.string()), n), pa.repeat(pa.scalar(model_version, pa.string()), n)]
+    cols += [table.column(c) for c in spec.passthrough]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _rejects_table(table: pa.Table, status: np.ndarray, offset: int, uri: str, schema: pa.Schema,
+                   spec: _Spec) -> pa.Table:
+    rows = np.flatnonzero(status != OK)
+    return pa.Table.from_arrays(
+        [
+            table.column(spec.id_col).take(pa.array(rows)),
+            pa.array((rows + offset).astype(np.int64)),
+            pa.array([REASONS[int(s)] for s in status[rows]], type=pa.string()),
+            pa.repeat(pa.scalar(uri, pa.string()), rows.size),
+        ],
+        schema=schema,
+    )
+
+
+class _BadRows:
+    """Counts of a shard's rows with bad vectors per reason, and the first few ids of each."""
+
+    EXAMPLES = 5
+
+    def __init__(self):
+        self.counts = dict.fromkeys(REASONS, 0)
+        self.examples: dict[int, list] = {code: [] for code in REASONS}
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, ids: pa.ChunkedArray, status: np.ndarray) -> None:
+        for code in REASONS:
+            rows = np.flatnonzero(status == code)
+            if not rows.size:
+                continue
+            self.counts[code] += int(rows.size)
+            need = self.EXAMPLES - len(self.examples[code])
+            if need > 0:
+                self.examples[code] += ids.take(pa.array(rows[:need])).to_pylist()
+
+    def describe(self, rel: str, n_features: int) -> str:
+        parts = [
+            f"{self.counts[code]} rows with {reason} (first ids: {', '.join(repr(v) for v in self.examples[code])})"
+            for code, reason in REASONS.items() if self.counts[code]
+        ]
+        if self.counts[WRONG_DIM]:
+            parts.append(f"the model expects {n_features} values per vector")
+        return f"{rel}: " + "; ".join(parts)
+
+
+def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """``items``, produced by a background thread up to ``depth`` ahead.
+
+    Reading and decoding the next batch (Arrow and the filesystem release the
+    GIL) overlaps the model's work on this one. Close the generator to stop the
+    thread early; an exception of the producer is raised in the consumer.
+    """
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(end)
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(_Raised(exc))
+
+    thread = threading.Thread(target=produce, name="ptsne-embed-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is end:
+                return
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+@dataclass(frozen=True)
+class _Raised:
+    exc: BaseException
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every task of a run shares, shipped once to each actor."""
+
+    spec: _Spec
+    model_name: str
+    model_version: str
+    in_fs: pafs.FileSystem
+    out_fs: pafs.FileSystem
+    batch_size: int
+    on_invalid: str
+    on_duplicate_ids: str
+
+
+@dataclass(frozen=True)
+class _Task:
+    """One input shard to embed: where to read it and where its output goes (paths on the job's filesystems)."""
+
+    input: str
+    uri: str
+    rel: str
+    rows: int  # as its footer said when planned
+    output: str
+    rejects: str
+    stale_rejects: bool  # a file is at the rejects name: delete it unless this task writes rejects
+
+
+class _ShardFailed(Exception):
+    """Raised inside the writers' blocks so that nothing of the shard is kept."""
+
+    def __init__(self, problems: list[str], kinds: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems, self.kinds = problems, kinds
+
+
+class _Embedder:
+    """Ray actor: one model, loaded once; :meth:`embed` embeds one whole input shard per call."""
+
+    def __init__(self, files: dict[str, bytes], job: _Job, threads: int, device: str):
+        from ptsne.device import set_num_threads
+        from ptsne.estimator import ParametricTSNE
+
+        # Ray workers start with one thread; use the CPUs this actor reserved, for torch and Arrow.
+        set_num_threads(max(1, threads))
+        pa.set_cpu_count(max(1, threads))
+        with tempfile.TemporaryDirectory(prefix="ptsne-actor-") as tmp:
+            for fname, data in files.items():
+                Path(tmp, fname).write_bytes(data)
+            self.estimator = ParametricTSNE.load(tmp, device=device)
+        self.job = job
+        self._last_end: float | None = None
+
+    def embed(self, task: _Task) -> dict:
+        """Embed ``task``'s shard into its output (and rejects) file, whole or not at all.
+
+        Returns ``rows`` (written), ``rejected``, ``read``, ``sha256`` and ``bytes``
+        of the output, ``rejects`` (whether a rejects file was written),
+        ``duplicates`` ``[count, example id, its rows]``, ``problems`` and their
+        ``kinds`` (non-empty: nothing was written), and the timings ``t_first``
+        (wall clock of the first model call, or None), ``t_end``, ``model_s``, ``call_s``.
+        """
+        job, spec = self.job, self.job.spec
+        result = {"rows": 0, "rejected": 0, "read": 0, "sha256": None, "bytes": 0, "rejects": False,
+                  "duplicates": [0, None, 0], "problems": [], "kinds": [], "t_first": None, "t_end": None,
+                  "model_s": 0.0, "call_s": 0.0}
+        bad = _BadRows()
+        ids: list[pa.Array] = []
+        try:
+            with contextlib.ExitStack() as stack:
+                f = stack.enter_context(job.in_fs.open_input_file(task.input))
+                parquet = pq.ParquetFile(f)
+                schema = _output_schema(parquet.schema_arrow, spec)
+                sink = stack.enter_context(storage.parquet_writer(
+                    job.out_fs, task.output, schema, use_dictionary=_dictionary_columns(schema, spec)))
+                rejects = None
+                batches = stack.enter_context(contextlib.closing(_prefetch(
+                    parquet.iter_batches(batch_size=job.batch_size, columns=spec.columns))))
+                for batch in batches:
+                    table = pa.Table.from_batches([batch])
+                    ids.append(batch.column(spec.id_col))  # the ids only: the duplicate check needs no more
+                    offset = result["read"]
+                    result["read"] += table.num_rows
+                    if bad.total and job.on_invalid == "error":
+                        # The shard fails: only count its bad rows, embed nothing more.
+                        bad.add(table.column(spec.id_col), _vectors(table, spec)[1])
+                        continue
+                    out, status = self._batch(table, schema, result)
+                    if out.num_rows:
+                        sink.write(out)
+                    if out.num_rows < table.num_rows:
+                        bad.add(table.column(spec.id_col), status)
+                        if job.on_invalid == "reject":
+                            if rejects is None:
+                                rschema = _rejects_schema(parquet.schema_arrow, spec)
+                                rejects = stack.enter_context(storage.parquet_writer(
+                                    job.out_fs, task.rejects, rschema, use_dictionary=["reason", "shard"]))
+                            rejects.write(_rejects_table(table, status, offset, task.uri, rschema, spec))
+                result["rows"] = sink.rows
+                result["rejected"] = bad.total
+                result["rejects"] = rejects is not None
+                self._check(task, bad, pa.chunked_array(ids, type=parquet.schema_arrow.field(spec.id_col).type),
+                            result)
+        except _ShardFailed as failed:
+            result.update(rows=0, problems=failed.problems, kinds=failed.kinds, rejects=False)
+            return result
+        result["sha256"], result["bytes"] = sink.sha256, sink.bytes
+        if task.stale_rejects and not result["rejects"]:
+            with contextlib.suppress(FileNotFoundError):  # of an earlier version of this input
+                job.out_fs.delete_file(task.rejects)
+        result["t_end"] = time.time()
+        return result
+
+    def _batch(self, table: pa.Table, schema: pa.Schema, result: dict) -> tuple[pa.Table, np.ndarray]:
+        """The output rows of one input batch (its good rows, embedded) and the status of every row."""
+        t0 = time.time()  # wall clock: comparable across the processes of a node
+        c0 = time.perf_counter()
+        job, spec = self.job, self.job.spec
+        X, status = _vectors(table, spec)
+        c1, cpu1 = time.perf_counter(), time.thread_time()
+        faults = _minor_faults()
+        ok = status == OK
+        if ok.all():
+            emb = self.estimator.transform(X, method=spec.method)
+        else:
+            table = table.filter(pa.array(ok))
+            emb = self.estimator.transform(X[ok], method=spec.method) if ok.any() else \
+                np.zeros((0, spec.n_components), np.float32)
+        c2, cpu2 = time.perf_counter(), time.thread_time()
+        faults = _minor_faults() - faults
+        out = _output_table(table, emb, schema, spec, job.model_name, job.model_version)
+        c3 = time.perf_counter()
+        if result["t_first"] is None:
+            result["t_first"] = t0
+        result["model_s"] += c2 - c1
+        result["call_s"] += c3 - c0
+        if log.isEnabledFor(logging.DEBUG):
+            idle = c0 - self._last_end if self._last_end is not None else 0.0
+            log.debug(
+                "batch of %d rows: waited %.1f ms, to numpy %.1f ms, model %.1f ms (%.1f ms CPU, %d page faults), "
+                "to Arrow %.1f ms",
+                len(status), 1e3 * idle, 1e3 * (c1 - c0), 1e3 * (c2 - c1), 1e3 * (cpu2 - cpu1), faults,
+                1e3 * (c3 - c2),
+            )
+        self._last_end = time.perf_counter()
+        return out, status
+
+    def _check(self, task: _Task, bad: _BadRows, ids: pa.ChunkedArray, result: dict) -> None:
+        """Raise :class:`_ShardFailed` (inside the writers' blocks) when the shard may not be kept."""
+        job, spec = self.job, self.job.spec
+        n_dup, example, times = _duplicate_ids(ids)
+        result["duplicates"] = [n_dup, example, times]
+        problems, kinds = [], []
+        if bad.total and job.on_invalid == "error":
+            problems.append(bad.describe(task.rel, spec.n_features))
+            kinds.append("invalid")
+        if n_dup and job.on_duplicate_ids == "error":
+            problems.append(
+                f"{task.rel}: {n_dup} duplicate id(s) in id column {spec.id_col!r} (e.g. {example!r} on {times} rows)"
+            )
+            kinds.append("duplicates")
+        if result["read"] != task.rows:
+            problems.append(
+                f"{task.rel}: read {result['read']} rows, its footer said {task.rows} when the run began; "
+                "it was modified during the run"
+            )
+            kinds.append("changed")
+        if problems:
+            raise _ShardFailed(problems, kinds)
+
+
+def _model_files(model: ModelSpec) -> dict[str, bytes]:
+    # Bytes rather than a path, so that actors on other nodes need no shared disk for the model.
+    return {p.name: p.read_bytes() for p in Path(model.path).iterdir() if p.is_file()}
+
+
+
+# --------------------------------------------------------------------------- driver side
+
+#: How to get past each kind of shard failure (for the final error).
+_HINTS = {
+    "invalid": f"--on-invalid reject writes rows with bad vectors to {REJECTS_DIR}/ and embeds the rest",
+    "duplicates": "--on-duplicate-ids warn embeds shards with duplicate ids",
+    "changed": "a shard modified during the run is embedded by the next run",
+}
+
+
+def _actor_resources(config: EmbedConfig, n_tasks: int) -> tuple[int, float, float]:
+    """Number of actors and each one's CPUs and GPUs, for ``n_tasks`` shards on the connected cluster.
+
+    Raises ValueError when the actors would need more CPUs or GPUs than the
+    cluster has (Ray would wait for them forever).
+    """
     import ray
 
     resources = ray.cluster_resources()
+    total_cpus, total_gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
     gpus = config.gpus_per_actor
     if gpus is None:
-        gpus = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
+        gpus = 1.0 if total_gpus >= 1 else 0.0
     if config.num_actors is not None:
         n = config.num_actors
     elif gpus > 0:
-        n = max(1, int(resources.get("GPU", 0) // gpus))
+        n = max(1, int(total_gpus // gpus))
     else:
-        n = max(1, int((resources.get("CPU", 1) - 1) // config.cpus_per_actor))
-    n = max(1, min(n, n_batches))
-    total = float(resources.get("CPU", 0))
-    if n * config.cpus_per_actor > total - 1:
-        # The actors hold their CPUs for the whole run; Ray Data's read tasks need one more,
-        # or the pipeline waits forever.
+        n = max(1, int(total_cpus // config.cpus_per_actor))
+    n = max(1, min(n, n_tasks))
+    if n * config.cpus_per_actor > total_cpus + 1e-9:
         raise ValueError(
             f"embed: {n} actor(s) x cpus_per_actor={config.cpus_per_actor:g} reserve "
-            f"{n * config.cpus_per_actor:g} of the cluster's {total:g} CPUs; Ray Data's read tasks "
-            f"need 1 CPU left over: lower cpus_per_actor or num_actors"
+            f"{n * config.cpus_per_actor:g} CPUs, the cluster has {total_cpus:g}: lower cpus_per_actor or num_actors"
+        )
+    if gpus > 0 and n * gpus > total_gpus + 1e-9:
+        raise ValueError(
+            f"embed: {n} actor(s) x gpus_per_actor={gpus:g} reserve {n * gpus:g} GPUs, the cluster has "
+            f"{total_gpus:g}: lower gpus_per_actor or num_actors"
         )
     return n, float(config.cpus_per_actor), float(gpus)
 
@@ -983,8 +1108,9 @@ def embed_shards(
     ----------
     input : path or URI
         A Parquet file or a directory of them (any pyarrow filesystem).
-    output : path
-        Local or shared POSIX directory (see the module docstring for the layout).
+    output : path or URI
+        Output location (any pyarrow filesystem; see the module docstring for
+        the layout). Neither of ``input`` and ``output`` may contain the other.
     model : ModelSpec
         The model and the name/version written with each row.
     config : EmbedConfig
@@ -994,7 +1120,7 @@ def embed_shards(
         Called (without arguments) just before the first Ray call, only when
         some pending shard has rows: everything before it (output, lock, input
         listing, ledger, footers) runs without Ray. Default: nothing (Ray is
-        connected already, or Ray Data starts a default one).
+        connected already, or ``ray.put`` starts a default local one).
 
     Returns
     -------
@@ -1006,49 +1132,60 @@ def embed_shards(
         Schema or dimension mismatch (nothing written), or NaN/Inf/null vectors
         with ``on_invalid="error"``, or duplicate ids with
         ``on_duplicate_ids="error"`` (those shards not written, others complete).
+    ValueError
+        ``input`` and ``output`` contain one another; the output holds another
+        model's, method's or columns' embeddings; the actors need more CPUs or
+        GPUs than the cluster has.
     pipeline.storage.OutputLocationError
-        ``output`` cannot be written (not a directory, no permission).
-    RuntimeError
+        A local ``output`` cannot be written (not a directory, no permission).
+    pipeline.storage.LockedError
         Another run holds the output's lock.
     FileNotFoundError
         ``input`` does not exist.
+    RuntimeError
+        A worker failed (shards finished before are complete and in the ledger).
     """
     check_output(output)
+    storage.check_disjoint(input, output)
     t0 = time.perf_counter()
-    fs, root = storage.resolve(input)
-    out_root = Path(output).resolve()
-    target = out_root / model.tag
-    summary = EmbedSummary(output=str(target), model_name=model.name, model_version=model.version)
-    with _locked(out_root):
-        target.mkdir(parents=True, exist_ok=True)
-        ledger = Ledger.load(target)
-        owners = {(e.get("model_name"), e.get("model_version")) for e in ledger.entries.values()}
+    in_fs, root = storage.resolve(input)
+    if storage.is_local(in_fs):
+        root = os.path.realpath(root)  # one URI per file, whichever link names the input
+    out_fs, out_root = storage.resolve(output)
+    target = storage.join(out_root, model.tag)
+    summary = EmbedSummary(output=storage.uri(out_fs, target), model_name=model.name, model_version=model.version)
+    with storage.lock(out_fs, out_root, LOCK_FILE, what="another `ptsne embed`"):
+        storage.makedirs(out_fs, target)
+        present, removed = _scan(out_fs, target)
+        if removed:
+            log.info("removed %d temporary file(s) of an interrupted run in %s", removed, summary.output)
+        ledger = Ledger.load(target, out_fs)
+        owners = {(e.get("model_name"), e.get("model_version")) for e in ledger.all_entries()}
         if owners - {(model.name, model.version)}:
             raise ValueError(
-                f"output directory {str(target)!r} holds embeddings of {sorted(owners)}, not of "
+                f"output directory {summary.output!r} holds embeddings of {sorted(owners, key=str)}, not of "
                 f"{model.name} version {model.version}; use another --output"
             )
-        removed = _clean(target, ledger)
-        if removed:
-            log.info("cleaned %d leftover file(s) of an interrupted run in %s", removed, target)
         _check_method(ledger, model.method(config.method))
-        found = _list_input(fs, root)
-        pending = [s for s in found if not ledger.is_done(s)]
+        if ledger.legacy:
+            _warn_legacy(ledger, present)
+        found = _list_input(in_fs, root)
+        pending = [s for s in found if not ledger.is_done(s, present)]
         summary.shards_total = len(found)
         summary.shards_skipped = len(found) - len(pending)
+        hints: set[str] = set()
         if pending:
-            planned, spec, schema = _plan(fs, pending, config, model)
+            planned, spec, schema = _plan(in_fs, pending, config, model)
             _check_columns(ledger, spec)
-            hints = _run(fs, planned, spec, schema, target, ledger, model, config, summary, start_ray)
-        else:
-            hints = set()
+            hints = _run(in_fs, out_fs, target, planned, spec, schema, ledger, present, model, config, summary,
+                         start_ray)
         summary.seconds = time.perf_counter() - t0
-        done = found and all(ledger.is_done(s) for s in found)
-        current = read_current(out_root)
+        done = bool(found) and all(ledger.is_done(s, present) for s in found)
+        current = _read_current(out_fs, out_root)
         if make_current and done and (current is None or current.get("dir") != model.tag):
-            _write_current(out_root, model, len(found))
-            log.info("%s is now the current output (%s version %s)", target, model.name, model.version)
-        summary.current = bool(done) and (read_current(out_root) or {}).get("dir") == model.tag
+            _write_current(out_fs, out_root, model, len(found))
+            log.info("%s is now the current output (%s version %s)", summary.output, model.name, model.version)
+        summary.current = done and (_read_current(out_fs, out_root) or {}).get("dir") == model.tag
     if summary.failures:
         raise EmbedInputError(
             f"{summary.shards_failed} shard(s) were not written, the others are complete "
@@ -1059,123 +1196,241 @@ def embed_shards(
 
 
 def check_output(output: str | os.PathLike) -> None:
-    """Raise unless ``output`` is a local directory (or can be made one) that this user may write to.
+    """Raise unless ``output`` can be written: a local directory this user may write to (or create), or a URI.
+
+    Object stores answer only when written to (``embed_shards`` writes the
+    lock first).
 
     Raises
     ------
     ValueError
-        ``output`` is a URI: the exactly-once guarantee rests on POSIX renames.
+        ``output`` is not a path or a URI pyarrow knows.
     pipeline.storage.OutputLocationError
-        It, or the nearest existing ancestor of it, is not a writable directory.
+        A local ``output``, or the nearest existing ancestor of it, is not a
+        writable directory.
     """
-    if "://" in os.fspath(output):
-        raise ValueError(
-            f"output must be a local or shared POSIX directory (atomic renames), got {os.fspath(output)!r}"
-        )
-    storage.check_writable_dir(pafs.LocalFileSystem(), os.fspath(output))
+    fs, path = storage.resolve(output)
+    storage.check_writable_dir(fs, path)
 
 
-def _run(fs, planned, spec, schema, target, ledger, model, config, summary, start_ray=None) -> set[str]:
-    """Embed the planned shards; returns the hints of the collector (how to get past failures)."""
-    import ray
-    from tqdm.auto import tqdm
-
-    local = pafs.LocalFileSystem()
-    for shard in [s for s in planned if s.rows == 0]:
-        path = target / shard.rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sha = storage.write_parquet_atomic(local, str(path), _empty_output(schema, spec, model))
-        ledger.record(
-            {
-                "input": shard.rel, "size": shard.size, "mtime_ns": shard.mtime_ns, "rows": 0,
-                "rejected": 0, "output": shard.rel, "rejects": None, "sha256": sha,
-                "model_name": model.name, "model_version": model.version,
-                "columns": _columns_of(spec), "method": spec.method, "finished": _now(),
-            }
-        )
-        summary.shards_written += 1
-    work = [s for s in planned if s.rows > 0]
-    if not work:
-        return set()
-    if start_ray is not None:
-        start_ray()
-    total = sum(s.rows for s in work)
-    n_batches = sum(-(-s.rows // config.batch_size) for s in work)
-    n_actors, cpus, gpus = _actor_resources(config, n_batches)
-    log.info(
-        "embedding %d shard(s), %d rows with %d actor(s) (%g CPU, %g GPU each) into %s",
-        len(work), total, n_actors, cpus, gpus, target,
+def _warn_legacy(ledger: Ledger, present: set[str]) -> None:
+    files = sorted({e["output"] for e in ledger.legacy if e.get("output") in present})
+    shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+    log.warning(
+        "%s: %d ledger line(s) of the older format (keyed by the path relative to the input, which two inputs "
+        "may share) do not count as done: their inputs are embedded under names with the hash of their URI. "
+        "The %d file(s) those lines name are kept, and load_output skips them (%s); delete them once the new "
+        "outputs are complete, as readers of every Parquet file in the directory see their rows twice",
+        ledger.directory, len(ledger.legacy), len(files), shown or "none left",
     )
-    ctx = ray.data.DataContext.get_current()
-    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size)
-    # Keep each shard's rows in input order; our own bar replaces Ray's.
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
-    ctx.target_max_block_size = config.block_bytes
-    bar = tqdm(total=total, unit="rows", unit_scale=True, desc="embed", disable=not config.progress)
-    try:
-        ds = ray.data.read_parquet(
-            [s.path for s in work],
-            filesystem=fs,
-            columns=spec.columns,
-            include_paths=True,
-            partitioning=None,
-        )
-        ds = ds.map_batches(
-            _Embedder,
-            fn_constructor_kwargs={
-                "files": _model_files(model),
-                "spec": spec,
-                "threads": max(1, int(cpus)),
-                "device": "cuda" if gpus > 0 else "cpu",
-            },
-            batch_size=config.batch_size,
-            batch_format="pyarrow",
-            zero_copy_batch=True,
-            # Two calls per actor (a threaded actor): Ray Data slices and ships one task's blocks
-            # while the model works on another's batch, and two batches' forward passes may
-            # overlap; with one call, the actor idles 10-40 ms between tasks.
-            compute=ray.data.ActorPoolStrategy(size=n_actors, max_concurrent_calls_per_actor=2),
-            num_cpus=cpus,
-            num_gpus=gpus,
-        )
-        collector = _Collector(target, ledger, work, spec, model, config, summary, bar)
-        first = None
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
-            t = pc.min(batch.column(_T0)).as_py()
-            first = t if first is None else min(first, t)
-            summary.model_seconds += pc.sum(batch.column(_MODEL_S)).as_py() or 0.0
-            summary.actor_seconds += pc.sum(batch.column(_CALL_S)).as_py() or 0.0
-            collector.add(batch)
-            summary.stream_rows += batch.num_rows
-        if first is not None:
-            summary.stream_seconds = time.time() - first
-        collector.check_complete()
-        if collector.duplicates:
-            rel, _, example, times = collector.duplicates[0]
+
+
+def _entry(shard: _Shard, model: ModelSpec, spec: _Spec, rows: int, rejected: int, sha256: str,
+           rejects: bool) -> dict:
+    """The ledger line of a finished shard."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "uri": shard.uri,
+        "input": shard.rel,
+        "size": shard.size,
+        "mtime_ns": shard.mtime_ns,
+        "rows": rows,
+        "rejected": rejected,
+        "output": shard.output,
+        "rejects": shard.rejects if rejects else None,
+        "sha256": sha256,
+        "model_name": model.name,
+        "model_version": model.version,
+        "columns": _columns_of(spec),
+        "method": spec.method,
+        "finished": _now(),
+    }
+
+
+class _Commits:
+    """The driver's side of finished tasks: checks, counts, and each shard's ledger line."""
+
+    def __init__(self, out_fs: pafs.FileSystem, target: str, present: set[str], spec: _Spec,
+                 model: ModelSpec, summary: EmbedSummary):
+        self.fs, self.target, self.present = out_fs, target, present
+        self.spec, self.model, self.summary = spec, model, summary
+        self.bar = None
+        #: Written shards with duplicate ids: (shard, duplicate rows, an example id, its rows).
+        self.duplicates: list[tuple[str, int, object, int]] = []
+        #: How to get past the kinds of failure met (for the final error).
+        self.hints: set[str] = set()
+        self.first: float | None = None  # wall clock of the first model call
+        self.last: float | None = None  # of the last shard written
+
+    def written(self, shard: _Shard, rows: int, rejected: int, sha256: str, rejects: bool) -> dict:
+        self.summary.shards_written += 1
+        self.summary.rows += rows
+        self.summary.rows_rejected += rejected
+        self.present.add(shard.output)
+        if rejects:
+            self.present.add(shard.rejects)
+        else:
+            self.present.discard(shard.rejects)
+        return _entry(shard, self.model, self.spec, rows, rejected, sha256, rejects)
+
+    def take(self, shard: _Shard, result: dict) -> dict | None:
+        """Account for one finished task: its ledger line, or None when the shard failed."""
+        s = self.summary
+        n_dup, example, times = result["duplicates"]
+        s.duplicate_ids += n_dup
+        s.stream_rows += result["read"]
+        s.model_seconds += result["model_s"]
+        s.actor_seconds += result["call_s"]
+        if result["t_first"] is not None:
+            self.first = result["t_first"] if self.first is None else min(self.first, result["t_first"])
+        if self.bar is not None:
+            self.bar.update(result["read"])
+        if result["problems"]:
+            s.shards_failed += 1
+            s.failures.extend(result["problems"])
+            self.hints.update(_HINTS[k] for k in result["kinds"])
+            return None
+        self._check_visible(shard, result["bytes"])
+        self.last = result["t_end"] if self.last is None else max(self.last, result["t_end"])
+        if n_dup:
+            self.duplicates.append((shard.rel, n_dup, example, times))
+        if self.bar is not None:
+            self.bar.set_postfix(shards=s.shards_written + 1, refresh=False)
+        return self.written(shard, result["rows"], result["rejected"], result["sha256"], result["rejects"])
+
+    def _check_visible(self, shard: _Shard, size: int) -> None:
+        """Raise unless the driver sees the output a worker wrote (a local output not shared by the nodes)."""
+        path = storage.join(self.target, shard.output)
+        deadline = time.monotonic() + VISIBLE_TIMEOUT_S
+        while True:
+            info = self.fs.get_file_info(path)
+            if info.type == pafs.FileType.File and info.size == size:
+                return
+            if time.monotonic() > deadline:
+                seen = "no file" if info.type == pafs.FileType.NotFound else f"{info.size} bytes"
+                raise RuntimeError(
+                    f"the output of {shard.rel} that a Ray worker wrote to {storage.uri(self.fs, path)!r} "
+                    f"({size} bytes) is not there for the driver ({seen}): on a cluster of several machines a "
+                    "local --output must be one shared filesystem mounted at the same path on every node; "
+                    "or use an object store URI (s3://...)"
+                )
+            time.sleep(0.5)
+
+    def warn_duplicates(self) -> None:
+        if self.duplicates:
+            rel, _, example, times = self.duplicates[0]
             log.warning(
                 "id column %r: %d duplicate id(s) in %d shard(s), embedded anyway (e.g. %r on %d rows of %s); "
                 "ids are compared within each shard only. --on-duplicate-ids error refuses such shards",
-                spec.id_col, sum(d[1] for d in collector.duplicates), len(collector.duplicates), example, times, rel,
+                self.spec.id_col, sum(d[1] for d in self.duplicates), len(self.duplicates), example, times, rel,
             )
-        return collector.hints
+
+
+def _task(shard: _Shard, target: str, present: set[str]) -> _Task:
+    return _Task(input=shard.path, uri=shard.uri, rel=shard.rel, rows=shard.rows,
+                 output=storage.join(target, shard.output), rejects=storage.join(target, shard.rejects),
+                 stale_rejects=shard.rejects in present)
+
+
+def _run(in_fs, out_fs, target, planned, spec, schema, ledger, present, model, config, summary,
+         start_ray=None) -> set[str]:
+    """Embed the planned shards; returns the hints of the failures met (how to get past them)."""
+    commits = _Commits(out_fs, target, present, spec, model, summary)
+    work = sorted((s for s in planned if s.rows > 0), key=lambda s: -s.rows)  # the largest first: even finish
+    if work:
+        if start_ray is not None:
+            start_ray()
+        n_actors, cpus, gpus = _actor_resources(config, len(work))  # refused before anything is written
+    entries = []
+    for shard in [s for s in planned if s.rows == 0]:  # no Ray needed: the driver writes the empty file
+        empty = _output_schema(schema, spec).empty_table()
+        sha = storage.write_parquet_atomic(out_fs, storage.join(target, shard.output), empty,
+                                           use_dictionary=_dictionary_columns(empty.schema, spec))
+        if shard.rejects in present:
+            out_fs.delete_file(storage.join(target, shard.rejects))
+        entries.append(commits.written(shard, 0, 0, sha, False))
+    ledger.record(entries)
+    if not work:
+        return commits.hints
+    import ray
+    from tqdm.auto import tqdm
+
+    log.info(
+        "embedding %d shard(s), %d rows with %d actor(s) (%g CPU, %g GPU each) into %s",
+        len(work), sum(s.rows for s in work), n_actors, cpus, gpus, summary.output,
+    )
+    job = _Job(spec=spec, model_name=model.name, model_version=model.version, in_fs=in_fs, out_fs=out_fs,
+               batch_size=config.batch_size, on_invalid=config.on_invalid, on_duplicate_ids=config.on_duplicate_ids)
+    files = ray.put(_model_files(model))  # once: every actor reads it from the object store
+    actor_class = ray.remote(_Embedder).options(num_cpus=cpus, num_gpus=gpus)
+    bar = tqdm(total=sum(s.rows for s in work), unit="rows", unit_scale=True, desc="embed",
+               disable=not config.progress)
+    commits.bar = bar
+    actors = []
+    try:
+        actors = [actor_class.remote(files, job, max(1, int(cpus)), "cuda" if gpus > 0 else "cpu")
+                  for _ in range(n_actors)]
+        queued = deque(work)
+        in_flight: dict = {}
+
+        def submit(actor) -> None:
+            shard = queued.popleft()
+            in_flight[actor.embed.remote(_task(shard, target, present))] = (shard, actor)
+
+        for _ in range(TASKS_PER_ACTOR):
+            for actor in actors:
+                if queued:
+                    submit(actor)
+        failure = None
+        while in_flight:
+            ready, rest = ray.wait(list(in_flight), num_returns=1)
+            if rest:  # commit every finished shard with one ledger write
+                ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+            entries = []
+            for ref in ready:
+                shard, actor = in_flight.pop(ref)
+                try:
+                    entry = commits.take(shard, ray.get(ref))
+                except Exception as exc:  # a worker or the filesystem failed: finish the others, then report
+                    failure = failure or (shard, exc)
+                    continue
+                if entry is not None:
+                    entries.append(entry)
+                if queued and failure is None:
+                    submit(actor)
+            ledger.record(entries)
+        if commits.first is not None and commits.last is not None:
+            summary.stream_seconds = max(0.0, commits.last - commits.first)
+        commits.warn_duplicates()
+        if failure is not None:
+            shard, exc = failure
+            cause = getattr(exc, "cause", None) or exc
+            raise RuntimeError(f"embedding {shard.rel} failed: {type(cause).__name__}: {cause}") from exc
+        return commits.hints
     finally:
         bar.close()
-        ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size = saved
+        for actor in actors:
+            ray.kill(actor)
 
 
 def load_output(directory: str | os.PathLike) -> pa.Table:
-    """All finished output shards as one table (ledger, temp and reject files skipped).
+    """All finished output shards as one table, in the order of their inputs' URIs.
 
-    ``directory`` is a version directory (``OUTPUT/v3``) or an output location,
-    in which case its current version directory (``_current.json``) is read.
+    ``directory`` (a path or URI) is a version directory (``OUTPUT/v3``) or an
+    output location, in which case its current version directory
+    (``_current.json``) is read. Only the files of current ledger lines are
+    read: temporary and reject files, files the ledger does not name and those
+    of lines of the older format are skipped.
     """
-    directory = Path(directory)
-    current = read_current(directory)
-    if current is not None and not (directory / LEDGER_FILE).is_file():
-        directory = directory / current["dir"]
-    ledger = Ledger.load(directory)
-    tables = [pq.read_table(directory / ledger.entries[k]["output"]) for k in sorted(ledger.entries)]
+    fs, root = storage.resolve(directory)
+    current = _read_current(fs, root)
+    if current is not None and not storage.exists(fs, storage.join(root, LEDGER_FILE)):
+        root = storage.join(root, current["dir"])
+    ledger = Ledger.load(root, fs)
+    tables = []
+    for key in sorted(ledger.entries):
+        with fs.open_input_file(storage.join(root, ledger.entries[key]["output"])) as f:
+            tables.append(pq.read_table(f))
     if not tables:
-        raise FileNotFoundError(f"no finished output shards in {str(directory)!r}")
+        raise FileNotFoundError(f"no finished output shards in {storage.uri(fs, root)!r}")
     return pa.concat_tables(tables)

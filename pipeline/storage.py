@@ -237,8 +237,9 @@ class ParquetSink:
         self.sha256: str | None = None
         self.bytes = 0
 
-    def write(self, table: pa.Table | pa.RecordBatch) -> None:
-        self._writer.write(table)
+    def write(self, table: pa.Table | pa.RecordBatch, row_group_size: int | None = None) -> None:
+        """Append ``table``; ``row_group_size`` caps the rows per row group (default: pyarrow's)."""
+        self._writer.write(table, row_group_size=row_group_size)
         self.rows += table.num_rows
 
     def _close(self) -> None:

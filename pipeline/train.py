@@ -1,9 +1,11 @@
 """Data-parallel training of the mapper with Ray Train (``TorchTrainer`` + DDP).
 
 The input is an affinity directory (``manifest.json``, ``features/``, ``edges/``,
-optional ``pca.safetensors``; see ``pipeline.schema``). The same pieces as the
+optional ``pca.safetensors``), a local path or a URI (``s3://bucket/prefix``),
+read through :class:`pipeline.affinity_dir.AffinityDir`; ``storage_path`` may be
+a URI too. The same pieces as the
 single-process :func:`ptsne.train.fit_mapper` do the work: ``NeighborSampler``
-draws one neighbour per anchor, ``train_step`` runs one optimisation step,
+draws one neighbour per anchor, ``run_epoch`` runs the optimisation steps,
 ``make_optimizer`` / ``make_scheduler`` set up Adam and its cosine decay.
 
 Sharding
@@ -12,20 +14,23 @@ Sharding
     worker's anchors a uniform sample of the whole dataset even when the input
     is sorted (by class, by date, ...), so the batch anchors still estimate the
     normaliser ``Z`` without bias, exactly as in a single process. The edges
-    reach the workers through Ray Data: the driver hands ``TorchTrainer`` a
-    ``read_parquet`` dataset of the edge shards, unsplit, and each worker
-    streams it once at start-up, keeping only the edges whose ``head`` it owns:
-    its slice of P.
+    files group P's rows by the same hash modulo ``edge_buckets`` (240), one
+    Parquet row group per bucket; when ``W`` divides it, each worker reads only
+    the row groups of its buckets (about ``1 / W`` of the edges), straight from
+    the filesystem of the affinity directory (local or ``s3://``), and fills
+    its ``NeighborSampler`` in place: at most 16 bytes per owned edge
+    (:meth:`pipeline.affinity_dir.AffinityDir.read_worker_edges`). Otherwise it
+    reads every row group and keeps its rows.
 
 Features
     Each epoch a worker needs the features of its anchors (fixed) and of the
     neighbours it sampled (any row). Up to ``object_store_max_bytes`` the whole
     features array is put in the Ray object store once and read zero-copy by
     every worker of a node. Beyond it, each worker gathers the rows it needs by
-    streaming the features shards once per epoch (a join of the sampled
-    neighbours with the features on ``row``), so its memory holds its anchors
-    and its sampled neighbours, never the whole array. ``docs/training.md``
-    gives the bound.
+    streaming the features shards once per epoch through the directory's
+    filesystem (a join of the sampled neighbours with the features on ``row``),
+    so its memory holds its anchors and its sampled neighbours, never the whole
+    array. ``docs/training.md`` gives the bound.
 
 Reproducibility
     Every random draw comes from a generator seeded with ``(seed, rank,
@@ -53,27 +58,36 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
-from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file, save_file
 
-from pipeline import schema
-from ptsne.affinity import Edges
+from pipeline import schema, storage
+from pipeline.affinity_dir import AffinityDir, AffinityManifest
+from pipeline.knn import peak_rss_mb
 from ptsne.device import resolve_precision, set_num_threads
 from ptsne.estimator import ParametricTSNE
 from ptsne.loss import TSNELoss
 from ptsne.model import DEFAULT_HIDDEN, Mapper, ModelConfig, build_mapper
 from ptsne.pca import PCA
 from ptsne.reference import ReferenceConfig
-from ptsne.train import NeighborSampler, TrainConfig, make_optimizer, make_scheduler, train_step
+from ptsne.train import (
+    NeighborSampler,
+    TrainConfig,
+    epoch_metrics,
+    make_optimizer,
+    make_scheduler,
+    run_epoch,
+    to_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +100,8 @@ CHECKPOINT_WEIGHTS = "model.safetensors"
 CHECKPOINT_OPTIMIZER = "optimizer.pt"
 CHECKPOINT_STATE = "state.json"
 
-#: Ways the edges reach the workers through Ray Data (see :func:`train_distributed`).
+#: Values ``train_distributed(edges_ingest=...)`` still accepts; it is ignored (each worker reads its own edges).
 EDGES_INGEST = ("auto", "stream", "materialize")
-#: Name of the edges dataset handed to ``TorchTrainer``.
-EDGES_DATASET = "edges"
 
 #: A worker callback gets ``(epoch, metrics)`` after each epoch and returns True to stop.
 WorkerCallback = Callable[[int, dict], bool | None]
@@ -97,7 +109,6 @@ WorkerCallback = Callable[[int, dict], bool | None]
 EpochCallback = Callable[[dict], None]
 
 _SCAN_BATCH_ROWS = 65536
-_EDGE_BATCH_ROWS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -235,6 +246,18 @@ class TrainResult:
         Wall time of the Ray Train run.
     reference_seconds : float
         Wall time of the reference stage (reading the points included; 0 without one).
+    edges_bytes_read : list of int
+        Per rank: compressed bytes of the edges' column chunks the worker read.
+    edges_bytes_total : int
+        Compressed bytes of every edges file's column chunks (what one worker reading all would read).
+    owned_edges, owned_rows : list of int
+        Per rank: edges and rows of P the worker owns.
+    sampler_bytes : list of int
+        Per rank: bytes of the worker's ``NeighborSampler`` tensors.
+    worker_peak_rss_mb : list of float
+        Per rank: peak resident memory of the worker process up to its last epoch.
+
+    The per-rank figures are those of the worker group that ran the last epoch.
     """
 
     estimator: ParametricTSNE
@@ -243,89 +266,25 @@ class TrainResult:
     resumed_from: list[int]
     seconds: float
     reference_seconds: float = 0.0
+    edges_bytes_read: list[int] = field(default_factory=list)
+    edges_bytes_total: int = 0
+    owned_edges: list[int] = field(default_factory=list)
+    owned_rows: list[int] = field(default_factory=list)
+    sampler_bytes: list[int] = field(default_factory=list)
+    worker_peak_rss_mb: list[float] = field(default_factory=list)
 
 
-# -- the affinity directory ------------------------------------------------------------
-
-
-def read_manifest(affinity_dir: str | os.PathLike) -> dict:
-    """Load and check ``manifest.json`` of an affinity directory."""
-    path = Path(affinity_dir) / schema.MANIFEST_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no {schema.MANIFEST_FILE} in affinity directory {str(affinity_dir)!r}")
-    manifest = json.loads(path.read_text())
-    version = manifest.get("format_version")
-    if version != schema.FORMAT_VERSION:
-        raise ValueError(
-            f"affinity directory {str(affinity_dir)!r} has format_version {version!r}; "
-            f"expected {schema.FORMAT_VERSION}"
-        )
-    for key in ("n", "dim", "k", "perplexities", "files"):
-        if key not in manifest:
-            raise ValueError(f"manifest {str(path)!r} lacks the key {key!r}")
-    return manifest
-
-
-def shard_files(affinity_dir: str | os.PathLike, manifest: dict, kind: str) -> list[str]:
-    """Absolute paths of the ``features`` or ``edges`` shards listed in the manifest."""
-    root = Path(affinity_dir)
-    files = manifest["files"].get(kind) or []
-    paths = []
-    for entry in files:
-        p = Path(entry["path"] if isinstance(entry, dict) else entry)
-        if not p.is_absolute():
-            p = root / p if (root / p).exists() else root / kind / p.name
-        paths.append(str(p))
-    if not paths:
-        raise ValueError(f"manifest of {str(affinity_dir)!r} lists no {kind} files")
-    missing = [p for p in paths if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{kind} files listed in the manifest are missing: {missing[:3]}")
-    return paths
-
-
-def load_pca(affinity_dir: str | os.PathLike) -> PCA | None:
-    """The PCA applied before the features were stored, or None."""
-    path = Path(affinity_dir) / schema.PCA_FILE
-    if not path.is_file():
-        return None
-    return PCA.from_state(load_numpy(str(path)))
+# -- rows, features and edges of a worker ----------------------------------------------
 
 
 def shard_of(rows: np.ndarray, num_shards: int) -> np.ndarray:
-    """Owner worker of each row: a fixed 64-bit mix of the row index, modulo ``num_shards``."""
-    rows = np.asarray(rows, dtype=np.int64)
-    if num_shards == 1:
-        return np.zeros(rows.shape, dtype=np.int64)
-    # splitmix64 finaliser; uint64 arithmetic wraps, which is what the mix wants.
-    z = rows.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    z = z ^ (z >> np.uint64(31))
-    return (z % np.uint64(num_shards)).astype(np.int64)
+    """Owner worker of each row: a fixed 64-bit mix of the row index, modulo ``num_shards``.
 
-
-def _iter_features(files: Sequence[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(rows int64 (b,), vectors float32 (b, dim))`` batches of the features shards."""
-    for path in files:
-        pf = pq.ParquetFile(path)
-        for batch in pf.iter_batches(batch_size=_SCAN_BATCH_ROWS, columns=[schema.ROW, schema.VECTOR]):
-            rows = batch.column(schema.ROW).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-            yield rows, schema.arrow_to_vectors(batch.column(schema.VECTOR))
-
-
-def load_features(files: Sequence[str], n: int, dim: int) -> np.ndarray:
-    """The whole features array, float32 ``(n, dim)``, row ``r`` at index ``r``."""
-    X = np.empty((n, dim), dtype=np.float32)
-    seen = np.zeros(n, dtype=bool)
-    for rows, vectors in _iter_features(files):
-        if rows.size and (rows.min() < 0 or rows.max() >= n):
-            raise ValueError(f"features: row index outside [0, {n}) in the features shards")
-        X[rows] = vectors
-        seen[rows] = True
-    if not seen.all():
-        raise ValueError(f"features: {int((~seen).sum())} of {n} rows are missing from the features shards")
-    return X
+    The edges files bucket their heads with the same mix (``schema.bucket_of``),
+    so for a ``num_shards`` that divides the bucket count a worker's rows are
+    whole buckets.
+    """
+    return schema.bucket_of(rows, num_shards)
 
 
 def feature_moments(batches: Iterator[np.ndarray], dim: int) -> tuple[np.ndarray, float]:
@@ -356,17 +315,17 @@ class SharedFeatures:
 
 
 class ScannedFeatures:
-    """Features gathered by streaming the shards: memory holds only the rows asked for."""
+    """Features gathered by streaming the features files: memory holds only the rows asked for."""
 
-    def __init__(self, files: Sequence[str], dim: int):
-        self.files = list(files)
-        self.dim = int(dim)
+    def __init__(self, affinity: AffinityDir):
+        self.affinity = affinity
+        self.dim = int(affinity.manifest.dim)
 
     def fetch(self, rows: np.ndarray) -> np.ndarray:
         uniq, inverse = np.unique(rows, return_inverse=True)
         out = np.empty((len(uniq), self.dim), dtype=np.float32)
         found = np.zeros(len(uniq), dtype=bool)
-        for r, vectors in _iter_features(self.files):
+        for r, vectors in self.affinity.iter_features(_SCAN_BATCH_ROWS):
             pos = np.searchsorted(uniq, r)
             hit = pos < len(uniq)
             hit[hit] = uniq[pos[hit]] == r[hit]
@@ -375,45 +334,6 @@ class ScannedFeatures:
         if not found.all():
             raise ValueError(f"features: {int((~found).sum())} requested rows are missing from the shards")
         return out[inverse]
-
-
-def edge_shard(
-    batches: Iterable[Mapping[str, np.ndarray]], rank: int, world_size: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The edges whose head worker ``rank`` owns, from a stream of edge batches.
-
-    ``batches`` are ``{head, tail, weight}`` column dicts (as Ray Data's
-    ``iter_batches(batch_format="numpy")`` yields them), in any order and any
-    batch size; only the kept edges are held. Returns ``(head int64, tail int64,
-    weight float32)`` in stream order; :class:`NeighborSampler` sorts them, so the
-    order of the blocks does not change training.
-    """
-    heads, tails, weights = [], [], []
-    for batch in batches:
-        h = np.asarray(batch[schema.HEAD]).astype(np.int64, copy=False)
-        keep = shard_of(h, world_size) == rank
-        heads.append(h[keep])
-        tails.append(np.asarray(batch[schema.TAIL]).astype(np.int64, copy=False)[keep])
-        weights.append(np.asarray(batch[schema.WEIGHT]).astype(np.float32, copy=False)[keep])
-    if not heads:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return np.concatenate(heads), np.concatenate(tails), np.concatenate(weights)
-
-
-def edges_dataset(edges_files: Sequence[str], materialize: bool = False):
-    """The edge shards as a Ray Dataset of ``head``, ``tail``, ``weight``.
-
-    Lazy by default: each worker's iteration runs the read. ``materialize=True``
-    reads it now into the object store (one copy for the cluster), for clusters
-    where the training workers hold every CPU and Ray Data read tasks could not
-    be scheduled once they start.
-    """
-    import ray.data
-
-    # The manifest names the files: read exactly those, whatever their extension.
-    ds = ray.data.read_parquet(list(edges_files), file_extensions=None)
-    ds = ds.select_columns([schema.HEAD, schema.TAIL, schema.WEIGHT])
-    return ds.materialize() if materialize else ds
 
 
 # -- checkpoints ------------------------------------------------------------------------
@@ -502,8 +422,32 @@ def _all_reduce(values: torch.Tensor, op: str) -> torch.Tensor:
     return values
 
 
+def _gather(value: float, rank: int, world: int, dtype=torch.float64) -> list:
+    """``value`` of every rank, in rank order (an all-reduce of one slot per rank)."""
+    slots = torch.zeros(world, dtype=dtype)
+    slots[rank] = value
+    return _all_reduce(slots, "sum").tolist()
+
+
+def _hand_back_finished(checkpoint, state: dict, rank: int, n_epochs: int) -> None:
+    """A finished run started again: report its last checkpoint as the result, without reading any data."""
+    import ray.train
+
+    history = state.get("history") or []
+    last = history[-1] if history else {"epoch": n_epochs - 1}
+    if rank != 0:
+        ray.train.report(last)
+        return
+    with tempfile.TemporaryDirectory(prefix="ptsne-ckpt-") as d, checkpoint.as_directory() as src:
+        shutil.copytree(src, d, dirs_exist_ok=True)
+        final = {**state, "epoch": n_epochs - 1, "stopped": False}
+        (Path(d) / CHECKPOINT_STATE).write_text(json.dumps(final, indent=2))
+        ray.train.report(last, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=f"epoch-{n_epochs - 1:05d}-final")
+
+
 def _train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train worker: read this worker's slice of P, train with DDP, checkpoint every epoch."""
+    """Ray Train worker: read this worker's rows of P, train with DDP, checkpoint every epoch."""
     import ray
     import ray.train
     import ray.train.torch
@@ -515,26 +459,50 @@ def _train_loop_per_worker(loop_config: dict) -> None:
     config = DistributedTrainConfig.from_dict(loop_config["train"])
     tc = config.train_config()
     m = config.positives_per_anchor
-    n, dim = int(loop_config["n"]), int(loop_config["dim"])
+    affinity: AffinityDir = loop_config["affinity"]
+    n, dim = affinity.manifest.n, affinity.manifest.dim
+
+    start_epoch, history, resumed_from = 0, [], []
+    checkpoint = ray.train.get_checkpoint()
+    weights = optimizer_state = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            _, state, weights = load_checkpoint(d)
+            optimizer_state = load_optimizer_state(d)
+        start_epoch = int(state["epoch"]) + 1
+        if start_epoch >= tc.n_epochs:
+            _hand_back_finished(checkpoint, state, rank, tc.n_epochs)
+            return
+        history = state["history"]
+        resumed_from = state.get("resumed_from", []) + [start_epoch]
+        log.info("worker %d: resuming at epoch %d", rank, start_epoch)
 
     if loop_config["features_ref"] is not None:
         source = SharedFeatures(ray.get(loop_config["features_ref"][0]))
     else:
-        source = ScannedFeatures(loop_config["features_files"], dim)
+        source = ScannedFeatures(affinity)
 
-    # Every worker streams the whole (unsplit) edges dataset and keeps the heads it owns:
-    # anchor sampling needs all edges of a row on one worker.
-    edges = ray.train.get_dataset_shard(EDGES_DATASET)
-    head, tail, weight = edge_shard(
-        edges.iter_batches(batch_format="numpy", batch_size=_EDGE_BATCH_ROWS), rank, world
-    )
-    rows = np.unique(head)  # the anchors this worker owns, sorted
+    # This worker's rows of P, read straight from their row groups: anchor sampling
+    # needs every edge of a row on the worker that owns it.
+    edges = affinity.read_worker_edges(rank, world)
+    rows = edges.rows  # the anchors this worker owns, sorted
     X_anchor = source.fetch(rows)
-    sampler = NeighborSampler(Edges(np.searchsorted(rows, head), tail, weight), len(rows), "cpu")
-    del head, tail, weight
+    sampler = NeighborSampler.from_csr(edges.indptr, edges.tail, edges.weight, "cpu")
+    read, total = edges.bytes_read, edges.bytes_total
+    del edges
+    log.info("worker %d of %d: %d rows, %d edges (sampler %.1f bytes per edge), read %.1f of %.1f MB of edges",
+             rank, world, len(rows), sampler.n_edges, sampler.nbytes / max(1, sampler.n_edges),
+             read / 2**20, total / 2**20)
+    workers = {
+        "edges_bytes_read": [int(v) for v in _gather(read, rank, world, torch.int64)],
+        "edges_bytes_total": int(total),
+        "owned_edges": [int(v) for v in _gather(sampler.n_edges, rank, world, torch.int64)],
+        "owned_rows": [int(v) for v in _gather(len(rows), rank, world, torch.int64)],
+        "sampler_bytes": [int(v) for v in _gather(sampler.nbytes, rank, world, torch.int64)],
+    }
 
     # Every worker must run the same number of steps or DDP's all-reduce blocks.
-    n_min = int(_all_reduce(torch.tensor([len(rows)], dtype=torch.int64), "min")[0])
+    n_min = min(workers["owned_rows"])
     batch = min(max(2, tc.batch_size // world), n_min)
     steps = n_min // batch
     if batch < 2 or steps < 1:
@@ -545,19 +513,8 @@ def _train_loop_per_worker(loop_config: dict) -> None:
     with torch.no_grad():
         mapper.standardize.mean.copy_(torch.as_tensor(np.asarray(loop_config["mean"], dtype=np.float32)))
         mapper.standardize.scale.fill_(float(loop_config["scale"]))
-
-    start_epoch, history, resumed_from = 0, [], []
-    checkpoint = ray.train.get_checkpoint()
-    optimizer_state = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            _, state, weights = load_checkpoint(d)
-            mapper.load_state_dict(weights)
-            optimizer_state = load_optimizer_state(d)
-        start_epoch = int(state["epoch"]) + 1
-        history = state["history"]
-        resumed_from = state.get("resumed_from", []) + [start_epoch]
-        log.info("worker %d: resuming at epoch %d", rank, start_epoch)
+    if weights is not None:
+        mapper.load_state_dict(weights)
 
     model = ray.train.torch.prepare_model(mapper)
     module = model.module if hasattr(model, "module") else model
@@ -571,19 +528,7 @@ def _train_loop_per_worker(loop_config: dict) -> None:
     callbacks = loop_config.get("callbacks") or ()
     checkpoint_config = {key: loop_config[key] for key in ("train", "n", "dim", "num_workers")}
 
-    if start_epoch >= tc.n_epochs and checkpoint is not None:
-        # A finished run started again: hand its last checkpoint back as the result.
-        last = history[-1] if history else {"epoch": tc.n_epochs - 1}
-        if rank == 0:
-            state = {"epoch": tc.n_epochs - 1, "history": history, "resumed_from": resumed_from[:-1], "stopped": False}
-            with tempfile.TemporaryDirectory(prefix="ptsne-ckpt-") as d:
-                save_checkpoint(Path(d), module, optimizer, scheduler, state, checkpoint_config)
-                ray.train.report(last, checkpoint=ray.train.Checkpoint.from_directory(d),
-                                 checkpoint_dir_name=f"epoch-{tc.n_epochs - 1:05d}-final")
-        else:
-            ray.train.report(last)
-        return
-
+    X_anchor_t = to_device(X_anchor, device)  # once: this worker's anchors stay on the device
     for epoch in range(start_epoch, tc.n_epochs):
         t0 = time.perf_counter()
         model.train()
@@ -591,40 +536,27 @@ def _train_loop_per_worker(loop_config: dict) -> None:
         anchors = torch.randperm(len(rows), generator=gen)[: steps * batch]
         heads = anchors if m == 1 else anchors.repeat_interleave(m)
         tails, importance = sampler.sample(heads, gen)
-        # One gather per epoch: the neighbour features of all of this epoch's steps.
-        X_tail = source.fetch(tails.numpy())
-        anchors_np = anchors.numpy()
-        exaggeration = tc.exaggeration_at(epoch)
-        sums = torch.zeros(3, dtype=torch.float64)
-        for s in range(steps):
-            sl = slice(s * batch, (s + 1) * batch)
-            sl_m = slice(s * batch * m, (s + 1) * batch * m)  # neighbours, anchor-major
-            xa = torch.from_numpy(X_anchor[anchors_np[sl]]).to(device)
-            xn = torch.from_numpy(np.ascontiguousarray(X_tail[sl_m])).to(device)
-            out = train_step(
-                model, optimizer, loss_fn, xa, xn, importance[sl_m].to(device), n, exaggeration, autocast_dtype
-            )
-            scheduler.step()
-            sums += torch.tensor([out["loss"], out["attraction"], out["log_z"]], dtype=torch.float64)
-        sums = _all_reduce(sums / steps, "sum") / world
-        metrics = {
-            "epoch": epoch,
-            "loss": float(sums[0]),
-            "attraction": float(sums[1]),
-            "log_z": float(sums[2]),
-            "exaggeration": float(exaggeration),
-            "phase": "early_exaggeration" if epoch < tc.early_epochs else "embedding",
-            "learning_rate": float(scheduler.get_last_lr()[0]),
-            "seconds": time.perf_counter() - t0,
-            "steps": steps,
-        }
+        # One gather and one upload per epoch: the neighbour features of all of this epoch's steps.
+        X_tail = to_device(source.fetch(tails.numpy()), device)
+        anchors_d, importance_d = to_device(anchors, device), to_device(importance, device)
+        batches = ((X_anchor_t[anchors_d[s * batch:(s + 1) * batch]],
+                    X_tail[s * batch * m:(s + 1) * batch * m],  # neighbours, anchor-major
+                    importance_d[s * batch * m:(s + 1) * batch * m]) for s in range(steps))
+        means = run_epoch(model, optimizer, scheduler, loss_fn, batches, n, tc.exaggeration_at(epoch),
+                          autocast_dtype)
+        del X_tail, batches
+        means = _all_reduce(means.cpu(), "sum") / world
+        metrics = epoch_metrics(epoch, means.tolist(), tc, scheduler.get_last_lr()[0], time.perf_counter() - t0)
+        metrics["steps"] = steps
         # Rank 0's clock stands for the epoch; all workers synchronise every step.
         metrics["seconds"] = float(_all_reduce(torch.tensor([metrics["seconds"]], dtype=torch.float64), "max")[0])
+        workers["peak_rss_mb"] = [round(v, 1) for v in _gather(peak_rss_mb(), rank, world)]
         history.append(metrics)
         stop = any(bool(cb(epoch, metrics)) for cb in callbacks)
         stop = bool(_all_reduce(torch.tensor([int(stop)]), "max")[0])
         if rank == 0:
-            state = {"epoch": epoch, "history": history, "resumed_from": resumed_from, "stopped": stop}
+            state = {"epoch": epoch, "history": history, "resumed_from": resumed_from, "stopped": stop,
+                     "workers": workers}
             with tempfile.TemporaryDirectory(prefix="ptsne-ckpt-") as d:
                 save_checkpoint(Path(d), module, optimizer, scheduler, state, checkpoint_config)
                 ray.train.report(
@@ -641,12 +573,13 @@ def _train_loop_per_worker(loop_config: dict) -> None:
 # -- the driver ---------------------------------------------------------------------------
 
 
-def run_name(affinity_dir: str | os.PathLike, config: DistributedTrainConfig, num_workers: int) -> str:
+def run_name(
+    affinity_dir: AffinityDir | str | os.PathLike, config: DistributedTrainConfig, num_workers: int
+) -> str:
     """A name that identifies (data, settings, worker count): same name, same run to resume."""
-    manifest = read_manifest(affinity_dir)
+    affinity = affinity_dir if isinstance(affinity_dir, AffinityDir) else AffinityDir(affinity_dir)
     key = json.dumps(
-        [manifest.get("config_hash"), str(Path(affinity_dir).resolve()), config.fingerprint(reference=False),
-         num_workers]
+        [affinity.manifest.config_hash, affinity.uri, config.fingerprint(reference=False), num_workers]
     )
     return "ptsne-train-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
@@ -670,17 +603,19 @@ def train_distributed(
 
     Parameters
     ----------
-    affinity_dir : path
-        Written by ``pipeline.affinity.build_affinities``.
+    affinity_dir : path, URI or AffinityDir
+        Written by ``pipeline.affinity.build_affinities``; a local path or a URI
+        (``s3://bucket/prefix``) that every worker can read.
     config : DistributedTrainConfig
     num_workers : int
         Data-parallel workers (processes).
     use_gpu : bool
         One GPU per worker (``gpus_per_worker`` of it) and NCCL; gloo on CPU otherwise.
         Several workers need a whole GPU each (:func:`check_gpu_workers`).
-    storage_path : path
-        Where Ray Train keeps the run and its epoch checkpoints; shared storage
-        (NFS, S3) on a multi-node cluster.
+    storage_path : path or URI
+        Where Ray Train keeps the run and its epoch checkpoints: a local path
+        (made absolute) or a URI such as ``s3://bucket/ray_results``; shared
+        storage (NFS, S3) on a multi-node cluster.
     resume : bool
         Continue the run of the same data, settings and worker count from its
         last checkpoint when one exists; False starts a fresh run.
@@ -701,12 +636,8 @@ def train_distributed(
         instead of asking Ray Train for a graceful abort). An exception from
         ``on_epoch`` is logged and does not stop training.
     edges_ingest : {"auto", "stream", "materialize"}
-        How the Ray Data edges dataset reaches the workers: ``"stream"`` reads the
-        shards lazily in each worker (Ray Data read tasks then need CPUs beyond
-        those of the training workers); ``"materialize"`` reads them once on the
-        driver into the object store before the workers start; ``"auto"``
-        streams when the cluster has at least one CPU more than the workers
-        reserve, else materialises. The trained model is the same either way.
+        Ignored: each worker reads its own rows of P from the edges files
+        (a ``DeprecationWarning`` when it is not ``"auto"``).
 
     Returns
     -------
@@ -729,17 +660,22 @@ def train_distributed(
         ) from None
     if edges_ingest not in EDGES_INGEST:
         raise ValueError(f"train_distributed: edges_ingest must be one of {EDGES_INGEST}, got {edges_ingest!r}")
+    if edges_ingest != "auto":
+        warnings.warn(
+            f"train_distributed: edges_ingest={edges_ingest!r} is ignored; each worker reads its own rows of P "
+            "from the edges files", DeprecationWarning, stacklevel=2,
+        )
     if on_epoch is not None and not callable(on_epoch):
         raise TypeError(f"train_distributed: on_epoch must be callable, got {type(on_epoch).__name__}")
-    manifest = read_manifest(affinity_dir)
-    n, dim = int(manifest["n"]), int(manifest["dim"])
+    affinity = affinity_dir if isinstance(affinity_dir, AffinityDir) else AffinityDir(affinity_dir)
+    affinity.check_files()
+    manifest = affinity.manifest
+    n, dim = manifest.n, manifest.dim
     if config.batch_size // num_workers < 2:
         raise ValueError(
             f"train_distributed: batch_size={config.batch_size} leaves fewer than 2 anchors per worker "
             f"with num_workers={num_workers}"
         )
-    features_files = shard_files(affinity_dir, manifest, "features")
-    edges_files = shard_files(affinity_dir, manifest, "edges")
     source = config.feature_source
     if source == "auto":
         source = "object_store" if n * dim * 4 <= config.object_store_max_bytes else "scan"
@@ -749,20 +685,19 @@ def train_distributed(
     t0 = time.perf_counter()
     features_ref = None
     if source == "object_store":
-        X = load_features(features_files, n, dim)
+        X = affinity.features_array()
         mean, scale = feature_moments((X[s : s + _SCAN_BATCH_ROWS] for s in range(0, n, _SCAN_BATCH_ROWS)), dim)
         # Wrapped in a list so that Ray passes the reference, not the array, to the workers.
         features_ref = [ray.put(X)]
         del X
     else:
-        mean, scale = feature_moments((v for _, v in _iter_features(features_files)), dim)
-    if edges_ingest == "auto":
-        spare = ray.cluster_resources().get("CPU", 0) - num_workers * cpus_per_worker
-        edges_ingest = "stream" if spare >= 1 else "materialize"
-    edges = edges_dataset(edges_files, materialize=edges_ingest == "materialize")
+        mean, scale = feature_moments((v for _, v in affinity.iter_features(_SCAN_BATCH_ROWS)), dim)
+    whole = manifest.edge_buckets % num_workers == 0
     log.info(
-        "training on n=%d dim=%d with %d worker(s); features via %s, edges %s through Ray Data",
-        n, dim, num_workers, source, "streamed" if edges_ingest == "stream" else "materialised",
+        "training on n=%d dim=%d with %d worker(s) from %s; features via %s; each worker reads %s",
+        n, dim, num_workers, affinity.location, source,
+        f"the row groups of its {manifest.edge_buckets // num_workers} of {manifest.edge_buckets} edge buckets"
+        if whole else f"every edge row group ({num_workers} does not divide {manifest.edge_buckets} buckets)",
     )
 
     loop_config = {
@@ -772,7 +707,7 @@ def train_distributed(
         "num_workers": int(num_workers),
         "cpus_per_worker": int(cpus_per_worker),
         "features_ref": features_ref,
-        "features_files": features_files,
+        "affinity": affinity,
         "mean": mean.tolist(),
         "scale": float(scale),
         "callbacks": list(callbacks),
@@ -780,10 +715,12 @@ def train_distributed(
     resources = {"CPU": int(cpus_per_worker)}
     if use_gpu:
         resources["GPU"] = float(gpus_per_worker)
-    name = name or run_name(affinity_dir, config, num_workers)
+    name = name or run_name(affinity, config, num_workers)
     if not resume:
         name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    storage_path = str(Path(storage_path).resolve()) if "://" not in str(storage_path) else str(storage_path)
+    storage_path = os.fspath(storage_path)
+    if "://" not in storage_path:
+        storage_path = str(Path(storage_path).resolve())
     queue = _metrics_queue() if on_epoch is not None else None
     try:
         trainer = TorchTrainer(
@@ -800,9 +737,6 @@ def train_distributed(
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 callbacks=[_epoch_relay(queue)] if queue is not None else None,
             ),
-            # Unsplit: every worker sees all edges and keeps the rows it owns.
-            datasets={EDGES_DATASET: edges},
-            dataset_config=ray.train.DataConfig(datasets_to_split=[]),
         )
         result = trainer.fit() if queue is None else _fit_relaying(trainer, queue, on_epoch)
     finally:
@@ -813,17 +747,32 @@ def train_distributed(
         raise RuntimeError(f"train_distributed: run {name!r} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
         mapper, ckpt_config, state = mapper_from_checkpoint(d)
-    estimator = _estimator(mapper, manifest, config, load_pca(affinity_dir))
+    estimator = _estimator(mapper, manifest, config, affinity.load_pca())
     t = time.perf_counter()
-    fit_reference(estimator, affinity_dir, manifest, config)
+    fit_reference(estimator, affinity, config)
+    workers = state.get("workers", {})
     return TrainResult(
         estimator=estimator,
         history=state["history"],
-        checkpoint_path=str(result.checkpoint.path),
+        checkpoint_path=_checkpoint_uri(result.checkpoint),
         resumed_from=list(state.get("resumed_from", [])),
         seconds=seconds,
         reference_seconds=time.perf_counter() - t if config.reference_size > 0 else 0.0,
+        edges_bytes_read=list(workers.get("edges_bytes_read", [])),
+        edges_bytes_total=int(workers.get("edges_bytes_total", 0)),
+        owned_edges=list(workers.get("owned_edges", [])),
+        owned_rows=list(workers.get("owned_rows", [])),
+        sampler_bytes=list(workers.get("sampler_bytes", [])),
+        worker_peak_rss_mb=list(workers.get("peak_rss_mb", [])),
     )
+
+
+def _checkpoint_uri(checkpoint) -> str:
+    """Where a Ray Train checkpoint lies: a local path, or a URI on remote storage."""
+    fs = getattr(checkpoint, "filesystem", None)
+    if fs is None or storage.is_local(fs):
+        return str(checkpoint.path)
+    return storage.uri(fs, checkpoint.path)
 
 
 # -- the reference ---------------------------------------------------------------------------
@@ -839,42 +788,31 @@ def reference_rows(n: int, size: int, seed: int) -> np.ndarray | None:
     return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
 
 
-def load_edges(files: Sequence[str]) -> Edges:
-    """Every edge of the edges shards, as ``Edges`` (int64 head and tail, float32 weight)."""
-    heads, tails, weights = [], [], []
-    for path in files:
-        t = pq.read_table(path, columns=[schema.HEAD, schema.TAIL, schema.WEIGHT])
-        heads.append(t.column(schema.HEAD).to_numpy().astype(np.int64, copy=False))
-        tails.append(t.column(schema.TAIL).to_numpy().astype(np.int64, copy=False))
-        weights.append(t.column(schema.WEIGHT).to_numpy().astype(np.float32, copy=False))
-    return Edges(np.concatenate(heads), np.concatenate(tails), np.concatenate(weights))
-
-
 def fit_reference(
-    estimator: ParametricTSNE, affinity_dir: str | os.PathLike, manifest: dict, config: DistributedTrainConfig
+    estimator: ParametricTSNE, affinity_dir: AffinityDir | str | os.PathLike, config: DistributedTrainConfig
 ) -> ParametricTSNE:
     """Give a distributed-trained estimator its reference, here on the driver.
 
     Reads the training features of the reference rows (:func:`reference_rows`)
-    from the affinity directory; they are already in the network's input space
-    (after the PCA). With every row in the reference, the directory's P (its
-    edges, indexed by ``row``) is the reference's P; with a sample, P is computed
-    on the sample. Memory: the reference points, their kNN graph or the edges,
-    and openTSNE's optimisation of their map. The estimator takes the reference
-    settings of ``config``; ``config.reference_size == 0`` leaves it without a
-    reference.
+    from the affinity directory (a path, a URI or an :class:`AffinityDir`); they
+    are already in the network's input space (after the PCA). With every row in
+    the reference, the directory's P (all its edges) is the reference's P; with
+    a sample, P is computed on the sample. Memory: the reference points, their
+    kNN graph or the edges, and openTSNE's optimisation of their map. The
+    estimator takes the reference settings of ``config``;
+    ``config.reference_size == 0`` leaves it without a reference.
     """
     estimator.set_params(reference_size=config.reference_size, reference_iter=config.reference_iter)
     estimator.reference_ = None
     if config.reference_size == 0:
         return estimator
-    n, dim = int(manifest["n"]), int(manifest["dim"])
-    features = shard_files(affinity_dir, manifest, "features")
+    affinity = affinity_dir if isinstance(affinity_dir, AffinityDir) else AffinityDir(affinity_dir)
+    n = affinity.manifest.n
     rows = reference_rows(n, config.reference_size, config.seed)
     if rows is None:
-        Z, edges = load_features(features, n, dim), load_edges(shard_files(affinity_dir, manifest, "edges"))
+        Z, edges = affinity.features_array(), affinity.read_edges()
     else:
-        Z, edges = ScannedFeatures(features, dim).fetch(rows), None
+        Z, edges = ScannedFeatures(affinity).fetch(rows), None
     log.info("reference: %d of %d training points, %d iterations%s", len(Z), n, config.reference_iter,
              "" if edges is None else ", P from the affinity directory")
     return estimator.fit_reference(Z, edges, random_state=config.seed)
@@ -968,12 +906,14 @@ def _fit_relaying(trainer, queue, on_epoch: EpochCallback):
     return outcome["result"]
 
 
-def _estimator(mapper: Mapper, manifest: dict, config: DistributedTrainConfig, pca: PCA | None) -> ParametricTSNE:
-    perplexities = list(manifest["perplexities"])
+def _estimator(
+    mapper: Mapper, manifest: AffinityManifest, config: DistributedTrainConfig, pca: PCA | None
+) -> ParametricTSNE:
+    perplexities = list(manifest.perplexities)
     return ParametricTSNE.from_mapper(
         mapper,
-        n_features_in=int(manifest.get("input_dim", manifest["dim"])),
-        n_neighbors=int(manifest["k"]),
+        n_features_in=manifest.input_dim,
+        n_neighbors=manifest.k,
         pca=pca,
         n_components=config.n_components,
         perplexity=perplexities[0] if len(perplexities) == 1 else perplexities,
@@ -987,8 +927,8 @@ def _estimator(mapper: Mapper, manifest: dict, config: DistributedTrainConfig, p
         early_exaggeration_fraction=config.early_exaggeration_fraction,
         exaggeration=config.exaggeration,
         positives_per_anchor=config.positives_per_anchor,
-        knn_method=str(manifest.get("knn_method", "auto")),
-        pca_components=int(manifest["dim"]) if pca is not None else None,
+        knn_method=manifest.knn_method or "auto",
+        pca_components=manifest.dim if pca is not None else None,
         reference_size=config.reference_size,
         reference_iter=config.reference_iter,
         random_state=config.seed,

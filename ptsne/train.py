@@ -5,8 +5,8 @@ Each anchor ``i`` draws ``positives_per_anchor`` neighbours ``j``, each with
 probability ``P_ij / P_i`` (``P_i`` the row sum), so an edge has probability
 ``P_ij / (n P_i)`` and gets importance weight ``n P_i`` in the attraction; the
 anchors of a batch are a uniform sample of the data and their pairs estimate
-the normaliser ``Z``. The same :func:`train_step` runs in a single process here
-and in every data-parallel worker of ``pipeline.train``.
+the normaliser ``Z``. The same :func:`run_epoch` (and :func:`train_step` in it) runs in a single
+process here and in every data-parallel worker of ``pipeline.train``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,39 +148,94 @@ def _positive_int(name: str, v, minimum: int = 1) -> None:
 class NeighborSampler:
     """Draws one neighbour per anchor from the rows of a sparse joint P (on any device).
 
+    Holds P as CSR: ``indptr`` int64 (n + 1,), ``tail`` int32 (int64 for
+    ``n >= 2**31`` columns) and the running sum of the weights in float64 (E,),
+    plus ``row_sum`` and ``importance`` per row: at most 12 bytes per edge and
+    20 per row. A draw for anchor ``i`` is a binary search of
+    ``cumw[indptr[i] - 1] + u * row_sum[i]`` in ``cumw``.
+
     Parameters
     ----------
     edges : Edges
         Joint affinities; need not be sorted.
     n : int
-        Number of points.
+        Number of points (rows).
     device : torch.device
+
+    :meth:`from_csr` builds one from rows already grouped (no sort, no copy).
     """
 
     def __init__(self, edges: Edges, n: int, device: torch.device | str = "cpu"):
-        order = np.lexsort((edges.tail, edges.head))
-        head = edges.head[order]
-        weight = edges.weight[order].astype(np.float64)
+        head = np.asarray(edges.head)
+        if head.size and (head.min() < 0 or head.max() >= n):
+            raise ValueError(f"NeighborSampler: edge heads must lie in [0, {n}), got [{head.min()}, {head.max()}]")
+        order = np.lexsort((edges.tail, head))
         indptr = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(np.bincount(head, minlength=n), out=indptr[1:])
-        row_sum = np.add.reduceat(weight, indptr[:-1]) if len(weight) else np.zeros(n)
-        row_sum[indptr[:-1] == indptr[1:]] = 0.0
+        tail = np.asarray(edges.tail)[order].astype(_index_dtype(int(np.max(edges.tail, initial=0)) + 1), copy=False)
+        weight = np.asarray(edges.weight)[order].astype(np.float64)
+        del order
+        self._build(indptr, tail, weight, device)
+
+    @classmethod
+    def from_csr(
+        cls, indptr: np.ndarray, tail: np.ndarray, weight: np.ndarray, device: torch.device | str = "cpu"
+    ) -> NeighborSampler:
+        """A sampler of the rows ``0..len(indptr) - 2`` of a CSR matrix, without sorting or copying.
+
+        Parameters
+        ----------
+        indptr : int64 (m + 1,)
+            Row ``i``'s edges are ``tail[indptr[i]:indptr[i + 1]]``.
+        tail : int32 or int64 (E,)
+            Column of each edge (any index space: a neighbour's global row, say).
+        weight : float64 (E,)
+            ``P_ij`` of each edge; **overwritten** with the running sum (the sampler keeps it).
+        device : torch.device
+        """
+        sampler = cls.__new__(cls)
+        sampler._build(np.asarray(indptr, dtype=np.int64), np.asarray(tail), weight, device)
+        return sampler
+
+    def _build(self, indptr: np.ndarray, tail: np.ndarray, weight: np.ndarray, device) -> None:
+        n = len(indptr) - 1
+        if not (isinstance(weight, np.ndarray) and weight.dtype == np.float64 and weight.ndim == 1):
+            raise TypeError(f"NeighborSampler: weight must be a 1-D float64 array, got {getattr(weight, 'dtype', type(weight))}")
+        if tail.shape != weight.shape or indptr[0] != 0 or indptr[-1] != weight.size:
+            raise ValueError(
+                f"NeighborSampler: indptr (ending at {indptr[-1]}), tail {tail.shape} and weight {weight.shape} disagree"
+            )
+        empty = indptr[1:] == indptr[:-1]
+        row_sum = np.zeros(n)
+        if weight.size and not empty.all():
+            row_sum[~empty] = np.add.reduceat(weight, indptr[:-1][~empty])
         if np.any(row_sum <= 0):
             bad = np.flatnonzero(row_sum <= 0)[:5].tolist()
             raise ValueError(f"NeighborSampler: points without neighbours in P, e.g. ids {bad}")
+        np.cumsum(weight, out=weight)
         self.n = int(n)
         self.device = torch.device(device)
         self.indptr = torch.as_tensor(indptr, device=self.device)
-        self.tail = torch.as_tensor(edges.tail[order], device=self.device)
-        self.cumw = torch.as_tensor(np.cumsum(weight), device=self.device)
+        self.tail = torch.as_tensor(tail, device=self.device)
+        self.cumw = torch.as_tensor(weight, device=self.device)
         self.row_sum = torch.as_tensor(row_sum, device=self.device)
         # Importance weight n * P_i makes the anchor-uniform draw unbiased for P.
         self.importance = (self.row_sum * self.n).float()
 
+    @property
+    def n_edges(self) -> int:
+        return int(self.tail.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the sampler's tensors."""
+        return sum(t.element_size() * t.nelement()
+                   for t in (self.indptr, self.tail, self.cumw, self.row_sum, self.importance))
+
     def sample(
         self, anchors: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One neighbour per anchor and its importance weight."""
+        """One neighbour per anchor (int64) and its importance weight."""
         start = self.indptr[anchors]
         stop = self.indptr[anchors + 1]
         base = torch.where(start > 0, self.cumw[(start - 1).clamp(min=0)], torch.zeros_like(self.row_sum[anchors]))
@@ -188,7 +243,12 @@ class NeighborSampler:
         target = base + u * self.row_sum[anchors]
         pos = torch.searchsorted(self.cumw, target, right=True)
         pos = torch.minimum(torch.maximum(pos, start), stop - 1)
-        return self.tail[pos], self.importance[anchors]
+        return self.tail[pos].long(), self.importance[anchors]
+
+
+def _index_dtype(n: int) -> np.dtype:
+    """int32 for indices below ``n < 2**31``, else int64."""
+    return np.dtype(np.int32) if n < 2**31 else np.dtype(np.int64)
 
 
 def train_step(
@@ -201,11 +261,13 @@ def train_step(
     n_total: int,
     exaggeration: float,
     autocast_dtype: torch.dtype | None = None,
-) -> dict[str, float]:
+) -> dict[str, torch.Tensor]:
     """One optimisation step on a batch of anchors and their sampled neighbours.
 
     With ``autocast_dtype`` (see :func:`ptsne.device.resolve_precision`) the
-    forward pass runs under autocast; the loss is computed in float32.
+    forward pass runs under autocast; the loss is computed in float32. Returns
+    ``loss``, ``attraction`` and ``log_z`` as detached 0-d tensors on the model's
+    device: reading them is left to the caller, so a GPU step never waits for the host.
     """
     b = x_anchor.shape[0]
     m = x_neighbor.shape[0] // b  # neighbours per anchor, anchor-major order
@@ -219,13 +281,77 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return {"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}}
+    return {"loss": loss.detach(), **parts}
+
+
+#: The per-step figures that :func:`run_epoch` averages, in order.
+STEP_METRICS = ("loss", "attraction", "log_z")
+
+#: A batch of one step: anchor features, neighbour features (anchor-major), importance weights.
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def run_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loss_fn: TSNELoss,
+    batches: Iterable[Batch],
+    n_total: int,
+    exaggeration: float,
+    autocast_dtype: torch.dtype | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """One epoch of :func:`train_step` over ``batches``, used by :func:`fit_mapper` and the Ray workers.
+
+    Returns the mean of :data:`STEP_METRICS` over the steps as a float64 tensor (3,)
+    on the model's device; the sums stay there, so the host reads them once an epoch.
+    """
+    sums = None
+    steps = 0
+    for x_anchor, x_neighbor, weight in batches:
+        out = train_step(model, optimizer, loss_fn, x_anchor, x_neighbor, weight, n_total, exaggeration,
+                         autocast_dtype)
+        scheduler.step()
+        step = torch.stack([out[key] for key in STEP_METRICS]).double()
+        sums = step if sums is None else sums + step
+        steps += 1
+        if on_step is not None:
+            on_step()
+    if sums is None:
+        raise ValueError("run_epoch: no batches")
+    return sums / steps
+
+
+def epoch_metrics(epoch: int, means: Sequence[float], config: TrainConfig, learning_rate: float,
+                  seconds: float) -> dict:
+    """The per-epoch record of :func:`fit_mapper` and the Ray workers (keys in its docstring)."""
+    return {
+        **{key: float(v) for key, v in zip(STEP_METRICS, means)},
+        "epoch": epoch,
+        "exaggeration": float(config.exaggeration_at(epoch)),
+        "phase": "early_exaggeration" if epoch < config.early_epochs else "embedding",
+        "learning_rate": float(learning_rate),
+        "seconds": float(seconds),
+    }
+
+
+def to_device(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A float32 or index array as a tensor on ``device``: zero-copy on CPU, pinned and asynchronous to a GPU."""
+    t = torch.as_tensor(array)
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    # foreach: one fused update over all parameters (torch's CPU default updates them one by one).
+    """Adam: fused into one kernel on a GPU; ``foreach`` on CPU (torch's CPU default updates parameters one by one)."""
+    on_cuda = next(model.parameters()).device.type == "cuda"
     return torch.optim.Adam(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, foreach=True
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
+        **({"fused": True} if on_cuda else {"foreach": True}),
     )
 
 
@@ -294,27 +420,18 @@ def fit_mapper(
             t0 = time.perf_counter()
             exaggeration = config.exaggeration_at(epoch)
             order = torch.randperm(n, generator=gen, device=device)
-            sums = {"loss": 0.0, "attraction": 0.0, "log_z": 0.0}
-            for s in range(steps):
-                anchors = order[s * batch : (s + 1) * batch]
-                heads = anchors if m == 1 else anchors.repeat_interleave(m)
-                tails, weight = sampler.sample(heads, gen)
-                out = train_step(
-                    model, optimizer, loss_fn, Xt[anchors], Xt[tails], weight, n, exaggeration,
-                    autocast_dtype,
-                )
-                scheduler.step()
-                for key in sums:
-                    sums[key] += out[key]
-                bar.update(1)
-            metrics = {key: v / steps for key, v in sums.items()}
-            metrics.update(
-                epoch=epoch,
-                exaggeration=exaggeration,
-                phase="early_exaggeration" if epoch < config.early_epochs else "embedding",
-                learning_rate=scheduler.get_last_lr()[0],
-                seconds=time.perf_counter() - t0,
-            )
+
+            def batches(order=order):
+                for s in range(steps):
+                    anchors = order[s * batch : (s + 1) * batch]
+                    heads = anchors if m == 1 else anchors.repeat_interleave(m)
+                    tails, weight = sampler.sample(heads, gen)
+                    yield Xt[anchors], Xt[tails], weight
+
+            means = run_epoch(model, optimizer, scheduler, loss_fn, batches(), n, exaggeration, autocast_dtype,
+                              on_step=lambda: bar.update(1))
+            metrics = epoch_metrics(epoch, means.tolist(), config, scheduler.get_last_lr()[0],
+                                    time.perf_counter() - t0)
             history.append(metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", exag=exaggeration)
             log.debug("epoch %d: %s", epoch, metrics)

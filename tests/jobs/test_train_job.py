@@ -223,3 +223,14 @@ def test_train_choices_and_defaults_come_from_the_library():
     with pytest.raises(SystemExit) as exc:
         main(["train", "--input", "data", "--feature-source", "disk"])
     assert exc.value.code == EXIT_USAGE
+
+
+def test_train_unwritable_workdir_is_one_line_error_before_any_work(tmp_path, caplog):
+    from jobs.cli import EXIT_ERROR
+
+    (tmp_path / "file").write_text("")
+    workdir = tmp_path / "file" / "work"  # a regular file where a directory must go
+    assert main(["train", "--input", str(tmp_path / "data"), "--workdir", str(workdir), "--epochs", "1"]) == EXIT_ERROR
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "--workdir" in errors[0] and "not a directory" in errors[0], errors
+    assert not any(r.exc_info for r in caplog.records)

@@ -20,7 +20,9 @@ from pipeline.affinity import (
     load_pca_of,
     read_manifest,
 )
+from pipeline import storage
 from pipeline.shards import InvalidInputError
+from pipeline.storage import resolve
 from ptsne.affinity import joint_probabilities
 from ptsne.knn import knn_graph
 from tests.conftest import gaussian_blobs
@@ -77,14 +79,21 @@ def assert_contract(output):
     assert rows == m["n"]
     prev_stop = 0
     total = 0.0
+    assert m["format_version"] == schema.FORMAT_VERSION and m["edge_buckets"] == schema.EDGE_BUCKETS
     for f in m["files"]["edges"]:
-        t = pq.read_table(Path(output) / f["path"])
+        pf = pq.ParquetFile(Path(output) / f["path"])
+        t = pf.read()
         assert t.schema == schema.EDGES_SCHEMA
         h, tl = t.column("head").to_numpy(), t.column("tail").to_numpy()
         assert h.min() >= prev_stop and h.max() < f["head_stop"]
         prev_stop = f["head_stop"]
-        key = h * m["n"] + tl
-        assert np.all(np.diff(key) > 0), "each part is sorted by (head, tail) without duplicates"
+        # One row group per head bucket, sorted by (bucket, head, tail), without duplicates.
+        assert [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)] == \
+            [rows for _, rows in f["row_groups"]]
+        bucket = np.repeat([b for b, _ in f["row_groups"]], [rows for _, rows in f["row_groups"]])
+        np.testing.assert_array_equal(bucket, schema.bucket_of(h, m["edge_buckets"]))
+        key = (bucket * m["n"] + h) * m["n"] + tl
+        assert np.all(np.diff(key) > 0), "each part is sorted by (bucket, head, tail) without duplicates"
         assert not np.any(h == tl)
         total += float(t.column("weight").to_numpy().astype(np.float64).sum())
     assert abs(total - 1.0) < 1e-5
@@ -341,6 +350,92 @@ def test_file_uri_input_and_output(ray_local, tmp_path, data, ref):
                             perplexity=PERPLEXITY, n_neighbors=24, knn_method="exact")
     build_affinities(cfg)
     assert_same_edges(tmp_path / "out", ref)
+
+
+def _upload(local_dir: Path, uri: str) -> str:
+    """Copy a local directory's files to ``uri`` (an S3 prefix)."""
+    import pyarrow.fs as pafs
+
+    fs, path = resolve(uri)
+    pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return uri
+
+
+def _same_build(a: dict, b: dict) -> None:
+    """Two manifests of one build: the same settings, the same files (paths, rows, bytes and sha256)."""
+    where = {"input", "config_hash", "timings_s", "peak_worker_rss_mb", "created_at"}
+    assert {k: v for k, v in a.items() if k not in where} == {k: v for k, v in b.items() if k not in where}
+
+
+def test_affinities_on_s3_equal_the_local_build(ray_local, s3, tmp_path, data, ref):
+    X, y = data
+    local_in = write_shards(tmp_path / "in", X, y)
+    bucket = s3.bucket()
+    s3_in = _upload(local_in, f"{bucket}/data/in")
+    local = build_affinities(config(tmp_path, local_in, label_col="y"))
+    cfg = AffinityJobConfig(input=s3_in, output=f"{bucket}/work/affinities", vector_col="vec", label_col="y",
+                            perplexity=PERPLEXITY, n_neighbors=24, knn_method="exact", batch_rows=100,
+                            edge_partitions=3)
+    remote = build_affinities(cfg)
+    _same_build(local, remote)
+    assert read_manifest(cfg.output) == remote
+    assert_same_edges(cfg.output, ref)
+    np.testing.assert_array_equal(load_edges(cfg.output)[2], load_edges(str(tmp_path / "out"))[2])
+    feats = load_features(cfg.output)
+    np.testing.assert_array_equal(feats.column("label").to_numpy(), y)
+    keys = s3.keys(f"{bucket}/work")
+    assert "work/affinities/manifest.json" in keys
+    assert not [k for k in keys if ".tmp-" in k or ".partial-" in k], keys
+    # Up to date: a second run returns the manifest without writing.
+    assert build_affinities(cfg) == remote
+
+
+def test_interrupted_build_on_s3_resumes_and_removes_only_its_partials(ray_local, s3, tmp_path, data, ref):
+    import ray
+
+    X, _ = data
+    bucket = s3.bucket()
+    s3_in = _upload(write_shards(tmp_path / "in", X), f"{bucket}/in")
+    fs, _ = resolve(bucket)
+    name = bucket[len("s3://"):]
+    # A stale partial build of other settings (ours) and a neighbour's files (not ours).
+    storage.write_bytes_atomic(fs, f"{name}/.out.partial-0123456789abcdef/_features.json", b"{}")
+    storage.write_bytes_atomic(fs, f"{name}/.out.partial-kept.txt", b"a file, not a partial build")
+    storage.write_bytes_atomic(fs, f"{name}/out-other/manifest.json", b"{}")
+    kw = dict(input=s3_in, output=f"{bucket}/out", vector_col="vec", perplexity=PERPLEXITY, n_neighbors=24,
+              knn_method="exact", batch_rows=100, edge_partitions=3)
+    marker = tmp_path / "failed-once"
+    with pytest.raises(ray.exceptions.RayTaskError, match="injected failure"):
+        build_affinities(AffinityJobConfig(**kw, inject_failure=str(marker), max_retries=0))
+    keys = s3.keys(bucket)
+    assert not [k for k in keys if k.startswith("out/")], "nothing at the output before the build is whole"
+    partial = {k.split("/")[0] for k in keys if k.startswith(".out.partial-") and k.endswith("/_features.json")}
+    assert len(partial) == 2, keys  # the stale one and this run's
+    build_affinities(AffinityJobConfig(**kw))
+    assert_same_edges(f"{bucket}/out", ref)
+    keys = s3.keys(bucket)
+    assert [k for k in keys if k.startswith(".out.partial-")] == [".out.partial-kept.txt"], keys
+    assert ".out.partial-kept.txt" in keys and "out-other/manifest.json" in keys
+    assert "out/manifest.json" in keys and "out/_features.json" not in keys
+
+
+def test_an_old_format_output_is_refused_unless_overwritten(ray_local, tmp_path, data):
+    X, _ = data
+    inp = write_shards(tmp_path / "in", X, sizes=(400,))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps({"format_version": 1, "config_hash": "x"}))
+    with pytest.raises(FileExistsError, match="format_version 1 .*pass overwrite"):
+        build_affinities(config(tmp_path, inp))
+    m = build_affinities(config(tmp_path, inp, overwrite=True))
+    assert read_manifest(str(tmp_path / "out"))["format_version"] == m["format_version"] == schema.FORMAT_VERSION
+
+
+def test_output_at_a_bucket_root_is_refused(ray_local, s3, tmp_path, data):
+    X, _ = data
+    inp = write_shards(tmp_path / "in", X, sizes=(400,))
+    with pytest.raises(ValueError, match="root of its filesystem or bucket"):
+        build_affinities(AffinityJobConfig(input=str(inp), output=s3.bucket(), vector_col="vec",
+                                           perplexity=PERPLEXITY, n_neighbors=24))
 
 
 @pytest.fixture

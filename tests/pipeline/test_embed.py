@@ -1,8 +1,11 @@
-"""pipeline.embed on a real local Ray: exactly-once bookkeeping, outputs equal ParametricTSNE.transform."""
+"""pipeline.embed on a real local Ray (and a real S3-protocol server): exactly-once bookkeeping,
+outputs equal ParametricTSNE.transform, nothing of anyone else's deleted."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 
 import numpy as np
@@ -15,10 +18,12 @@ from pipeline.embed import (
     LEDGER_FILE,
     EmbedConfig,
     EmbedInputError,
+    LOCK_FILE,
     Ledger,
     ModelSpec,
     embed_shards,
     load_output,
+    output_name,
     read_current,
 )
 from ptsne import ParametricTSNE
@@ -59,6 +64,20 @@ def spec(model_dir, version="1"):
     return ModelSpec(path=str(model_dir), name="demo", version=version, tag=f"v{version}")
 
 
+def uri_of(path):
+    """The ledger's key of a local input file."""
+    return os.path.realpath(path)
+
+
+def out_file(out, inp, rel, tag="v1"):
+    """The output file of input shard ``inp/rel``."""
+    return out / tag / output_name(rel, uri_of(inp / rel))
+
+
+def embeddings(table):
+    return np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+
+
 CFG = EmbedConfig(passthrough=("label",), batch_size=128, num_actors=1, progress=False)
 
 
@@ -84,7 +103,7 @@ def test_two_batches_then_nothing_new_matches_transform(ray_local, model_dir, tm
     assert (third.shards_written, third.shards_skipped, third.rows) == (0, 4, 0)
 
     for rel, (ids, X, y) in data.items():
-        table = pq.read_table(out / "v1" / rel)
+        table = pq.read_table(out_file(out, inp, rel))
         assert table.column("id").to_pylist() == ids.tolist()
         emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
         np.testing.assert_allclose(emb, est.transform(X), rtol=1e-5, atol=1e-5)
@@ -93,7 +112,8 @@ def test_two_batches_then_nothing_new_matches_transform(ray_local, model_dir, tm
         assert set(table.column("model_version").to_pylist()) == {"1"}
         assert table.column("label").to_pylist() == y.tolist()
     ledger = Ledger.load(out / "v1")
-    assert sorted(ledger.entries) == sorted(data)
+    assert sorted(ledger.entries) == sorted(uri_of(inp / rel) for rel in data)  # keyed by the full location
+    assert {e["input"] for e in ledger.entries.values()} == set(data)
     assert load_output(out).equals(load_output(out / "v1"))  # the location reads its current version
 
 
@@ -111,11 +131,11 @@ def test_output_schema_is_the_same_for_every_shard(ray_local, model_dir, tmp_pat
     assert (summary.shards_written, summary.rows, summary.stream_rows) == (4, 245, 245)
     assert 0 < summary.model_seconds <= summary.actor_seconds
     names = ["id", "embedding", "x", "y", "model_name", "model_version", "label"]
-    schemas = {rel: pq.read_schema(out / "v1" / rel) for rel in sizes}
+    schemas = {rel: pq.read_schema(out_file(out, inp, rel)) for rel in sizes}
     for rel, schema in schemas.items():
         assert schema.names == names, rel
         assert schema.equals(schemas["a.parquet"]), rel
-        assert pq.read_metadata(out / "v1" / rel).num_rows == sizes[rel]
+        assert pq.read_metadata(out_file(out, inp, rel)).num_rows == sizes[rel]
     table = load_output(out)
     assert table.column("id").to_pylist() == list(range(245))
     assert set(table.column("model_name").to_pylist()) == {"demo"}
@@ -141,21 +161,29 @@ def test_vectors_from_sliced_and_chunked_batches():
     np.testing.assert_array_equal(got[[0, 4]], X[[0, 3]])
 
 
-def test_changed_shard_is_reembedded_and_leftovers_removed(ray_local, model_dir, tmp_path):
+def test_changed_shard_is_reembedded_and_only_our_leftovers_removed(ray_local, model_dir, tmp_path):
     inp, out = tmp_path / "in", tmp_path / "out"
     ids, X, y = shard_data(0, 100, 0)
     write_shard(inp / "part-0.parquet", ids, X, y)
     embed_shards(inp, out, spec(model_dir), CFG)
-    # Leftovers of a killed run: a temp file and an output without a ledger line.
+    mine = out_file(out, inp, "part-0.parquet")
+    # Leftovers of a killed run: a temp file of ours, and an output at another shard's name without
+    # a ledger line; and a user's own file, which is not ours to delete.
     (out / "v1" / ".part-9.parquet.tmp-abc").write_bytes(b"partial")
+    write_shard(inp / "part-1.parquet", *shard_data(1, 20, 900))
+    unknown = out_file(out, inp, "part-1.parquet")
+    pq.write_table(pa.table({"id": [-1]}), unknown)
     pq.write_table(pa.table({"id": [1]}), out / "v1" / "orphan.parquet")
     ids2, X2, y2 = shard_data(5, 130, 500)
     write_shard(inp / "part-0.parquet", ids2, X2, y2)
     os.utime(inp / "part-0.parquet", ns=(1, 10**18))  # make the change visible even within one mtime tick
     summary = embed_shards(inp, out, spec(model_dir), CFG)
-    assert summary.shards_written == 1 and summary.rows == 130
-    assert sorted(p.name for p in (out / "v1").iterdir()) == [LEDGER_FILE, "part-0.parquet"]
-    assert load_output(out / "v1").column("id").to_pylist() == ids2.tolist()
+    assert (summary.shards_written, summary.rows) == (2, 150)
+    assert sorted(p.name for p in (out / "v1").iterdir()) == sorted(
+        [LEDGER_FILE, "orphan.parquet", mine.name, unknown.name])
+    assert pq.read_table(out / "v1" / "orphan.parquet").column("id").to_pylist() == [1]
+    assert pq.read_table(unknown).column("id").to_pylist() == list(range(900, 920))  # replaced
+    assert load_output(out / "v1").column("id").to_pylist() == [*ids2.tolist(), *range(900, 920)]
 
 
 def test_list_column_feature_columns_and_rejects(ray_local, model_dir, tmp_path):
@@ -169,13 +197,24 @@ def test_list_column_feature_columns_and_rejects(ray_local, model_dir, tmp_path)
     summary = embed_shards(tmp_path / "lists", tmp_path / "o1", spec(model_dir), cfg)
     assert (summary.rows, summary.rows_rejected) == (87, 3)
     good = np.setdiff1d(np.arange(90), [3, 7, 40])
-    table = pq.read_table(tmp_path / "o1" / "v1" / "p.parquet")
+    name = output_name("p.parquet", uri_of(tmp_path / "lists" / "p.parquet"))
+    table = pq.read_table(tmp_path / "o1" / "v1" / name)
     assert table.column("id").to_pylist() == ids[good].tolist()
-    emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
-    np.testing.assert_allclose(emb, est.transform(X[good]), rtol=1e-5, atol=1e-5)
-    rejects = pq.read_table(tmp_path / "o1" / "v1" / "_rejects" / "p.parquet")
-    assert rejects.column("row").to_pylist() == [3, 7, 40]
+    np.testing.assert_allclose(embeddings(table), est.transform(X[good]), rtol=1e-5, atol=1e-5)
+    rejects = pq.read_table(tmp_path / "o1" / "v1" / "_rejects" / name)
+    assert rejects.column("row").to_pylist() == [3, 7, 40]  # rows counted across batches of 32
     assert set(rejects.column("reason").to_pylist()) == {"NaN or Inf"}
+    assert set(rejects.column("shard").to_pylist()) == {uri_of(tmp_path / "lists" / "p.parquet")}
+    (entry,) = Ledger.load(tmp_path / "o1" / "v1").entries.values()
+    assert (entry["rows"], entry["rejected"], entry["rejects"]) == (87, 3, f"_rejects/{name}")
+
+    # The shard is fixed: embedded again, and its old rejects go with the old version of it.
+    write_shard(tmp_path / "lists" / "p.parquet", ids, X, vector="list")
+    os.utime(tmp_path / "lists" / "p.parquet", ns=(1, 10**18))
+    summary = embed_shards(tmp_path / "lists", tmp_path / "o1", spec(model_dir), cfg)
+    assert (summary.rows, summary.rows_rejected) == (90, 0)
+    assert not (tmp_path / "o1" / "v1" / "_rejects" / name).exists()
+    assert Ledger.load(tmp_path / "o1" / "v1").entries[uri_of(tmp_path / "lists" / "p.parquet")]["rejects"] is None
 
     # scalar feature columns, named in the model's feature order
     names = [f"f{j}" for j in range(DIM)]
@@ -198,8 +237,10 @@ def test_nan_rows_fail_their_shard_only(ray_local, model_dir, tmp_path):
     with pytest.raises(EmbedInputError, match=r"bad.parquet: 2 rows with NaN or Inf \(first ids: 105, 106\)") as info:
         embed_shards(inp, out, spec(model_dir), CFG)
     assert info.value.summary.shards_written == 1
-    assert sorted(Ledger.load(out / "v1").entries) == ["good.parquet"]
-    assert not (out / "v1" / "bad.parquet").exists()
+    assert sorted(Ledger.load(out / "v1").entries) == [uri_of(inp / "good.parquet")]
+    # nothing of the bad shard, not even a temporary file
+    assert sorted(p.name for p in (out / "v1").iterdir()) == sorted(
+        [LEDGER_FILE, out_file(out, inp, "good.parquet").name])
     assert not (out / CURRENT_FILE).exists()  # incomplete output is never made current
 
 
@@ -234,8 +275,8 @@ def test_duplicate_ids_warn_with_the_count_or_fail_their_shard(ray_local, model_
         embed_shards(inp, tmp_path / "error", spec(model_dir), strict)
     assert "--on-duplicate-ids warn" in str(info.value)
     assert (info.value.summary.shards_written, info.value.summary.shards_failed) == (1, 1)
-    assert sorted(Ledger.load(tmp_path / "error" / "v1").entries) == ["a.parquet"]
-    assert not (tmp_path / "error" / "v1" / "b.parquet").exists()
+    assert sorted(Ledger.load(tmp_path / "error" / "v1").entries) == [uri_of(inp / "a.parquet")]
+    assert not out_file(tmp_path / "error", inp, "b.parquet").exists()
 
 
 @pytest.mark.parametrize(
@@ -284,15 +325,15 @@ def test_method_network_matches_transform_and_one_output_holds_one_method(ray_lo
     write_shard(inp / "a.parquet", ids, X, y)
     network = dataclasses.replace(CFG, method="network")
     assert embed_shards(inp, out, spec(model_dir), network).shards_written == 1
-    emb = np.stack(pq.read_table(out / "v1" / "a.parquet").column("embedding").to_numpy(zero_copy_only=False))
+    emb = embeddings(pq.read_table(out_file(out, inp, "a.parquet")))
     np.testing.assert_allclose(emb, est.transform(X, method="network"), rtol=1e-5, atol=1e-5)
     assert not np.allclose(emb, est.transform(X), atol=1e-3)  # the default mode refines
-    assert Ledger.load(out / "v1").entries["a.parquet"]["method"] == "network"
+    assert Ledger.load(out / "v1").entries[uri_of(inp / "a.parquet")]["method"] == "network"
     # New shards in that output may not be placed by another method: refused before any work.
     write_shard(inp / "b.parquet", *shard_data(1, 30, 500))
     with pytest.raises(ValueError, match="placed by method 'network', this run would place them by 'refine'"):
         embed_shards(inp, out, spec(model_dir), CFG)
-    assert not (out / "v1" / "b.parquet").exists()
+    assert not out_file(out, inp, "b.parquet").exists()
 
 
 def test_refine_needs_a_model_with_a_reference(tmp_path):
@@ -324,12 +365,144 @@ def test_config_validation():
         EmbedConfig(passthrough="label")
 
 
-def test_actors_that_leave_no_cpu_for_reading_are_refused(ray_local, model_dir, tmp_path):
-    # On the 2-CPU test cluster, one actor of 2 CPUs would starve Ray Data's read tasks forever.
+def test_actors_may_use_every_cpu_but_no_more(ray_local, model_dir, tmp_path):
+    # No read tasks compete with the actors: one actor of both CPUs of the test cluster runs.
     inp, out = tmp_path / "in", tmp_path / "out"
     ids, X, y = shard_data(0, 40, 0)
     write_shard(inp / "a.parquet", ids, X, y)
-    cfg = EmbedConfig(num_actors=1, cpus_per_actor=2, progress=False)
-    with pytest.raises(ValueError, match=r"cpus_per_actor=2 reserve 2 of the cluster's 2 CPUs"):
-        embed_shards(inp, out, spec(model_dir), cfg)
-    assert not (out / "v1" / "a.parquet").exists()
+    summary = embed_shards(inp, out, spec(model_dir), EmbedConfig(num_actors=1, cpus_per_actor=2, progress=False))
+    assert summary.rows == 40
+    write_shard(inp / "b.parquet", *shard_data(1, 40, 100))
+    write_shard(inp / "c.parquet", *shard_data(2, 40, 200))
+    with pytest.raises(ValueError, match=r"1 actor\(s\) x cpus_per_actor=3 reserve 3 CPUs, the cluster has 2"):
+        embed_shards(inp, out, spec(model_dir), EmbedConfig(num_actors=1, cpus_per_actor=3, progress=False))
+    assert not out_file(out, inp, "b.parquet").exists()
+    with pytest.raises(ValueError, match=r"2 actor\(s\) x cpus_per_actor=1.5 reserve 3 CPUs"):
+        embed_shards(inp, out, spec(model_dir), EmbedConfig(num_actors=2, cpus_per_actor=1.5, progress=False))
+    assert not out_file(out, inp, "b.parquet").exists() and not out_file(out, inp, "c.parquet").exists()
+
+
+def test_output_name_keeps_the_relative_path_and_hashes_the_full_uri():
+    uri = "s3://bucket/incoming/day1/sub/a.parquet"
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:10]
+    assert output_name("sub/a.parquet", uri) == f"sub/a.{digest}.parquet"
+    assert output_name("a.parquet", "/data/day1/a.parquet") != output_name("a.parquet", "/data/day2/a.parquet")
+
+
+def test_two_inputs_with_the_same_file_names_are_both_kept(ray_local, model_dir, tmp_path):
+    """incoming/day1 and then incoming/day2, both holding a.parquet, into one output."""
+    inp, out = tmp_path / "incoming", tmp_path / "out"
+    day1 = {"a.parquet": shard_data(0, 50, 0), "b.parquet": shard_data(1, 30, 50)}
+    day2 = {"a.parquet": shard_data(2, 40, 1000)}
+    for day, data in (("day1", day1), ("day2", day2)):
+        for rel, (ids, X, y) in data.items():
+            write_shard(inp / day / rel, ids, X, y)
+    first = embed_shards(inp / "day1", out, spec(model_dir), CFG)
+    second = embed_shards(inp / "day2", out, spec(model_dir), CFG)
+    assert (first.shards_written, second.shards_written, second.shards_skipped) == (2, 1, 0)
+    again = embed_shards(inp / "day1", out, spec(model_dir), CFG)
+    assert (again.shards_written, again.shards_skipped) == (0, 2)
+
+    est = ParametricTSNE.load(model_dir, device="cpu")
+    table = load_output(out / "v1")
+    ids = table.column("id").to_pylist()
+    expected = [*day1["a.parquet"][0], *day1["b.parquet"][0], *day2["a.parquet"][0]]
+    assert sorted(ids) == sorted(expected) and len(set(ids)) == len(ids)
+    X = {int(i): x for data in (day1, day2) for d in data.values() for i, x in zip(d[0], d[1])}
+    np.testing.assert_allclose(embeddings(table), est.transform(np.stack([X[i] for i in ids])), rtol=1e-5, atol=1e-5)
+    files = sorted(p.name for p in (out / "v1").glob("*.parquet"))
+    assert len(files) == 3 and sum(f.startswith("a.") for f in files) == 2
+
+
+def test_input_and_output_that_contain_each_other_are_refused_before_any_work(model_dir, tmp_path, s3):
+    out = tmp_path / "out"
+    inside = out / "v1" / "in"
+    write_shard(inside / "a.parquet", *shard_data(0, 20, 0))
+    before = (inside / "a.parquet").read_bytes()
+    with pytest.raises(ValueError, match="must not contain each other"):
+        embed_shards(inside, out, spec(model_dir), CFG)
+    inp = tmp_path / "in"
+    write_shard(inp / "a.parquet", *shard_data(0, 20, 0))
+    with pytest.raises(ValueError, match="lies inside input"):
+        embed_shards(inp, inp / "maps", spec(model_dir), CFG)
+    assert (inside / "a.parquet").read_bytes() == before
+    assert sorted(p.name for p in out.rglob("*")) == ["a.parquet", "in", "v1"]  # no lock, no ledger
+    assert not (inp / "maps").exists()
+
+    bucket = s3.bucket()
+    with pytest.raises(ValueError, match="must not contain each other"):
+        embed_shards(f"{bucket}/maps/v1/incoming", f"{bucket}/maps", spec(model_dir), CFG)
+    assert s3.keys(bucket) == []
+
+
+def _put_shard(uri, ids, X, y):
+    from pipeline import storage
+
+    X = np.asarray(X, dtype=np.float32)
+    table = pa.table({"id": pa.array(ids, type=pa.int64()), "label": pa.array(y),
+                      "vector": pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), X.shape[1])})
+    fs, path = storage.resolve(uri)
+    with fs.open_output_stream(path) as f:
+        pq.write_table(table, f)
+
+
+def test_input_and_output_on_s3(ray_local, model_dir, s3):
+    from pipeline import storage
+
+    bucket = s3.bucket()
+    inp, out = f"{bucket}/incoming", f"{bucket}/maps"
+    data = {"a.parquet": shard_data(0, 90, 0), "sub/b.parquet": shard_data(1, 70, 500)}
+    for rel, (ids, X, y) in data.items():
+        _put_shard(f"{inp}/{rel}", ids, X, y)
+    cfg = EmbedConfig(passthrough=("label",), batch_size=32, num_actors=1, progress=False)
+    first = embed_shards(inp, out, spec(model_dir), cfg)
+    assert (first.shards_written, first.rows, first.current) == (2, 160, True)
+    assert first.output == f"{out}/v1"
+    again = embed_shards(inp, out, spec(model_dir), cfg)
+    assert (again.shards_written, again.shards_skipped, again.rows) == (0, 2, 0)
+
+    ledger = Ledger.load(f"{out}/v1")
+    assert sorted(ledger.entries) == [f"{inp}/{rel}" for rel in sorted(data)]
+    est = ParametricTSNE.load(model_dir, device="cpu")
+    fs, _ = storage.resolve(out)
+    for rel, (ids, X, y) in data.items():
+        entry = ledger.entries[f"{inp}/{rel}"]
+        assert entry["output"] == output_name(rel, f"{inp}/{rel}")
+        with fs.open_input_file(f"{out}/v1/{entry['output']}"[len("s3://"):]) as f:
+            table = pq.read_table(f)
+        assert table.column("id").to_pylist() == ids.tolist()
+        assert table.column("label").to_pylist() == y.tolist()
+        np.testing.assert_allclose(embeddings(table), est.transform(X), rtol=1e-5, atol=1e-5)
+    assert read_current(out)["dir"] == "v1"
+    assert len(load_output(out)) == 160
+    keys = [k for k in s3.keys(out) if not k.endswith("/")]  # pyarrow's directory markers aside
+    names = [k.rsplit("/", 1)[-1] for k in keys]
+    assert not [n for n in names if storage.is_ours(n)] and LOCK_FILE not in names  # lease given back
+    assert sorted(names) == sorted([CURRENT_FILE, LEDGER_FILE, *(output_name(r, f"{inp}/{r}").rsplit("/", 1)[-1]
+                                                                 for r in data)])
+
+
+def test_ledger_lines_of_the_older_format_are_not_trusted_and_their_files_kept(ray_local, model_dir, tmp_path,
+                                                                              caplog):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    ids, X, y = shard_data(0, 60, 0)
+    write_shard(inp / "a.parquet", ids, X, y)
+    # What the older format wrote: the output under the input's relative path, keyed by it.
+    (out / "v1").mkdir(parents=True)
+    pq.write_table(pa.table({"id": pa.array(ids, pa.int64())}), out / "v1" / "a.parquet")
+    old_bytes = (out / "v1" / "a.parquet").read_bytes()
+    st = (inp / "a.parquet").stat()
+    old = {"input": "a.parquet", "size": st.st_size, "mtime_ns": st.st_mtime_ns, "rows": 60, "output": "a.parquet",
+           "model_name": "demo", "model_version": "1", "method": "refine"}
+    (out / "v1" / LEDGER_FILE).write_text(json.dumps(old) + "\n")
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.embed"):
+        summary = embed_shards(inp, out, spec(model_dir), CFG)
+    assert (summary.shards_written, summary.rows) == (1, 60)
+    (warning,) = [r.getMessage() for r in caplog.records if "older format" in r.getMessage()]
+    assert "1 ledger line(s) of the older format" in warning and "a.parquet" in warning, warning
+    assert (out / "v1" / "a.parquet").read_bytes() == old_bytes  # kept, untouched
+    assert load_output(out).column("id").to_pylist() == ids.tolist()  # the old file is not read
+    ledger = Ledger.load(out / "v1")
+    assert ledger.legacy == [old] and list(ledger.entries) == [uri_of(inp / "a.parquet")]
+    assert embed_shards(inp, out, spec(model_dir), CFG).shards_skipped == 1

@@ -5,32 +5,34 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import itertools
-import json
 import os
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 import pytest
 import torch
 
-from pipeline import schema
+from pipeline import schema, storage
+from pipeline.affinity_dir import (
+    AffinityDir,
+    AffinityManifest,
+    DataFile,
+    EdgesFile,
+    RowGroup,
+    manifest_json,
+    write_edges_file,
+)
 from pipeline.train import (
     CHECKPOINT_OPTIMIZER,
     DistributedTrainConfig,
     ScannedFeatures,
     SharedFeatures,
     check_gpu_workers,
-    edge_shard,
     fit_reference,
-    load_edges,
-    load_features,
     load_optimizer_state,
-    read_manifest,
     reference_rows,
     run_name,
-    shard_files,
     shard_of,
     train_distributed,
 )
@@ -44,37 +46,35 @@ from ptsne.train import TrainConfig
 FAST = dict(hidden_layers=(64, 64), n_epochs=20, batch_size=128, learning_rate=3e-3, reference_size=0)
 
 
-def write_affinity_dir(path: Path, X: np.ndarray, labels=None, perplexity: float = 10.0, parts: int = 3) -> Path:
-    """An affinity directory per the contract, from the core kNN and affinity stages."""
+def write_affinity_dir(location, X: np.ndarray, labels=None, perplexity: float = 10.0, parts: int = 3,
+                       buckets: int = schema.EDGE_BUCKETS) -> str:
+    """An affinity directory per the contract (local path or URI), from the core kNN and affinity stages."""
     n, dim = X.shape
     k = min(n - 1, int(3 * perplexity))
     edges = joint_probabilities(knn_graph(X, KNNConfig(k=k, method="exact", device="cpu")), perplexity)
-    (path / schema.FEATURES_DIR).mkdir(parents=True)
-    (path / schema.EDGES_DIR).mkdir()
-    files = {"features": [], "edges": []}
+    order = np.lexsort((edges.tail, edges.head))
+    head, tail, weight = edges.head[order], edges.tail[order], edges.weight[order]
+    fs, root = storage.resolve(location)
+    features, edge_files = [], []
     for i, rows in enumerate(np.array_split(np.arange(n), parts)):
-        lab = None if labels is None else __import__("pyarrow").array(labels[rows])
-        t = schema.features_table(rows, __import__("pyarrow").array(rows + 1000), X[rows], lab)
+        lab = None if labels is None else pa.array(labels[rows])
         rel = f"{schema.FEATURES_DIR}/{schema.part_name(i)}"
-        pq.write_table(t, path / rel)
-        files["features"].append({"path": rel, "rows": len(rows), "sha256": _sha(path / rel)})
-        sel = (edges.head >= rows[0]) & (edges.head <= rows[-1])
+        sha = storage.write_parquet_atomic(fs, storage.join(root, rel),
+                                           schema.features_table(rows, pa.array(rows + 1000), X[rows], lab))
+        features.append(DataFile(rel, len(rows), sha))
+        sel = (head >= rows[0]) & (head <= rows[-1])
         rel = f"{schema.EDGES_DIR}/{schema.part_name(i)}"
-        pq.write_table(schema.edges_table(edges.head[sel], edges.tail[sel], edges.weight[sel]), path / rel)
-        files["edges"].append({"path": rel, "rows": int(sel.sum()), "sha256": _sha(path / rel)})
-    manifest = {
-        "format_version": schema.FORMAT_VERSION, "n": n, "input_dim": dim, "dim": dim, "k": k,
-        "perplexities": [perplexity], "knn_method": "exact", "knn_recall": None,
-        "n_edges": int(len(edges.head)), "vector_col": "vector", "id_col": "id",
-        "label_col": None if labels is None else "label", "pca": False,
-        "config_hash": hashlib.sha256(str((n, dim, perplexity)).encode()).hexdigest()[:16], "files": files,
-    }
-    (path / schema.MANIFEST_FILE).write_text(json.dumps(manifest))
-    return path
-
-
-def _sha(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
+        w = write_edges_file(fs, storage.join(root, rel), head[sel], tail[sel], weight[sel], buckets)
+        edge_files.append(EdgesFile(rel, w["rows"], w["sha256"], w["bytes"], int(rows[0]), int(rows[-1]) + 1,
+                                    tuple(RowGroup(b, r) for b, r in w["row_groups"])))
+    manifest = AffinityManifest(
+        n=n, input_dim=dim, dim=dim, k=k, perplexities=(perplexity,), features=tuple(features),
+        edges=tuple(edge_files), edge_buckets=buckets, n_edges=int(len(head)), knn_method="exact",
+        vector_col="vector", id_col="id", label_col=None if labels is None else "label",
+        config_hash=hashlib.sha256(str((n, dim, perplexity)).encode()).hexdigest()[:16],
+    )
+    storage.write_bytes_atomic(fs, storage.join(root, schema.MANIFEST_FILE), manifest_json(manifest))
+    return os.fspath(location)
 
 
 @pytest.fixture(scope="module")
@@ -104,32 +104,19 @@ def test_shard_of_is_balanced_and_stable():
     assert np.all(shard_of(rows, 1) == 0)
 
 
+def test_shard_of_is_the_edge_bucket_modulo_the_worker_count():
+    # Why a worker whose count divides the bucket count reads only its own row groups.
+    rows = np.arange(50_000)
+    buckets = schema.bucket_of(rows, schema.EDGE_BUCKETS)
+    for w in (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 16, 20, 24, 240):
+        np.testing.assert_array_equal(shard_of(rows, w), buckets % w)
+
+
 def test_scanned_features_equal_shared(affinity_dir):
-    m = read_manifest(affinity_dir)
-    files = shard_files(affinity_dir, m, "features")
-    X = load_features(files, m["n"], m["dim"])
-    rows = np.random.default_rng(1).integers(0, m["n"], 500)
-    np.testing.assert_array_equal(ScannedFeatures(files, m["dim"]).fetch(rows), SharedFeatures(X).fetch(rows))
-
-
-def test_edge_shards_partition_the_edges_whatever_the_batch_order(affinity_dir):
-    """Each worker keeps exactly the edges of its heads, int64/int64/float32, in any block order."""
-    m = read_manifest(affinity_dir)
-    table = pq.ParquetDataset(shard_files(affinity_dir, m, "edges")).read()
-    cols = {c: table.column(c).to_numpy() for c in (schema.HEAD, schema.TAIL, schema.WEIGHT)}
-    # Batches as Ray Data may hand them: any size, any order, int32 columns included.
-    bounds = np.linspace(0, table.num_rows, 8).astype(int)
-    batches = [{c: v[a:b] for c, v in cols.items()} for a, b in itertools.pairwise(bounds)]
-    batches[0][schema.HEAD] = batches[0][schema.HEAD].astype(np.int32)
-    parts = [edge_shard(reversed(batches) if w else batches, w, 3) for w in range(3)]
-    for w, (h, t, wt) in enumerate(parts):
-        assert (h.dtype, t.dtype, wt.dtype) == (np.int64, np.int64, np.float32)
-        assert np.all(shard_of(h, 3) == w)
-    got = np.concatenate([np.stack([h, t]) for h, t, _ in parts], axis=1)
-    want = np.stack([cols[schema.HEAD], cols[schema.TAIL]])
-    np.testing.assert_array_equal(got[:, np.lexsort(got[::-1])], want[:, np.lexsort(want[::-1])])
-    empty = edge_shard([], 0, 2)
-    assert [a.dtype for a in empty] == [np.int64, np.int64, np.float32] and all(len(a) == 0 for a in empty)
+    aff = AffinityDir(affinity_dir)
+    X = aff.features_array()
+    rows = np.random.default_rng(1).integers(0, aff.manifest.n, 500)
+    np.testing.assert_array_equal(ScannedFeatures(aff).fetch(rows), SharedFeatures(X).fetch(rows))
 
 
 @pytest.mark.parametrize(
@@ -189,6 +176,11 @@ def test_rejects_too_many_workers_for_batch(affinity_dir, tmp_path):
 def test_rejects_bad_edges_ingest_and_on_epoch(affinity_dir, tmp_path):
     with pytest.raises(ValueError, match="edges_ingest"):
         train_distributed(affinity_dir, DistributedTrainConfig(), storage_path=tmp_path, edges_ingest="disk")
+    # The old ways of shipping edges are accepted and ignored, with a warning.
+    with pytest.warns(DeprecationWarning, match="edges_ingest='stream' is ignored"), \
+            pytest.raises(ValueError, match="batch_size"):
+        train_distributed(affinity_dir, DistributedTrainConfig(batch_size=4), num_workers=3, storage_path=tmp_path,
+                          edges_ingest="stream")
     with pytest.raises(TypeError, match="on_epoch"):
         train_distributed(affinity_dir, DistributedTrainConfig(), storage_path=tmp_path, on_epoch="log")
 
@@ -257,7 +249,6 @@ def epoch_reports() -> list[dict]:
 def two_worker_run(ray_local, affinity_dir, tmp_path_factory, epoch_reports):
     config = DistributedTrainConfig(**FAST, seed=3)
     storage = tmp_path_factory.mktemp("ray_results")
-    # 2 workers on the 2-CPU local Ray leave no CPU for Ray Data: "auto" materialises the edges.
     return config, train_distributed(
         affinity_dir, config, num_workers=2, storage_path=storage, on_epoch=epoch_reports.append
     )
@@ -297,14 +288,60 @@ def test_on_epoch_gets_each_epoch_once_in_order_while_training(two_worker_run, e
     assert untimed(epoch_reports) == untimed(result.history)
 
 
-def test_streamed_and_materialised_edges_train_the_same_model(ray_local, affinity_dir, tmp_path):
-    """One worker leaves a CPU of the local Ray free, so Ray Data can stream the edges in the worker."""
+def test_two_workers_each_read_about_half_of_the_edges(two_worker_run, affinity_dir):
+    """Each worker reads only its buckets' row groups; together they own every edge once, compactly."""
+    _, result = two_worker_run
+    aff = AffinityDir(affinity_dir)
+    total = result.edges_bytes_total
+    assert len(result.edges_bytes_read) == 2 and total > 0
+    for read in result.edges_bytes_read:
+        assert 0.3 * total <= read <= 0.7 * total, (read, total)
+    assert sum(result.edges_bytes_read) <= total
+    assert sum(result.owned_edges) == aff.manifest.n_edges
+    assert sum(result.owned_rows) == aff.manifest.n
+    for edges, size in zip(result.owned_edges, result.sampler_bytes):
+        assert size / edges <= 16, size / edges
+    assert len(result.worker_peak_rss_mb) == 2 and min(result.worker_peak_rss_mb) > 0
+
+
+def test_one_worker_model_does_not_depend_on_how_the_edges_are_split(ray_local, affinity_dir, digits_split,
+                                                                      tmp_path):
+    """The same P in one edges file or three, in 240 buckets or 7: the same rows, draws and weights."""
+    X, y, _, _ = digits_split
+    other = write_affinity_dir(tmp_path / "aff1", X, y, parts=1, buckets=7)
     config = DistributedTrainConfig(**{**FAST, "n_epochs": 2}, seed=5)
-    runs = {
-        mode: train_distributed(affinity_dir, config, num_workers=1, storage_path=tmp_path / mode, edges_ingest=mode)
-        for mode in ("stream", "materialize")
-    }
-    a, b = _weights(runs["stream"].estimator), _weights(runs["materialize"].estimator)
+    runs = [train_distributed(d, config, num_workers=1, storage_path=tmp_path / str(i))
+            for i, d in enumerate((affinity_dir, other))]
+    a, b = (_weights(r.estimator) for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for r in runs:  # one worker reads everything
+        assert r.edges_bytes_read == [r.edges_bytes_total] and r.owned_edges == [AffinityDir(affinity_dir).manifest.n_edges]
+
+
+def stop_after(at_epoch: int):
+    """A worker callback that stops training after ``at_epoch`` (a closure, shipped to workers by value)."""
+    return lambda epoch, metrics: epoch == at_epoch
+
+
+def test_training_from_s3_with_s3_storage_resumes_there(ray_local, s3, affinity_dir, digits_split, tmp_path):
+    """Affinities and checkpoints in a bucket: the run checkpoints there, and a rerun resumes from it."""
+    X, y, _, _ = digits_split
+    bucket = s3.bucket()
+    remote = write_affinity_dir(f"{bucket}/affinities", X, y)
+    config = DistributedTrainConfig(**{**FAST, "n_epochs": 2}, seed=5)
+    storage_uri = f"{bucket}/ray_results"
+    first = train_distributed(remote, config, num_workers=1, storage_path=storage_uri, callbacks=[stop_after(0)])
+    assert [h["epoch"] for h in first.history] == [0]
+    assert first.checkpoint_path.startswith(storage_uri + "/"), first.checkpoint_path
+    keys = s3.keys(storage_uri)
+    assert any(k.endswith("epoch-00000/model.safetensors") for k in keys), keys
+    assert first.edges_bytes_read == [first.edges_bytes_total] and first.edges_bytes_total > 0
+    again = train_distributed(remote, config, num_workers=1, storage_path=storage_uri)
+    assert again.resumed_from == [1] and [h["epoch"] for h in again.history] == [0, 1]
+    assert any(k.endswith("epoch-00001/model.safetensors") for k in s3.keys(storage_uri))
+    # The same data on local disk, trained without a stop: the same weights.
+    local = train_distributed(affinity_dir, config, num_workers=1, storage_path=tmp_path)
+    a, b = _weights(again.estimator), _weights(local.estimator)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -420,12 +457,12 @@ def test_distributed_training_builds_a_reference_like_the_single_process_one(two
 def test_reference_of_every_row_uses_the_affinity_directory_p(two_worker_run, affinity_dir, digits_split):
     config, clean = two_worker_run
     X = digits_split[0]
-    manifest = read_manifest(affinity_dir)
-    edges = load_edges(shard_files(affinity_dir, manifest, "edges"))
-    want = joint_probabilities(knn_graph(X, KNNConfig(k=manifest["k"], method="exact", device="cpu")), 10.0)
+    aff = AffinityDir(affinity_dir)
+    edges = aff.read_edges()
+    want = joint_probabilities(knn_graph(X, KNNConfig(k=aff.manifest.k, method="exact", device="cpu")), 10.0)
     np.testing.assert_allclose(edges.to_csr(len(X)).toarray(), want.to_csr(len(X)).toarray(), rtol=1e-6)
     whole = dataclasses.replace(config, reference_size=len(X), reference_iter=50)
-    est = fit_reference(copy.deepcopy(clean.estimator), affinity_dir, manifest, whole)
+    est = fit_reference(copy.deepcopy(clean.estimator), affinity_dir, whole)
     single = copy.deepcopy(clean.estimator).set_params(reference_size=len(X), reference_iter=50)
     single.fit_reference(X, want, random_state=config.seed)
     assert len(est.reference_) == len(X)
@@ -433,5 +470,5 @@ def test_reference_of_every_row_uses_the_affinity_directory_p(two_worker_run, af
     np.testing.assert_allclose(est.reference_.embedding, single.reference_.embedding, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(est.transform(X), est.reference_.embedding)
     # reference_size 0: a network-only model.
-    none = fit_reference(copy.deepcopy(clean.estimator), affinity_dir, manifest, config)
+    none = fit_reference(copy.deepcopy(clean.estimator), aff, config)
     assert none.reference_ is None

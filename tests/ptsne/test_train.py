@@ -217,3 +217,26 @@ def test_exaggeration_below_one_has_no_minimum():
     assert below[-2] - below[-1] == pytest.approx(2 * (0.8 - 1) * -math.log(10), rel=1e-3)
     at_one = [loss(s, 1.0) for s in (1e4, 1e5, 1e6)]
     assert max(at_one) - min(at_one) < 1e-2  # flat: no gain from expanding at rho = 1
+
+
+def test_sampler_from_csr_is_the_sampler_of_the_same_rows_in_12_bytes_an_edge(blobs):
+    X, _, edges = problem(blobs)
+    n = len(X)
+    order = np.lexsort((edges.tail, edges.head))
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(edges.head, minlength=n), out=indptr[1:])
+    weight = edges.weight[order].astype(np.float64)
+    csr = NeighborSampler.from_csr(indptr, edges.tail[order].astype(np.int32), weight)
+    single = NeighborSampler(edges, n)
+    assert csr.tail.dtype == single.tail.dtype == torch.int32
+    # The running sum is built in the caller's array, not in a copy.
+    assert np.shares_memory(csr.cumw.numpy(), weight)
+    anchors = torch.arange(n).repeat(20)
+    a = csr.sample(anchors, torch.Generator().manual_seed(1))
+    b = single.sample(anchors, torch.Generator().manual_seed(1))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[0].dtype == torch.int64
+    assert csr.nbytes / csr.n_edges <= 16
+    with pytest.raises(TypeError, match="float64"):
+        NeighborSampler.from_csr(indptr, edges.tail[order], edges.weight[order])
+    with pytest.raises(ValueError, match="disagree"):
+        NeighborSampler.from_csr(indptr[:-1], edges.tail[order], edges.weight[order].astype(np.float64))
