@@ -9,6 +9,11 @@ importance and none starts after ``--budget-s`` seconds (it is recorded as skipp
     python benchmarks/gpu_check.py [--out gpu-check.json] [--n 200000] [--budget-s 420]
     python benchmarks/gpu_check.py --device cpu --n 2000 --e2e-n 0 --skip-pytest --skip-mnist  # dry run
 
+The estimators run with ``device="auto"``, so a GPU host whose FAISS is a CPU build
+trains on the GPU and searches on CPU (the environment and each figure say where).
+Where Ray or MLflow is not installed (a bare GPU image), the test stages run the
+numerics' tests (``tests/ptsne``) alone.
+
 The dry run (CPU, tiny sizes) is a default test (tests/test_gpu_check.py), so the
 script cannot rot. Exit status 1 when any probe FAILs.
 """
@@ -56,6 +61,11 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def _asked(device: torch.device) -> str:
+    # "auto" on a GPU: trains there, and searches on CPU should FAISS be a CPU build.
+    return "auto" if device.type == "cuda" else device.type
+
+
 def blobs(n: int, dim: int = 50, centers: int = 20, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     c = rng.normal(scale=6.0, size=(centers, dim))
@@ -67,8 +77,10 @@ def blobs(n: int, dim: int = 50, centers: int = 20, seed: int = 0) -> np.ndarray
 
 def probe_load_on_cpu(device: torch.device, n: int) -> dict:
     X = blobs(min(n, 2000), dim=10)
-    est = ParametricTSNE(perplexity=10.0, n_epochs=2, batch_size=128, random_state=0, device=str(device.type),
+    est = ParametricTSNE(perplexity=10.0, n_epochs=2, batch_size=128, random_state=0, device=_asked(device),
                          reference_size=0).fit(X)
+    if est.device_.type != device.type:
+        raise AssertionError(f"fit on {device.type} ran on {est.device_}")
     with tempfile.TemporaryDirectory(prefix="ptsne-gpu-check-") as d:
         path = est.save(Path(d) / "m")
         cpu = ParametricTSNE.load(path)
@@ -139,14 +151,18 @@ _SHARED: dict = {}  # the probes' data and P, computed once by probe_knn_p
 def probe_knn_p(device: torch.device, n: int) -> dict:
     X = blobs(n)
     out, graphs = {}, {}
-    for name in dict.fromkeys(["cpu", device.type]):
+    searches = ["cpu"] + (["cuda"] if device.type == "cuda" and faiss_gpu_count() else [])
+    for name in searches:
         t = time.perf_counter()
-        g = knn_graph(X, k=90, device="cuda" if name == "cuda" and faiss_gpu_count() else "cpu")
+        g = knn_graph(X, k=90, device=name)
         t_knn = time.perf_counter() - t
         edges = joint_probabilities(g, 30.0)
         graphs[name] = g
         out[name] = {"knn_s": round(t_knn, 3), "knn_p_s": round(time.perf_counter() - t, 3)}
-    out["recall_vs_cpu"] = recall_at_k(graphs["cpu"].indices[:2000], graphs[device.type].indices[:2000])
+    if "cuda" in graphs:
+        out["recall_vs_cpu"] = recall_at_k(graphs["cpu"].indices[:2000], graphs["cuda"].indices[:2000])
+    else:
+        out["gpu_search"] = "not run: FAISS sees no GPU" if device.type == "cuda" else "not asked"
     _SHARED.update(X=X, edges=edges)
     return out
 
@@ -199,11 +215,34 @@ PROBES = [
 
 def run_pytest(args: list[str], timeout: float) -> dict:
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        tail = (exc.stdout or b"")[-1500:]
+        return {"rc": None, "summary": f"stopped after {timeout:.0f} s (budget)",
+                "tail": tail.decode(errors="replace") if isinstance(tail, bytes) else tail,
+                "seconds": round(time.perf_counter() - t, 1)}
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    return {"rc": proc.returncode, "summary": lines[-1] if lines else proc.stderr[-500:],
+    failures = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
+    return {"rc": proc.returncode, "summary": lines[-1] if lines else proc.stderr[-500:], "failures": failures[:20],
             "seconds": round(time.perf_counter() - t, 1)}
+
+
+def test_paths() -> list[str]:
+    """The whole suite, or the numerics' tests alone where Ray or MLflow is not installed."""
+    try:
+        import mlflow  # noqa: F401
+        import ray  # noqa: F401
+    except ImportError:
+        return ["tests/ptsne", "tests/test_gpu_check.py"]
+    return ["tests"]
+
+
+def write_report(report: dict, out: Path) -> None:
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    os.replace(tmp, out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,17 +252,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--e2e-n", type=int, default=1_000_000, help="rows of the end-to-end fit (0: skip)")
     p.add_argument("--skip-pytest", action="store_true", help="do not run the gpu tests and the default suite")
     p.add_argument("--skip-mnist", action="store_true", help="do not run benchmarks/mnist.py")
+    p.add_argument("--mnist-data", default=None, help="mnist.npz for the MNIST stage (default: benchmarks/mnist.py's)")
+    p.add_argument("--with-opentsne", action="store_true", help="run openTSNE beside ptsne in the MNIST stage")
     p.add_argument("--budget-s", type=float, default=420.0, help="no stage starts after this many seconds")
     p.add_argument("--out", default="gpu-check.json", help="JSON of every figure (default: gpu-check.json)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
+    out = Path(args.out)
     device = resolve_device(args.device)
     report = {"environment": environment(device), "probes": {}, "stages": {}}
-    print(json.dumps(report["environment"], indent=2))
+    print(json.dumps(report["environment"], indent=2), flush=True)
+
+    def left() -> float:
+        return args.budget_s - (time.perf_counter() - t0)
 
     def in_budget(name: str) -> bool:
-        if time.perf_counter() - t0 <= args.budget_s:
+        if left() > 0:
             return True
         report["stages"][name] = "skipped (budget)"
         return False
@@ -241,29 +286,37 @@ def main(argv: list[str] | None = None) -> int:
             report["probes"][name] = {"status": "FAIL", "error": f"{type(exc).__name__}: {exc}",
                                       "traceback": traceback.format_exc(limit=5)}
         report["probes"][name]["seconds"] = round(time.perf_counter() - t, 2)
-        print(f"{report['probes'][name]['status']}  {name}  ({report['probes'][name]['seconds']} s)")
-    if not args.skip_pytest:
-        for name, pytest_args in (("gpu tests", ["-m", "gpu"]), ("default suite", [])):
-            if in_budget(name):
-                report["stages"][name] = run_pytest(pytest_args, timeout=max(30.0, args.budget_s))
-                print(f"{name}: {report['stages'][name]['summary']}")
+        print(f"{report['probes'][name]['status']}  {name}  ({report['probes'][name]['seconds']} s)", flush=True)
+        write_report(report, out)
+    if not args.skip_pytest and in_budget("gpu tests"):
+        report["stages"]["gpu tests"] = run_pytest(["-m", "gpu", *test_paths()], timeout=max(30.0, left()))
+        print(f"gpu tests: {report['stages']['gpu tests']['summary']}", flush=True)
+        write_report(report, out)
     if not args.skip_mnist and in_budget("mnist"):
-        out = Path(tempfile.mkdtemp(prefix="ptsne-gpu-check-mnist-"))
-        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mnist.py"), "--skip-opentsne",
-                               "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
-        results = out / "results.json"
+        mnist_out = Path(tempfile.mkdtemp(prefix="ptsne-gpu-check-mnist-"))
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "mnist.py"), "--out", str(mnist_out)]
+        cmd += [] if args.with_opentsne else ["--skip-opentsne"]
+        cmd += ["--data", args.mnist_data] if args.mnist_data else []
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        results = mnist_out / "results.json"
         report["stages"]["mnist"] = json.loads(results.read_text()) if results.exists() else {
             "rc": proc.returncode, "stderr": proc.stderr[-2000:]}
+        report["stages"]["mnist"]["wall_s"] = round(time.perf_counter() - t, 1)
+        print(f"mnist: {report['stages']['mnist'].get('wall_s')} s", flush=True)
+        write_report(report, out)
     if args.e2e_n > 0 and in_budget("end to end"):
         t = time.perf_counter()
-        est = ParametricTSNE(device=device.type, random_state=0).fit(blobs(args.e2e_n))
+        est = ParametricTSNE(device=_asked(device), random_state=0).fit(blobs(args.e2e_n))
         report["stages"]["end to end"] = {"n": args.e2e_n, "seconds": round(time.perf_counter() - t, 1),
-                                          "stages_s": est.timings_}
+                                          "device": str(est.device_), "stages_s": est.timings_}
+        print(f"end to end: {report['stages']['end to end']}", flush=True)
+        write_report(report, out)
+    if not args.skip_pytest and in_budget("default suite"):
+        report["stages"]["default suite"] = run_pytest(test_paths(), timeout=max(30.0, left()))
+        print(f"default suite: {report['stages']['default suite']['summary']}", flush=True)
     report["seconds"] = round(time.perf_counter() - t0, 1)
-    out = Path(args.out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, out)
+    write_report(report, out)
     print(f"{'FAIL' if failed else 'PASS'}: figures in {out} ({report['seconds']} s)")
     return 1 if failed else 0
 

@@ -282,11 +282,13 @@ def fold_similarity(net: nn.Module, A: np.ndarray, t: np.ndarray) -> bool:
     if not isinstance(last, nn.Linear):
         return False
     with torch.no_grad():
-        At = torch.as_tensor(A, dtype=torch.float64)
+        device = last.weight.device  # the network may sit on a GPU; A and t come from the host
+        At = torch.as_tensor(A, dtype=torch.float64, device=device)
         W = last.weight.double()  # (out, in): y = x W^T + b
         last.weight.copy_((At.T @ W).to(last.weight.dtype))
         if last.bias is not None:
-            last.bias.copy_((last.bias.double() @ At + torch.as_tensor(t)).to(last.bias.dtype))
+            tt = torch.as_tensor(t, dtype=torch.float64, device=device)
+            last.bias.copy_((last.bias.double() @ At + tt).to(last.bias.dtype))
     return True
 
 

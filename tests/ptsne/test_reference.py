@@ -137,6 +137,14 @@ def test_similarity_fit_recovers_a_similarity_and_folds_into_the_output_layer():
     assert not fold_similarity(torch.nn.ReLU(), A, t)
 
 
+def test_fold_similarity_follows_the_network_onto_its_device():
+    # A network on another device than the host's numpy A and t (a GPU in use; "meta" here,
+    # where a host tensor in the product raises just as a CPU one does against CUDA).
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).to("meta")
+    assert fold_similarity(net, 2.0 * np.eye(2), np.array([1.0, -1.0]))
+    assert net[-1].weight.device.type == "meta" and net[-1].bias.device.type == "meta"
+
+
 def test_reference_config_rejects_bad_values_by_name():
     with pytest.raises(ValueError, match="size must be an integer >= 0, got -1"):
         ReferenceConfig(size=-1)
