@@ -13,7 +13,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[cpu,dev]"
 	touch $@
 
 demo: install
@@ -28,7 +28,7 @@ test-all: install
 benchmark: install
 	$(PY) benchmarks/mnist.py
 
-# On a GPU node, in a venv with CUDA torch and faiss-gpu (not `install`, which takes faiss-cpu):
+# On a GPU node, in a venv with CUDA torch and `pip install -e ".[gpu,dev]"` (not `install`, which takes faiss-cpu):
 # environment, gpu tests, default suite, PASS/FAIL per GPU item of issue 19, figures in gpu-check.json.
 gpu-check:
 	$(PY) benchmarks/gpu_check.py --out gpu-check.json

@@ -5,6 +5,14 @@ The stages are modules of their own (``knn`` -> ``affinity`` -> ``train`` ->
 them together. This package never imports ray or mlflow.
 """
 
+try:
+    import faiss  # noqa: F401
+except ImportError as exc:  # the one FAISS build is an explicit choice at install time
+    raise ImportError(
+        "ptsne needs FAISS, installed as one of two builds: pip install 'ptsne[cpu]' (faiss-cpu) or, on a GPU "
+        "node beside torch's CUDA build, pip install 'ptsne[gpu]' (faiss-gpu); never both"
+    ) from exc
+
 from ptsne.affinity import Edges, joint_probabilities
 from ptsne.errors import NotFittedError
 from ptsne.estimator import ParametricTSNE
