@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import socket
 import sys
@@ -87,6 +88,7 @@ def local_s3(bucket: str):
     """A local S3-protocol server for this process and the Ray it starts; yields ``s3://bucket``."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -96,7 +98,7 @@ def local_s3(bucket: str):
                       AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
     try:
         fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
-                               access_key="bench", secret_key="bench")
+                               access_key="bench", secret_key="bench", allow_bucket_creation=True)
         fs.create_dir(bucket)
         yield f"s3://{bucket}"
     finally:

@@ -268,6 +268,30 @@ def quality(estimator, train_dir: Path, holdout_dir: Path, embedded_dir: Path, s
     }
 
 
+def train_share(aff_dir: Path, workers: int, args: argparse.Namespace, work: Path,
+                monitor: RssMonitor | None) -> dict:
+    """Train again on the same affinities with ``workers`` workers (network only, ``--more-epochs``):
+    what each worker read of the edges, held, and its peak memory."""
+    from pipeline.train import DistributedTrainConfig, train_distributed
+
+    stage = monitor.stage if monitor else (lambda name: contextlib.nullcontext())
+    t = time.perf_counter()
+    with stage(f"train-{workers}-workers"):
+        result = train_distributed(
+            aff_dir,
+            DistributedTrainConfig(n_epochs=args.more_epochs, batch_size=args.batch_size, seed=args.seed,
+                                   reference_size=0),
+            num_workers=workers, use_gpu=args.gpu, storage_path=work / f"ray_results-{workers}",
+            resume=False, cpus_per_worker=args.task_cpus,
+        )
+    return {"workers": workers, "epochs": args.more_epochs, "seconds": round(time.perf_counter() - t, 2),
+            "epoch_seconds": round(sum(float(h.get("seconds", 0.0)) for h in result.history), 2),
+            "worker_peak_rss_mb": result.worker_peak_rss_mb, "edges_bytes_read": result.edges_bytes_read,
+            "edges_bytes_total": result.edges_bytes_total, "owned_edges": result.owned_edges,
+            "sampler_bytes_per_edge": [round(b / max(1, e), 2)
+                                       for b, e in zip(result.sampler_bytes, result.owned_edges)]}
+
+
 def run_one(n: int, args: argparse.Namespace, monitor: RssMonitor | None) -> dict:
     import mlflow
 
@@ -370,6 +394,8 @@ def run_one(n: int, args: argparse.Namespace, monitor: RssMonitor | None) -> dic
                   "owned_edges": result.owned_edges,
                   "sampler_bytes_per_edge": [round(b / max(1, e), 2)
                                              for b, e in zip(result.sampler_bytes, result.owned_edges)]},
+        "train_other_workers": [train_share(aff_dir, workers, args, work, monitor)
+                                for workers in args.more_train_workers],
         "model": {"name": ref.name, "version": ref.version, "artifact_mb": round(artifact_mb, 1)},
         # The reference stage runs in the driver inside "train": its memory is the
         # train stage's driver peak.
@@ -481,6 +507,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="training epochs (default: the product's choice for N, ptsne.train.default_epochs)")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--train-workers", type=int, default=1)
+    p.add_argument("--more-train-workers", type=int, nargs="*", default=[],
+                   help="also train on the same affinities with each of these worker counts (network only, "
+                        "--more-epochs epochs), recording what each worker reads and holds")
+    p.add_argument("--more-epochs", type=int, default=2, help="epochs of the --more-train-workers runs")
     p.add_argument("--reference-size", type=int, default=DistributedTrainConfig.reference_size,
                    help="reference points (0: network-only models)")
     p.add_argument("--task-cpus", type=int, default=1, help="CPUs per Ray task / train worker / embed actor")
@@ -524,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
         with (RssMonitor() if not args.address else contextlib.nullcontext()) as monitor:
             if args.warmup:
                 log.info("warm-up at N = %d (not recorded)", args.warmup)
-                run_one(args.warmup, argparse.Namespace(**{**vars(args), "epochs": args.epochs or 2}), monitor)
+                warmup = {**vars(args), "epochs": args.epochs or 2, "more_train_workers": []}
+                run_one(args.warmup, argparse.Namespace(**warmup), monitor)
             for n in args.n:
                 log.info("N = %d", n)
                 t = time.perf_counter()
