@@ -87,6 +87,7 @@ def main(argv=None) -> int:
     import numpy as np
     import ray
 
+    from pipeline.session import RaySession
     from pipeline.shards import write_array_shards
     from pipeline.synth import SynthConfig, write_synth
 
@@ -94,8 +95,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     # Workers import the repository's packages even when it is not installed.
     path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
-    ray.init(address=args.ray_address, num_cpus=args.num_cpus if args.ray_address is None else None,
-             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    RaySession(args.ray_address, args.num_cpus, log_to_driver=False,
+               runtime_env={"env_vars": {"PYTHONPATH": path}}).start()
     results = []
     cpus = ray.cluster_resources().get("CPU")
     try:

@@ -52,6 +52,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.embed import EmbedConfig, ModelSpec, embed_shards
+from pipeline.session import RaySession
 from ptsne import ParametricTSNE
 from ptsne.device import set_num_threads
 from ptsne.model import DEFAULT_HIDDEN, ModelConfig, build_mapper
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
         make_model(args.dim, hidden, X, tmp / "model")
         write_shards(f"{data}/in", X, args.shards)
 
-        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        RaySession(None, args.cpus, log_to_driver=False).start()
         raw_times, runs = [], []
         try:
             raw_task = ray.remote(num_cpus=threads)(raw_forward)

@@ -17,7 +17,7 @@ subcommands do:
 
 Measured per N: wall seconds per stage, peak resident memory per Ray worker
 process per stage (sampled from ``/proc`` for every process of the local Ray
-this script starts, the largest and each process's own; with ``--address`` only
+this script starts, the largest and each process's own; with ``--ray-address`` only
 the per-task peaks that the affinity stages report), per training worker its
 peak resident memory (``ru_maxrss``, reported by the worker itself), the edge
 bytes it read against all of them, its owned edges and its sampler's bytes per
@@ -295,7 +295,8 @@ def train_share(aff_dir: Path, workers: int, args: argparse.Namespace, work: Pat
 def run_one(n: int, args: argparse.Namespace, monitor: RssMonitor | None) -> dict:
     import mlflow
 
-    from jobs.registry import log_model, register, resolve_model
+    from jobs.flavor import log_model
+    from jobs.registry import register, resolve_model
     from jobs.tracking import configure_mlflow
     from pipeline.affinity import AffinityJobConfig, build_affinities
     from pipeline.embed import EmbedConfig, ModelSpec, embed_shards
@@ -521,9 +522,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quality-sample", type=int, default=2000, help="held-out rows scored")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray started here")
-    p.add_argument("--address", default=None,
+    p.add_argument("--ray-address", dest="address", default=None,
                    help="existing Ray cluster (memory is then reported per task only; --out must be on "
                         "storage that every node mounts)")
+    p.add_argument("--address", dest="address", default=None, help=argparse.SUPPRESS)  # the old name
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale"))
     p.add_argument("--keep", action="store_true", help="keep the generated data and outputs")
     p.add_argument("--warmup", type=int, default=2000,
@@ -545,10 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     args.out = str(out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.address:
-        ray.init(address=args.address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    from pipeline.session import RaySession
+
+    RaySession(args.address, args.num_cpus, log_to_driver=False).start()
     results = {"machine": machine_info(ray), "settings": vars(args), "runs": []}
     try:
         with (RssMonitor() if not args.address else contextlib.nullcontext()) as monitor:

@@ -7,9 +7,11 @@ import json
 import logging
 import sys
 
-from jobs.cli import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE
+from jobs.cli import EXIT_OK, Report, add_ray_arguments, ray_session
 
 log = logging.getLogger(__name__)
+
+REPORT = Report("affinities", output="--output", overwrite="--overwrite")
 
 
 def _n_neighbors(value: str):
@@ -59,8 +61,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--output", required=True, help="affinity directory to create (path or URI)")
     add_affinity_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output built with other settings")
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray started by this command")
+    add_ray_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -103,58 +104,23 @@ def run(args: argparse.Namespace) -> int:
         check_disjoint(args.input, args.output, ("--input", "--output"))
         config = config_from_args(args)
     except (TypeError, ValueError) as exc:
-        sys.stderr.write(f"ptsne affinities: {exc}\n")
-        return EXIT_USAGE
-    import ray
-    from ray.exceptions import RayTaskError
-
+        return REPORT.refuse(exc)
     from pipeline.affinity import build_affinities
-    from pipeline.session import start_ray
-    from pipeline.shards import InvalidInputError
-    from pipeline.storage import OutputLocationError, check_creatable, resolve
+    from pipeline.storage import check_creatable, resolve
 
     try:  # a local output that cannot be created is reported before the input is read
         check_creatable(*resolve(config.output))
-    except OutputLocationError as exc:
-        sys.stderr.write(f"ptsne affinities: --output: {exc}\n")
-        return EXIT_ERROR
+    except OSError as exc:
+        return REPORT.fail(exc)
     # Without --num-cpus, Ray starts (on loopback) only once the input is listed and the
     # output found out of date, so an up-to-date rerun costs no Ray start-up.
-    ray_before = ray.is_initialized()
     try:
-        if args.num_cpus is not None:
-            start_ray(args.ray_address, args.num_cpus, log_to_driver=False)
-        try:
+        with ray_session(args) as session:
+            if args.num_cpus is not None:
+                session.start()
             manifest = build_affinities(config)
-        except RayTaskError as exc:  # a task's own error, without Ray's traceback around it
-            cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else None
-            if cause is None:
-                raise
-            raise cause from None
-    except InvalidInputError as exc:
-        sys.stderr.write(f"ptsne affinities: {exc}\n")
-        return EXIT_BAD_INPUT
-    except OutputLocationError as exc:
-        sys.stderr.write(f"ptsne affinities: --output: {exc}\n")
-        return EXIT_ERROR
-    except FileNotFoundError as exc:
-        sys.stderr.write(f"ptsne affinities: {exc}\n")
-        return EXIT_NOT_FOUND
-    except FileExistsError as exc:
-        sys.stderr.write(f"ptsne affinities: {exc} (--overwrite replaces it)\n")
-        return EXIT_USAGE
-    except ValueError as exc:
-        sys.stderr.write(f"ptsne affinities: {exc}\n")
-        return EXIT_USAGE
-    except OSError as exc:
-        sys.stderr.write(f"ptsne affinities: {exc}\n")
-        return EXIT_ERROR
-    except Exception:
-        log.exception("ptsne affinities failed")
-        return EXIT_ERROR
-    finally:
-        if not ray_before and ray.is_initialized():
-            ray.shutdown()
+    except Exception as exc:
+        return REPORT.fail(exc)
     summary = {k: manifest[k] for k in ("n", "dim", "k", "perplexities", "knn_method", "knn_recall", "n_edges")}
     summary["output"] = config.output
     summary["timings_s"] = manifest.get("timings_s")

@@ -9,9 +9,12 @@ import math
 import os
 import sys
 
-from jobs.cli import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE
+from jobs.cli import EXIT_NOT_FOUND, EXIT_OK, Report, add_ray_arguments, ray_session
 
 log = logging.getLogger(__name__)
+
+IMPORT_REPORT = Report("data import", output="--output", overwrite="--overwrite")
+SYNTH_REPORT = Report("data synth", output="--output", overwrite="--overwrite")
 
 #: Smallest normal and largest finite float32 magnitudes (``--scale`` bounds).
 _FLOAT32_TINY, _FLOAT32_MAX = 1.1754944e-38, 3.4028235e38
@@ -53,8 +56,7 @@ def add_parser(subparsers) -> None:
     syn.add_argument("--spread", type=float, default=6.0, help="standard deviation of the component means (default: 6)")
     syn.add_argument("--output", required=True, help="directory (or URI) of the shards to create")
     syn.add_argument("--no-ray", action="store_true", help="generate the shards in this process")
-    syn.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    syn.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray started by this command")
+    add_ray_arguments(syn)
     syn.add_argument("--overwrite", action="store_true", help="replace a non-empty output")
     syn.set_defaults(func=run_synth)
 
@@ -72,28 +74,24 @@ def _scale(value: str) -> float:
     return v
 
 
-def _write_error(command: str, output: str, exc: OSError) -> int:
-    """Exit code and one-line message of a failed write of ``output``."""
+def _write_failure(output: str, exc: OSError) -> OSError:
+    """A failed write of ``output`` as the error to report: an unwritable output is named as such."""
     from pipeline.storage import OutputLocationError
 
-    if isinstance(exc, FileExistsError):
-        sys.stderr.write(f"ptsne {command}: {exc} (--overwrite replaces it)\n")
-        return EXIT_USAGE
-    reason = str(exc) if isinstance(exc, OutputLocationError) else f"cannot write {output!r}: {exc}"
-    sys.stderr.write(f"ptsne {command}: --output: {reason}\n")
-    return EXIT_ERROR
+    if isinstance(exc, (FileExistsError, OutputLocationError)):
+        return exc
+    return OutputLocationError(f"cannot write {output!r}: {exc}")
 
 
 def run_import(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from pipeline.shards import InvalidInputError, load_csv, load_npy, write_array_shards
+    from pipeline.shards import load_csv, load_npy, write_array_shards
     from pipeline.storage import check_disjoint
 
     src = args.source
     if not os.path.exists(src):
-        sys.stderr.write(f"ptsne data import: {src} does not exist\n")
-        return EXIT_NOT_FOUND
+        return IMPORT_REPORT.error(f"{src} does not exist", EXIT_NOT_FOUND)
     ext = os.path.splitext(src)[1].lower()
     try:
         check_disjoint(src, args.output, ("source", "--output"))
@@ -110,22 +108,14 @@ def run_import(args: argparse.Namespace) -> int:
             raise ValueError(f"source must end in .npy, .npz or .csv, got {src!r}")
         if args.scale is not None:
             X = np.asarray(X, dtype=np.float32) * np.float32(args.scale)
-    except InvalidInputError as exc:
-        sys.stderr.write(f"ptsne data import: {exc}\n")
-        return EXIT_BAD_INPUT
-    except (ValueError, TypeError) as exc:
-        sys.stderr.write(f"ptsne data import: {exc}\n")
-        return EXIT_USAGE
+    except (TypeError, ValueError) as exc:  # InvalidInputError (exit 3) among them
+        return IMPORT_REPORT.refuse(exc)
     try:
         shards = write_array_shards(args.output, X, y, ids, args.shard_rows, overwrite=args.overwrite)
-    except InvalidInputError as exc:
-        sys.stderr.write(f"ptsne data import: {exc}\n")
-        return EXIT_BAD_INPUT
-    except (ValueError, TypeError) as exc:
-        sys.stderr.write(f"ptsne data import: {exc}\n")
-        return EXIT_USAGE
+    except (TypeError, ValueError) as exc:
+        return IMPORT_REPORT.refuse(exc)
     except OSError as exc:
-        return _write_error("data import", args.output, exc)
+        return IMPORT_REPORT.fail(_write_failure(args.output, exc))
     rows = sum(s["rows"] for s in shards)
     sys.stdout.write(json.dumps({"output": args.output, "rows": rows, "shards": len(shards),
                                  "labels": y is not None}) + "\n")
@@ -139,21 +129,13 @@ def run_synth(args: argparse.Namespace) -> int:
         config = SynthConfig(n=args.n, dim=args.dim, centers=args.centers, seed=args.seed,
                              shard_rows=args.shard_rows, spread=args.spread)
     except (ValueError, TypeError) as exc:
-        sys.stderr.write(f"ptsne data synth: {exc}\n")
-        return EXIT_USAGE
-    started = False
-    if not args.no_ray:
-        from pipeline.session import start_ray
-
-        started = start_ray(args.ray_address, args.num_cpus, log_to_driver=False)
-    try:
-        info = write_synth(config, args.output, use_ray=not args.no_ray, overwrite=args.overwrite)
-    except OSError as exc:
-        return _write_error("data synth", args.output, exc)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+        return SYNTH_REPORT.refuse(exc)
+    with ray_session(args) as session:
+        if not args.no_ray:
+            session.start()
+        try:
+            info = write_synth(config, args.output, use_ray=not args.no_ray, overwrite=args.overwrite)
+        except OSError as exc:
+            return SYNTH_REPORT.fail(_write_failure(args.output, exc))
     sys.stdout.write(json.dumps({"output": args.output, "rows": config.n, "shards": len(info["shards"])}) + "\n")
     return EXIT_OK

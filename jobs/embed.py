@@ -36,9 +36,11 @@ import sys
 import threading
 import time
 
-from jobs.cli import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE
+from jobs.cli import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, Report, add_ray_arguments, exit_code, ray_session
 
 log = logging.getLogger(__name__)
+
+REPORT = Report("embed", output="--output")
 
 
 def _columns(value: str) -> tuple[str, ...]:
@@ -104,10 +106,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--gpus-per-actor", type=float, default=None, help="default 1 when the cluster has GPUs")
     # Accepted so that existing command lines keep working; each input shard is one task now.
     p.add_argument("--block-mb", type=_positive_float, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--ray-address", dest="ray_address", default=None,
-                   help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--address", dest="ray_address", default=None, help=argparse.SUPPRESS)  # the old name
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
+    add_ray_arguments(p, old_address=True)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -119,17 +118,6 @@ class _Stop(Exception):
 
 def _on_sigterm(signum, frame):
     raise _Stop()
-
-
-def _init_ray(args) -> bool:
-    """Connect to Ray (or start a local one on loopback) unless the caller already did; True when done here.
-
-    ``args`` needs ``num_cpus``; without a ``ray_address`` the cluster is RAY_ADDRESS's, else a local Ray.
-    """
-    from pipeline.session import start_ray
-
-    return start_ray(getattr(args, "ray_address", None), args.num_cpus, include_dashboard=False,
-                     logging_level=logging.WARNING, log_to_driver=False)
 
 
 #: Name prefix of the model download directories in the system temp directory.
@@ -214,8 +202,8 @@ def _choose(args, out_current):
     return ref
 
 
-class _UsageError(Exception):
-    pass
+class _UsageError(ValueError):
+    """An output or a model that cannot be used as asked (exit 2)."""
 
 
 def _check_model(args, cache) -> None:
@@ -246,25 +234,6 @@ def _check_model(args, cache) -> None:
         )
 
 
-def _failure_code(exc: Exception) -> int | None:
-    """The exit code of an expected failure (the message is the whole report); None for others."""
-    from jobs import registry
-    from pipeline.embed import EmbedInputError
-    from pipeline.shards import InvalidInputError
-    from pipeline.storage import OutputLocationError
-    from ptsne.errors import ModelFileError
-
-    if isinstance(exc, OutputLocationError):  # checked before the first poll; here only if it changed since
-        return EXIT_ERROR
-    if isinstance(exc, (registry.ModelNotFoundError, FileNotFoundError, ModelFileError)):
-        return EXIT_NOT_FOUND
-    if isinstance(exc, (EmbedInputError, InvalidInputError)):
-        return EXIT_BAD_INPUT
-    if isinstance(exc, (_UsageError, ValueError)):
-        return EXIT_USAGE
-    return None
-
-
 def _once(args, cache, config, start_ray):
     from pipeline.embed import embed_shards, read_current
 
@@ -291,8 +260,7 @@ def run(args) -> int:
 
     tempdirs.remove_stale(TEMP_PREFIX)  # model copies of runs killed with SIGKILL
     if _missing_model_dir(args.model):
-        log.error("--model %r: no such model directory", args.model)
-        return EXIT_NOT_FOUND
+        return REPORT.error(f"--model {args.model!r}: no such model directory", EXIT_NOT_FOUND)
     try:
         config = EmbedConfig(
             vector_col=args.vector_col,
@@ -315,11 +283,9 @@ def run(args) -> int:
         # An output inside the input is read back as input; an input inside the output is taken for output.
         check_disjoint(args.input, args.output, names=("--input", "--output"))
     except (ValueError, TypeError) as exc:
-        log.error("%s", exc)
-        return EXIT_USAGE
+        return REPORT.refuse(exc)
     except OSError as exc:  # not a directory, no permission, an unreachable store: refused before any work
-        log.error("--output: %s", exc)
-        return EXIT_ERROR
+        return REPORT.error(f"--output: {exc}", EXIT_ERROR)
     if args.block_mb is not None:
         log.warning("--block-mb has no effect (each input shard is one task); ignored")
     if registry.parse_model_uri(args.model)[0] != "dir":
@@ -329,31 +295,25 @@ def run(args) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     cache = _ModelCache()
     polls = 0
-    started = None  # whether this run connected to Ray; None until a poll has rows to embed
-
-    def start_ray() -> None:
-        nonlocal started
-        if started is None:
-            started = _init_ray(args)
-
+    # Ray starts only when a poll has rows to embed, and stops at the end if it started here.
+    session = ray_session(args, logging_level=logging.WARNING, log_to_driver=False)
     try:
         try:
             _check_model(args, cache)
         except Exception as exc:
-            if (code := _failure_code(exc)) is None:
+            if exit_code(exc) is None:
                 raise
-            log.error("%s", exc)
-            return code
+            return REPORT.fail(exc)
         while True:
             polls += 1
             try:
-                summary = _once(args, cache, config, start_ray)
+                summary = _once(args, cache, config, session.start)
                 _report(args, summary)
                 code = EXIT_OK
             except Exception as exc:
-                if (code := _failure_code(exc)) is None:
+                if exit_code(exc) is None:
                     raise
-                log.error("%s", exc)
+                code = REPORT.fail(exc)
                 if code == EXIT_BAD_INPUT and getattr(exc, "summary", None) is not None:
                     _report(args, exc.summary)
             if not args.watch or (args.max_polls is not None and polls >= args.max_polls):
@@ -364,17 +324,12 @@ def run(args) -> int:
     except (KeyboardInterrupt, _Stop):
         log.warning("stopped; finished shards are in the ledger, a rerun resumes the rest")
         return EXIT_OK if args.watch else EXIT_ERROR
-    except RuntimeError as exc:
-        log.error("%s", exc)
-        return EXIT_ERROR
-    except Exception:
-        log.exception("ptsne embed failed")
-        return EXIT_ERROR
+    except RuntimeError as exc:  # a shard that failed in its actor: the message names it
+        return REPORT.fail(exc, EXIT_ERROR)
+    except Exception as exc:
+        return REPORT.fail(exc)
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
         cache.tmp.cleanup()
-        if started:
-            import ray
-
-            ray.shutdown()
+        session.close()

@@ -9,9 +9,11 @@ import json
 import logging
 import sys
 
-from jobs.cli import EXIT_NOT_FOUND, EXIT_OK
+from jobs.cli import EXIT_OK, EXIT_USAGE, Report
 
 log = logging.getLogger(__name__)
+
+REPORT = Report("models show")
 
 #: Metrics shown first in ``models show`` (others follow alphabetically).
 KEY_METRICS = ("knn_accuracy", "trustworthiness", "knn_recall", "kl_divergence")
@@ -29,7 +31,7 @@ def add_parser(subparsers) -> None:
     show.add_argument("name", help="registered model name")
     show.add_argument("--json", action="store_true", help="print JSON")
     show.set_defaults(func=run_show)
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    p.set_defaults(func=lambda args: (p.print_help(), EXIT_USAGE)[1])
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -85,8 +87,7 @@ def run_show(args) -> int:
     try:
         info = registry.describe_model(args.name)
     except registry.ModelNotFoundError as exc:
-        log.error("%s", exc)
-        return EXIT_NOT_FOUND
+        return REPORT.fail(exc)
     if args.json:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
         return EXIT_OK

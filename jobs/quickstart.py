@@ -19,9 +19,11 @@ import logging
 import sys
 from pathlib import Path
 
-from jobs.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE
+from jobs.cli import EXIT_OK, EXIT_USAGE, Report
 
 log = logging.getLogger(__name__)
+
+REPORT = Report("quickstart")
 
 DEFAULT_WORKDIR = "ptsne-quickstart"
 HELD_OUT_FRACTION = 0.2
@@ -74,17 +76,17 @@ def run(args: argparse.Namespace) -> int:
     from jobs.train import resolve_args, train_job
 
     if args.workers < 1 or args.epochs < 1:
-        log.error("quickstart: --workers and --epochs must be >= 1")
-        return EXIT_USAGE
+        return REPORT.error("--workers and --epochs must be >= 1", EXIT_USAGE)
     workdir = Path(args.workdir).resolve()
     train_dir, heldout_dir = write_digits(workdir / "data", args.seed)
 
-    import ray
+    from pipeline.session import RaySession
 
-    from pipeline.session import start_ray
-
-    started = start_ray(None, args.num_cpus, log_to_driver=False, include_dashboard=False)
+    session = RaySession(None, args.num_cpus)
     try:
+        session.start()
+        import ray
+
         cpus = int(ray.cluster_resources().get("CPU", 1))
         workers = max(1, min(args.workers, cpus))
         if workers < args.workers:
@@ -107,14 +109,11 @@ def run(args: argparse.Namespace) -> int:
         ])
         code = eargs.func(eargs)
         if code != EXIT_OK:
-            log.error("quickstart: embedding the held-out shards failed (exit code %d)", code)
-            return code
-    except Exception:
-        log.exception("quickstart failed")
-        return EXIT_ERROR
+            return REPORT.error(f"embedding the held-out shards failed (exit code {code})", code)
+    except Exception as exc:
+        return REPORT.fail(exc)
     finally:
-        if started:
-            ray.shutdown()
+        session.close()
 
     ui = f"mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1 --port 5000"
     summary = {

@@ -48,9 +48,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs.cli import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE
+from jobs.cli import EXIT_OK, Report, add_ray_arguments, ray_session
 
 log = logging.getLogger(__name__)
+
+REPORT = Report("train", output="--workdir")
 
 DEFAULT_WORKDIR = "ptsne-work"
 MODEL_DIR = "model"
@@ -153,8 +155,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                     help="Ray Train storage for checkpoints (path or URI); shared storage (NFS, s3://...) on a "
                     "multi-node cluster (default: WORKDIR/ray_results)")
     sc.add_argument("--fresh", action="store_true", help="retrain even when a matching model or checkpoint exists")
-    sc.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    sc.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray started by this command")
+    add_ray_arguments(sc)
     ml = p.add_argument_group("MLflow")
     ml.add_argument("--experiment", default="ptsne", help="MLflow experiment (default: ptsne)")
     ml.add_argument("--run-name", default=None, help="MLflow run name")
@@ -364,11 +365,7 @@ def settings_dict(args: argparse.Namespace) -> dict:
 
 
 def _init_ray(args) -> bool:
-    from pipeline.session import named_address, start_ray
-
-    # A local Ray (started on loopback) stays quiet; a cluster's worker logs reach the driver.
-    quiet = {} if named_address(args.ray_address) else {"log_to_driver": False, "include_dashboard": False}
-    return start_ray(args.ray_address, args.num_cpus, **quiet)
+    return ray_session(args).start()
 
 
 def _stamp_bytes(stamp: dict) -> bytes:
@@ -799,32 +796,12 @@ def run(args: argparse.Namespace) -> int:
         resolve_args(args)
         train_config_from_args(args)
         TrainLocations.from_args(args).check()
-    except FileNotFoundError as exc:
-        log.error("%s", exc)
-        return EXIT_NOT_FOUND
-    except (ValueError, TypeError) as exc:
-        log.error("ptsne train: %s", exc)
-        return EXIT_USAGE
-    from pipeline.shards import InvalidInputError
-    from pipeline.storage import OutputLocationError
-
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        return REPORT.refuse(exc)
     try:
         result = train_job(args)
-    except InvalidInputError as exc:
-        log.error("ptsne train: %s", exc)
-        return EXIT_BAD_INPUT
-    except OutputLocationError as exc:
-        log.error("ptsne train: --workdir: %s", exc)
-        return EXIT_ERROR
-    except FileNotFoundError as exc:
-        log.error("ptsne train: %s", exc)
-        return EXIT_NOT_FOUND
-    except (ValueError, FileExistsError) as exc:
-        log.error("ptsne train: %s", exc)
-        return EXIT_USAGE
-    except Exception:
-        log.exception("ptsne train failed")
-        return EXIT_ERROR
+    except Exception as exc:
+        return REPORT.fail(exc)
     sys.stdout.write(json.dumps(result.as_dict(), default=str) + "\n")
     sys.stdout.flush()
     return EXIT_OK

@@ -62,7 +62,7 @@ from pipeline.affinity_dir import (
 )
 from pipeline.knn import DEFAULT_MAX_INDEX_BYTES, FeaturePart, build_indexes, peak_rss_mb, search_part
 from pipeline.pca import fit_pca, sample_rate, sample_rows, save_pca
-from pipeline.session import start_ray
+from pipeline.session import quiet_init_kwargs, start_ray
 from pipeline.shards import MAX_REPORT, ColumnSpec, InvalidInputError, duplicate_ids, list_parquet, read_shard, row_ids
 from pipeline.storage import (
     StagedDir,
@@ -280,7 +280,7 @@ class _Stage:
 
 
 def _ensure_ray(address: str | None) -> None:
-    start_ray(address, log_to_driver=False)
+    start_ray(address, **quiet_init_kwargs(address))
 
 
 # --------------------------------------------------------------------------- tasks

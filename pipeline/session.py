@@ -4,8 +4,8 @@ A local Ray started by ``ray.init()`` advertises the host's own address and its
 servers (GCS, raylet, workers, agents) accept connections from the network,
 guarded only by Ray's token. A run that starts its own Ray needs no peer, so
 :func:`start_ray` starts it on ``127.0.0.1``; to reach it from other machines,
-start a cluster with ``ray start`` and pass its address (``--ray-address``,
-``--address`` or ``RAY_ADDRESS``).
+start a cluster with ``ray start`` and pass its address (``--ray-address`` or
+``RAY_ADDRESS``). :class:`RaySession` is how a command holds its Ray.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,11 @@ def _loopback_node() -> Iterator[None]:
             ray_constants.ENABLE_RAY_CLUSTER = previous
 
 
+def quiet_init_kwargs(address: str | None = None) -> dict:
+    """``ray.init`` options of a run: a local Ray stays quiet; a cluster's worker logs reach the driver."""
+    return {} if named_address(address) else {"log_to_driver": False, "include_dashboard": False}
+
+
 def start_ray(address: str | None = None, num_cpus: int | None = None, **init_kwargs) -> bool:
     """Connect this process to Ray unless it already is; True when this call did (the caller shuts it down).
 
@@ -91,3 +97,42 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, **init_kw
         log.warning("the local Ray advertises %s instead of %s; it may accept connections from the network",
                     node_ip, LOOPBACK)
     return True
+
+
+class RaySession:
+    """The Ray of one command: connected on first need, shut down at the end if the command brought it up.
+
+    ``with RaySession(address, num_cpus) as ray_session:`` starts nothing;
+    :meth:`start` connects (:func:`start_ray`, with :func:`quiet_init_kwargs`
+    unless ``init_kwargs`` say otherwise), so a run with nothing to do costs no
+    Ray start-up. On exit Ray is shut down when it was not running on entry and
+    is now, whether :meth:`start` or a stage called in the block brought it up;
+    a Ray the caller had already started (a test's, a notebook's) is left alone.
+    """
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None, **init_kwargs):
+        self.address = address
+        self.num_cpus = num_cpus
+        self.init_kwargs = {**quiet_init_kwargs(address), **init_kwargs}
+        self._was_running = _ray_running()
+
+    def start(self) -> bool:
+        """Connect unless already connected; True when this call did."""
+        return start_ray(self.address, self.num_cpus, **self.init_kwargs)
+
+    def close(self) -> None:
+        if not self._was_running and _ray_running():
+            sys.modules["ray"].shutdown()
+
+    def __enter__(self) -> RaySession:
+        self._was_running = _ray_running()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _ray_running() -> bool:
+    """Whether this process is connected to Ray, without importing Ray (slow) when nothing did."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()

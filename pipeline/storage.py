@@ -27,7 +27,6 @@ module's own; clean-up code may delete them and nothing else.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -39,6 +38,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 
+import filelock
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -405,8 +405,8 @@ class LockedError(RuntimeError):
 def lock(fs: pafs.FileSystem, directory: str, name: str, what: str = "a writer") -> Iterator[None]:
     """Hold the lock ``directory/name`` for the block, or raise :class:`LockedError` at once.
 
-    Local filesystems: an exclusive ``flock`` on the file (released by the OS
-    when the process dies). Elsewhere: a lease object naming its holder and
+    Local filesystems: an exclusive lock on the file through ``filelock``
+    (``flock`` on Unix, released by the OS when the process dies; the file stays). Elsewhere: a lease object naming its holder and
     expiry, refreshed every ``LEASE_SECONDS / 4`` by a thread and deleted at the
     end; a lease not refreshed for ``LEASE_SECONDS`` (its holder died) is
     taken over. Object stores cannot create a file only if it is absent, so two
@@ -416,15 +416,15 @@ def lock(fs: pafs.FileSystem, directory: str, name: str, what: str = "a writer")
     makedirs(fs, directory)
     path = join(directory, name)
     if is_local(fs):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        local = filelock.FileLock(path)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise LockedError(f"{what} is writing to {directory!r} (lock {name}); wait for it or stop it") from None
+            local.acquire(blocking=False)
+        except filelock.Timeout:
+            raise LockedError(f"{what} is writing to {directory!r} (lock {name}); wait for it or stop it") from None
+        try:
             yield
         finally:
-            os.close(fd)
+            local.release()
         return
     holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     current = read_json(fs, path)

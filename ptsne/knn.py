@@ -383,12 +383,19 @@ def exact_neighbors(
 
 
 def recall_at_k(true_indices: np.ndarray, approx_indices: np.ndarray) -> float:
-    """Mean fraction of each row of ``true_indices`` found in the row of ``approx_indices``."""
+    """Mean fraction of each row of ``true_indices`` found in the same row of ``approx_indices``.
+
+    FAISS's own measure (``faiss.contrib.evaluation.knn_intersection_measure``):
+    both tables ``(n, k)``; a row's ids are distinct (as every kNN search returns
+    them), missing neighbours (``-1``) of ``approx_indices`` count as misses.
+    """
+    from faiss.contrib.evaluation import knn_intersection_measure
+
     true_indices = np.asarray(true_indices)
     approx_indices = np.asarray(approx_indices)
-    if true_indices.shape[0] != approx_indices.shape[0]:
+    if true_indices.ndim != 2 or true_indices.shape != approx_indices.shape or true_indices.size == 0:
         raise ValueError(
-            f"recall_at_k: row counts differ ({true_indices.shape[0]} vs {approx_indices.shape[0]})"
+            f"recall_at_k: both tables must have the same non-empty (n, k) shape, got {true_indices.shape} "
+            f"and {approx_indices.shape}"
         )
-    hits = (true_indices[:, :, None] == approx_indices[:, None, :]).any(axis=2)
-    return float(hits.mean())
+    return float(knn_intersection_measure(true_indices, approx_indices))

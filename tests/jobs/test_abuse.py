@@ -37,11 +37,15 @@ def _snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _one_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, text
-    assert "Traceback" not in text and "RayTaskError" not in text, text
-    return lines[0]
+def _one_error(caplog) -> str:
+    """The one error a command reported (jobs.cli.Report): one line, no traceback; clears the log."""
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    (error,) = errors
+    line = error.getMessage()
+    assert error.exc_info is None and "\n" not in line and "RayTaskError" not in line, line
+    caplog.clear()
+    return line
 
 
 # -- nobody in: a local Ray started by a command listens on loopback only -----------------------
@@ -50,12 +54,13 @@ def _one_line(text: str) -> str:
 def test_local_ray_started_by_a_command_is_on_loopback():
     # A fresh process: the test session's own Ray (tests/conftest.py) is left alone.
     code = r"""
-import argparse, json, socket
+import json, socket
 import ray
 from ray._common.network_utils import node_ip_address_from_perspective
-from jobs.embed import _init_ray
+from jobs.cli import build_parser, ray_session
 
-assert _init_ray(argparse.Namespace(address=None, num_cpus=1))
+args = build_parser().parse_args(["embed", "--model", "m@a", "--input", "i", "--output", "o", "--num-cpus", "1"])
+assert ray_session(args).start()
 gcs = ray.get_runtime_context().gcs_address
 host = node_ip_address_from_perspective()
 with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -79,11 +84,11 @@ ray.shutdown()
 # -- nothing lost: inputs and outputs that contain each other ----------------------------------
 
 
-def test_affinities_refuses_output_on_or_around_its_input(shards, tmp_path, capsys):
+def test_affinities_refuses_output_on_or_around_its_input(shards, tmp_path, caplog):
     inp, before = shards
     for output in (inp, inp / "aff", tmp_path):
         assert main(["affinities", "--input", str(inp), "--output", str(output), "--overwrite"]) == EXIT_USAGE
-        line = _one_line(capsys.readouterr().err)
+        line = _one_error(caplog)
         assert "--input" in line and "--output" in line, line
     assert _snapshot(inp) == before
     assert not (inp / "aff").exists()
@@ -129,17 +134,17 @@ def test_train_refuses_a_register_name_the_registry_cannot_search_before_any_wor
     assert not (tmp_path / "w").exists()
 
 
-def test_data_import_refuses_an_output_around_its_source(tmp_path, capsys):
+def test_data_import_refuses_an_output_around_its_source(tmp_path, caplog):
     np.save(tmp_path / "x.npy", np.ones((5, 2), np.float32))
     assert main(["data", "import", str(tmp_path / "x.npy"), "--output", str(tmp_path), "--overwrite"]) == EXIT_USAGE
-    assert "--output" in _one_line(capsys.readouterr().err)
+    assert "--output" in _one_error(caplog)
     assert (tmp_path / "x.npy").is_file()
 
 
 # -- each error in its class, on one line ------------------------------------------------------
 
 
-def test_existing_output_is_bad_usage_in_every_command(shards, tmp_path, capsys):
+def test_existing_output_is_bad_usage_in_every_command(shards, tmp_path, caplog):
     inp, _ = shards
     taken = tmp_path / "taken"
     taken.mkdir()
@@ -151,12 +156,12 @@ def test_existing_output_is_bad_usage_in_every_command(shards, tmp_path, capsys)
         ["affinities", "--input", str(inp), "--output", str(taken)],  # refused before Ray starts
     ):
         assert main(argv) == EXIT_USAGE, argv
-        line = _one_line(capsys.readouterr().err)
+        line = _one_error(caplog)
         assert "--overwrite" in line, line
     assert (taken / "notes.txt").read_text() == "keep me"
 
 
-def test_data_import_unwritable_output_is_one_line_error(tmp_path, capsys):
+def test_data_import_unwritable_output_is_one_line_error(tmp_path, caplog):
     np.save(tmp_path / "x.npy", np.ones((5, 2), np.float32))
     (tmp_path / "file").write_text("")
     targets = [tmp_path / "file" / "shards"]  # a regular file where a directory must go
@@ -165,16 +170,16 @@ def test_data_import_unwritable_output_is_one_line_error(tmp_path, capsys):
         targets.append(tmp_path / "ro" / "shards")
     for output in targets:
         assert main(["data", "import", str(tmp_path / "x.npy"), "--output", str(output)]) == EXIT_ERROR
-        line = _one_line(capsys.readouterr().err)
+        line = _one_error(caplog)
         assert "--output" in line and str(output) in line, line
 
 
-def test_affinities_unwritable_output_is_one_line_error_before_any_work(shards, tmp_path, capsys):
+def test_affinities_unwritable_output_is_one_line_error_before_any_work(shards, tmp_path, caplog):
     inp, before = shards
     (tmp_path / "file").write_text("")
     output = tmp_path / "file" / "aff"
     assert main(["affinities", "--input", str(inp), "--output", str(output)]) == EXIT_ERROR
-    line = _one_line(capsys.readouterr().err)
+    line = _one_error(caplog)
     assert "--output" in line and str(output) in line and "not a directory" in line, line
     assert _snapshot(inp) == before
 
@@ -189,13 +194,13 @@ def test_data_import_rejects_a_scale_that_ruins_the_vectors(tmp_path, capsys, sc
     assert not (tmp_path / "out").exists()
 
 
-def test_unreadable_shard_is_bad_input_naming_the_file(ray_local, shards, tmp_path, capsys):
+def test_unreadable_shard_is_bad_input_naming_the_file(ray_local, shards, tmp_path, caplog):
     inp, _ = shards
     broken = inp / "part-99999.parquet"
     broken.write_bytes(b"this is not parquet" * 10)
     assert main(["affinities", "--input", str(inp), "--output", str(tmp_path / "aff"), "--perplexity", "5",
                  "--knn-method", "exact"]) == EXIT_BAD_INPUT
-    line = _one_line(capsys.readouterr().err)
+    line = _one_error(caplog)
     assert str(broken) in line and "unreadable" in line, line
     assert not (tmp_path / "aff").exists()
 
@@ -397,7 +402,7 @@ def test_embed_refuses_a_broken_model_before_ray_starts(shards, tmp_path, mlflow
     for result, argv, (model, name, what) in zip(failed, argvs, expected):
         assert result["code"] == EXIT_NOT_FOUND and not result["ray"], (argv, result)
         (error,) = result["errors"]
-        assert error.startswith(f"{model / name}: ") and what in error and "Traceback" not in error, error
+        assert error.startswith(f"ptsne embed: {model / name}: ") and what in error and "Traceback" not in error, error
     assert registered["code"] == EXIT_NOT_FOUND and not registered["ray"], registered
     (error,) = registered["errors"]
     assert WEIGHTS_FILE in error and "recorded in the tags of models:/demo/1" in error, error
@@ -451,7 +456,7 @@ def test_embed_refused_or_idle_runs_start_no_ray(shards, tmp_path):
     for result, out in zip(refused, unwritable):
         assert result["code"] == EXIT_ERROR and not result["ray"], (out, result)
         (error,) = result["errors"]
-        assert error.startswith(f"--output: cannot write to {str(out)!r}: ") and "Traceback" not in error, error
+        assert error.startswith(f"ptsne embed: --output: cannot write to {str(out)!r}: ") and "Traceback" not in error, error
     assert empty == {"code": EXIT_OK, "errors": [], "ray": False}
     assert missing["code"] == EXIT_NOT_FOUND and not missing["ray"], missing
     (error,) = missing["errors"]

@@ -61,7 +61,7 @@ def test_synth_without_ray(tmp_path):
     assert main(["data", "synth", "--n", "0", "--dim", "5", "--output", str(tmp_path / "x"), "--no-ray"]) == EXIT_USAGE
 
 
-def test_affinities_cli_end_to_end(ray_local, tmp_path, capsys):
+def test_affinities_cli_end_to_end(ray_local, tmp_path, capsys, caplog):
     assert main(["data", "synth", "--n", "600", "--dim", "6", "--centers", "3", "--shard-rows", "250",
                  "--output", str(tmp_path / "in")]) == EXIT_OK
     capsys.readouterr()
@@ -77,6 +77,6 @@ def test_affinities_cli_end_to_end(ray_local, tmp_path, capsys):
     pq.write_table(pa.table({"vector": pa.array([[1.0, float("nan")], [1.0, 2.0]])}), tmp_path / "bad.parquet")
     bad = ["affinities", "--input", str(tmp_path / "bad.parquet"), "--output", str(tmp_path / "aff2")]
     assert main(bad) == EXIT_BAD_INPUT
-    assert "1 rows have NaN" in capsys.readouterr().err
+    assert "1 rows have NaN" in caplog.text
     assert not (tmp_path / "aff2").exists()
     assert main(["affinities", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "aff3")]) == EXIT_NOT_FOUND

@@ -118,7 +118,7 @@ def test_method_network_differs_from_the_default_refine(ray_local, store, tmp_pa
 
 
 def test_refine_for_a_network_only_model_exits_usage_before_ray(store, tmp_path, caplog, monkeypatch):
-    import jobs.embed
+    import pipeline.session
 
     X, _ = gaussian_blobs(300, DIM, 3, seed=1)
     plain = ParametricTSNE(n_epochs=1, perplexity=10, hidden_layers=(16,), random_state=1, device="cpu",
@@ -128,10 +128,10 @@ def test_refine_for_a_network_only_model_exits_usage_before_ray(store, tmp_path,
     register(info.model_uri, "plain", "prod")
     make_shards(tmp_path / "in", 1, 20)
 
-    def no_ray(args):
+    def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started")
 
-    monkeypatch.setattr(jobs.embed, "_init_ray", no_ray)
+    monkeypatch.setattr(pipeline.session, "start_ray", no_ray)
     code = embed("--model", "plain@prod", "--input", tmp_path / "in", "--output", tmp_path / "out",
                  "--method", "refine")
     assert code == EXIT_USAGE

@@ -208,24 +208,42 @@ def test_artifact_holds_no_code_and_loading_runs_none(mlflow_store, estimators, 
     assert (local / "MLmodel").is_file() and not (local / "code").exists()
     assert not [p for p in local.rglob("*") if p.suffix in (".py", ".pyc", ".pkl", ".pt")]
     flavor = Model.load(str(local / "MLmodel")).flavors["python_function"]
-    assert flavor["loader_module"] == "jobs.registry" and not flavor.get("code")
+    assert flavor["loader_module"] == "jobs.flavor" and not flavor.get("code")
 
     # Source planted in the store where code_paths used to put it is never imported.
     marker = tmp_path / "planted-code-ran"
     stored = _stored_estimator_dir(mlflow_store).parents[1]
-    for module in ("jobs/__init__.py", "jobs/registry.py", "ptsne/__init__.py", "ptsne/estimator.py"):
+    for module in ("jobs/__init__.py", "jobs/flavor.py", "ptsne/__init__.py", "ptsne/estimator.py"):
         (stored / "code" / module).parent.mkdir(parents=True, exist_ok=True)
         (stored / "code" / module).write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     script = (
-        "import mlflow, numpy as np\n"
+        "import sys, mlflow, numpy as np\n"
         "m = mlflow.pyfunc.load_model('models:/demo@prod')\n"
+        "print(sorted(name for name in sys.modules if name.startswith('jobs')))\n"
         f"print(m.predict(np.zeros((3, {DIM}), np.float32)).shape)\n"
     )
     out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1] == "(3, 2)"
+    *_, modules, shape = out.stdout.strip().splitlines()
+    assert shape == "(3, 2)"
+    assert modules == "['jobs', 'jobs.flavor']"  # the flavour alone, not the command line
     assert not marker.exists()
+
+
+def test_models_logged_with_the_old_loader_module_still_load(mlflow_store, estimators, tmp_path):
+    import yaml
+
+    configure_mlflow()
+    with mlflow.start_run():
+        info = registry.log_model(estimators[1])
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "download")))
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    mlmodel["flavors"]["python_function"]["loader_module"] = "jobs.registry"  # as logged before jobs.flavor
+    (local / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    X = np.random.default_rng(0).normal(size=(5, DIM)).astype(np.float32)
+    model = mlflow.pyfunc.load_model(str(local))
+    np.testing.assert_allclose(model.predict(X), estimators[1].transform(X), rtol=1e-5, atol=1e-5)
 
 
 def test_names_with_quotes_are_searched_as_one_literal(mlflow_store, estimators):

@@ -227,7 +227,7 @@ def test_train_refuses_a_model_directory_holding_other_files_before_any_work(s3,
     assert s3.keys(bucket) == before  # no affinities built, nothing written
 
 
-def test_affinities_refuses_s3_output_around_its_input_and_a_taken_output(s3, s3_shards, capsys):
+def test_affinities_refuses_s3_output_around_its_input_and_a_taken_output(s3, s3_shards, caplog):
     bucket, _ = s3_shards
     from pipeline.storage import resolve, write_bytes_atomic
 
@@ -236,13 +236,15 @@ def test_affinities_refuses_s3_output_around_its_input_and_a_taken_output(s3, s3
     before = s3.keys(bucket)
     for output in (f"{bucket}/train/aff", bucket, f"{bucket}/train/"):
         assert main(["affinities", "--input", f"{bucket}/train", "--output", output, "--overwrite"]) == EXIT_USAGE
-        err = capsys.readouterr().err.strip()
+        err = caplog.text
+        caplog.clear()
         assert "--input" in err and "--output" in err and "must not contain each other" in err, err
     # An output holding something else: refused before Ray starts, with the way out.
     assert main(["affinities", "--input", f"{bucket}/train", "--output", f"{bucket}/taken"]) == EXIT_USAGE
-    assert "--overwrite" in capsys.readouterr().err
+    assert "--overwrite" in caplog.text
+    caplog.clear()
     assert main(["data", "synth", "--n", "50", "--dim", "2", "--output", f"{bucket}/taken", "--no-ray"]) == EXIT_USAGE
-    assert "--overwrite" in capsys.readouterr().err
+    assert "--overwrite" in caplog.text
     assert s3.keys(bucket) == before
 
 

@@ -52,6 +52,17 @@ def test_recall_at_k_counts_overlap():
     assert recall_at_k(true, approx) == pytest.approx(2 / 6)
 
 
+def test_recall_at_k_equals_the_elementwise_count_with_missing_neighbours():
+    rng = np.random.default_rng(0)
+    true = np.stack([rng.choice(50, 8, replace=False) for _ in range(200)])
+    approx = np.stack([rng.choice(50, 8, replace=False) for _ in range(200)])
+    approx[rng.random(approx.shape) < 0.2] = -1  # an IVF search that found fewer than k
+    elementwise = (true[:, :, None] == approx[:, None, :]).any(axis=2).mean()
+    assert recall_at_k(true, approx) == pytest.approx(elementwise, abs=1e-12)
+    with pytest.raises(ValueError, match="same non-empty"):
+        recall_at_k(true, approx[:, :4])
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
