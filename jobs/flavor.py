@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 ESTIMATOR_DIR = "estimator"
 #: Default artifact name of the logged model.
 DEFAULT_NAME = "mapper"
-#: Third-party packages the pyfunc model needs, pinned to the installed versions.
-REQUIREMENTS = ("torch", "numpy", "scipy", "safetensors", "faiss-cpu", "tqdm", "mlflow")
+#: Third-party packages the pyfunc model needs, pinned to the installed versions; of the two
+#: FAISS builds (``ptsne[cpu]`` / ``ptsne[gpu]``) the one installed is recorded.
+REQUIREMENTS = ("torch", "numpy", "scipy", "safetensors", "faiss-cpu", "faiss-gpu", "openTSNE", "tqdm", "mlflow")
 #: Prefix of the model version (and logged model) tags that hold a model file's sha256:
 #: ``sha256.config.json``, ``sha256.model.safetensors``.
 SHA256_TAG_PREFIX = "sha256."

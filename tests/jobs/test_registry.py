@@ -280,3 +280,19 @@ def test_version_without_recorded_sums_loads_with_a_warning(mlflow_store, estima
     assert any("records no sha256" in m and "runs:/" in m for m in messages), messages
     assert any("models:/demo/1 records no sha256" in m for m in messages), messages
     assert loaded.n_features_in_ == DIM  # its own SHA256SUMS was checked by load
+
+
+def test_pip_requirements_pin_the_installed_faiss_build():
+    from importlib import metadata
+
+    from jobs.flavor import pip_requirements
+
+    reqs = pip_requirements()
+    installed = []
+    for build in ("faiss-cpu", "faiss-gpu"):
+        try:
+            installed.append(f"{build}=={metadata.version(build).split('+')[0]}")
+        except metadata.PackageNotFoundError:
+            pass
+    assert installed and [r for r in reqs if r.startswith("faiss")] == installed
+    assert any(r.lower().startswith("opentsne==") for r in reqs)
