@@ -29,6 +29,14 @@ from ptsne.settings import setting, validate
 
 log = logging.getLogger(__name__)
 
+#: ``n_epochs="auto"`` trains for at least this many optimisation steps.
+MIN_STEPS = 2000
+#: ... and aims at this many, in at most ``TrainConfig.n_epochs`` epochs.
+TARGET_STEPS = 2400
+#: ... and at least this many epochs, so that every point is an anchor a few times.
+MIN_EPOCHS = 10
+
+
 _BELOW_ONE = "below 1 the loss decreases without bound as the map expands"
 
 #: A callback gets ``(epoch, metrics)`` after each epoch and returns True to stop.
@@ -74,7 +82,7 @@ class TrainConfig:
 
     n_epochs: int = setting(
         60, "passes over the points as anchors", ge=1, flag="--epochs",
-        auto="about TARGET_STEPS steps within MIN_EPOCHS to 60 epochs, more for small data (default_epochs)")
+        auto=f"about {TARGET_STEPS} steps within {MIN_EPOCHS} to 60 epochs, more for small data")
     batch_size: int = setting(512, "anchors per optimisation step (over all workers together)", ge=2)
     learning_rate: float = setting(1e-2, "peak Adam learning rate, decaying along a cosine to 1%", gt=0)
     early_exaggeration: float = setting(
@@ -100,14 +108,6 @@ class TrainConfig:
 
     def exaggeration_at(self, epoch: int) -> float:
         return self.early_exaggeration if epoch < self.early_epochs else self.exaggeration
-
-
-#: ``n_epochs="auto"`` trains for at least this many optimisation steps.
-MIN_STEPS = 2000
-#: ... and aims at this many, in at most ``TrainConfig.n_epochs`` epochs.
-TARGET_STEPS = 2400
-#: ... and at least this many epochs, so that every point is an anchor a few times.
-MIN_EPOCHS = 10
 
 
 def default_epochs(n: int, batch_size: int = TrainConfig.batch_size) -> int:
