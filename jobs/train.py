@@ -38,7 +38,6 @@ affinity directory not found.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -310,11 +309,6 @@ def _write_stamp(model_dir: str, stamp: dict) -> None:
     write_bytes_atomic(fs, join(path, STAMP_FILE), _stamp_bytes(stamp))
 
 
-def _train_key(manifest: dict, config, workers: int) -> str:
-    payload = [manifest.get("config_hash"), manifest.get("n"), config.fingerprint(), int(workers)]
-    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:24]
-
-
 def _read_stamp(model_dir: str) -> dict | None:
     """The stamp the last training wrote next to its model, or None (none, or unreadable)."""
     from pipeline.storage import join, read_json, resolve
@@ -547,7 +541,7 @@ def train_job(args: argparse.Namespace) -> TrainJobResult:
     from jobs.tracking import configure_mlflow
     from pipeline.affinity import read_manifest
     from pipeline.storage import check_writable_dir, is_local, makedirs, resolve
-    from pipeline.train import train_distributed
+    from pipeline.train import train_distributed, train_key
 
     where = TrainLocations.from_args(args)
     check_writable_dir(*resolve(where.workdir))  # before Ray starts, as the model check below
@@ -593,7 +587,7 @@ def train_job(args: argparse.Namespace) -> TrainJobResult:
         timings["affinities_seconds"] = time.perf_counter() - t
         config = train_config_from_args(args, n=int(manifest["n"]))
 
-        key = _train_key(manifest, config, args.workers)
+        key = train_key(where.affinities, config, args.workers)
         stamp = None if args.fresh else _read_stamp(where.model)
         out = TrainJobResult(
             workdir=where.workdir, affinity_dir=where.affinities, model_dir=where.model, plot=None, run_id=None,

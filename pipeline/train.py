@@ -589,15 +589,30 @@ def _train_loop_per_worker(loop_config: dict) -> None:
 # -- the driver ---------------------------------------------------------------------------
 
 
+def train_key(
+    affinity_dir: AffinityDir | str | os.PathLike, config: DistributedTrainConfig, num_workers: int,
+    reference: bool = True,
+) -> str:
+    """The identity of a training run: its data, settings and worker count, hashed.
+
+    The data are the affinity directory's ``config_hash`` and location, the settings
+    those that change the model (:meth:`DistributedTrainConfig.fingerprint`).
+    ``reference=False`` leaves the reference settings out: the identity of the
+    trained network, which names the Ray Train run (:func:`run_name`); ``ptsne
+    train`` stamps its model with the whole identity.
+    """
+    affinity = affinity_dir if isinstance(affinity_dir, AffinityDir) else AffinityDir(affinity_dir)
+    key = json.dumps(
+        [affinity.manifest.config_hash, affinity.uri, config.fingerprint(reference=reference), num_workers]
+    )
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
 def run_name(
     affinity_dir: AffinityDir | str | os.PathLike, config: DistributedTrainConfig, num_workers: int
 ) -> str:
-    """A name that identifies (data, settings, worker count): same name, same run to resume."""
-    affinity = affinity_dir if isinstance(affinity_dir, AffinityDir) else AffinityDir(affinity_dir)
-    key = json.dumps(
-        [affinity.manifest.config_hash, affinity.uri, config.fingerprint(reference=False), num_workers]
-    )
-    return "ptsne-train-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    """The Ray Train run of (data, network settings, worker count): same name, same run to resume."""
+    return "ptsne-train-" + train_key(affinity_dir, config, num_workers, reference=False)[:12]
 
 
 def train_distributed(

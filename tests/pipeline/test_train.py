@@ -35,6 +35,7 @@ from pipeline.train import (
     run_name,
     shard_of,
     train_distributed,
+    train_key,
 )
 from ptsne.affinity import joint_probabilities
 from ptsne.estimator import ParametricTSNE, params_of
@@ -151,6 +152,10 @@ def test_reference_settings_change_the_model_but_not_the_ray_train_run(affinity_
     assert base.fingerprint() != other.fingerprint()
     assert base.fingerprint(reference=False) == other.fingerprint(reference=False)
     assert run_name(affinity_dir, base, 2) == run_name(affinity_dir, other, 2)
+    # One identity: the run's name is that of the network, the model's key adds the reference.
+    assert run_name(affinity_dir, base, 2) == "ptsne-train-" + train_key(affinity_dir, base, 2, reference=False)[:12]
+    assert train_key(affinity_dir, base, 2) != train_key(affinity_dir, other, 2)
+    assert train_key(affinity_dir, base, 2) != train_key(affinity_dir, base, 1)
 
 
 def test_config_rejects_bad_optimisation_values_by_name():
