@@ -59,6 +59,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from pipeline.train import DistributedTrainConfig
+from ptsne.reference import ReferenceConfig
 from ptsne.train import TrainConfig, default_epochs
 
 log = logging.getLogger("benchmarks.scale")
@@ -279,7 +280,7 @@ def train_share(aff_dir: Path, workers: int, args: argparse.Namespace, work: Pat
     with stage(f"train-{workers}-workers"):
         result = train_distributed(
             aff_dir,
-            DistributedTrainConfig(n_epochs=args.more_epochs, batch_size=args.batch_size, seed=args.seed,
+            DistributedTrainConfig.from_settings(n_epochs=args.more_epochs, batch_size=args.batch_size, seed=args.seed,
                                    reference_size=0),
             num_workers=workers, use_gpu=args.gpu, storage_path=work / f"ray_results-{workers}",
             resume=False, cpus_per_worker=args.task_cpus,
@@ -331,7 +332,7 @@ def run_one(n: int, args: argparse.Namespace, monitor: RssMonitor | None) -> dic
     with stage("train"):
         result = train_distributed(
             aff_dir,
-            DistributedTrainConfig(n_epochs=epochs, batch_size=args.batch_size, seed=args.seed,
+            DistributedTrainConfig.from_settings(n_epochs=epochs, batch_size=args.batch_size, seed=args.seed,
                                    reference_size=args.reference_size),
             num_workers=args.train_workers, use_gpu=args.gpu, storage_path=work / "ray_results",
             resume=False, cpus_per_worker=args.task_cpus,
@@ -512,7 +513,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also train on the same affinities with each of these worker counts (network only, "
                         "--more-epochs epochs), recording what each worker reads and holds")
     p.add_argument("--more-epochs", type=int, default=2, help="epochs of the --more-train-workers runs")
-    p.add_argument("--reference-size", type=int, default=DistributedTrainConfig.reference_size,
+    p.add_argument("--reference-size", type=int, default=ReferenceConfig.size,
                    help="reference points (0: network-only models)")
     p.add_argument("--task-cpus", type=int, default=1, help="CPUs per Ray task / train worker / embed actor")
     p.add_argument("--embed-cpus", type=int, default=1,

@@ -38,7 +38,6 @@ affinity directory not found.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -66,16 +65,6 @@ PHASES = {"early_exaggeration": 0, "embedding": 1}
 _NOT_PARAMS = {"func", "config", "_parser", "verbose", "quiet", "command"}
 
 
-def _hidden_layers(value: str) -> tuple[int, ...]:
-    try:
-        widths = tuple(int(v) for v in str(value).replace(" ", "").split(",") if v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 512,512,512, got {value!r}")
-    if not widths or any(w < 1 for w in widths):
-        raise argparse.ArgumentTypeError(f"expected positive comma-separated widths, got {value!r}")
-    return widths
-
-
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Every option of ``ptsne train`` (also the keys of its config file)."""
     from jobs.affinities import add_affinity_arguments
@@ -96,53 +85,17 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     aff = p.add_argument_group("kNN and affinities (see `ptsne affinities`)")
     add_affinity_arguments(aff)
     tr = p.add_argument_group("training")
-    from pipeline.train import DEFAULT_OBJECT_STORE_MAX_BYTES, FEATURE_SOURCES
-    from ptsne.device import PRECISIONS
-    from ptsne.model import ACTIVATIONS, DEFAULT_HIDDEN
-    from ptsne.train import TARGET_STEPS, TrainConfig
-
-    d = TrainConfig()  # the core's tuned defaults
-    tr.add_argument("--epochs", type=epochs_arg, default="auto",
-                    help=f"passes over the points as anchors, or 'auto': about {TARGET_STEPS} steps within "
-                         f"10 to {d.n_epochs} epochs, more for small data (default: auto)")
-    tr.add_argument("--batch-size", type=int, default=d.batch_size,
-                    help=f"anchors per step over all workers (default: {d.batch_size})")
-    tr.add_argument("--learning-rate", type=float, default=d.learning_rate,
-                    help=f"peak Adam learning rate (default: {d.learning_rate})")
-    tr.add_argument("--early-exaggeration", type=float, default=d.early_exaggeration)
-    tr.add_argument("--early-exaggeration-fraction", type=float, default=d.early_exaggeration_fraction)
-    tr.add_argument("--exaggeration", type=float, default=d.exaggeration,
-                    help=f"attraction factor after the early phase (default: {d.exaggeration})")
-    tr.add_argument("--dof", type=float, default=d.dof, help=f"degrees of freedom of the Student-t kernel (default: {d.dof})")
-    tr.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    tr.add_argument("--positives-per-anchor", type=int, default=d.positives_per_anchor,
-                    help=f"neighbours drawn per anchor in each step (default: {d.positives_per_anchor})")
-    tr.add_argument("--precision", choices=PRECISIONS, default=d.precision,
-                    help="forward pass of training: 'auto' is bfloat16 autocast where the device has it "
-                         "in hardware (recent x86 CPUs, CUDA GPUs), else float32, or what the environment "
-                         "variable PTSNE_PRECISION names (float32 or bfloat16) (default: auto)")
-    tr.add_argument("--n-components", type=int, default=2, help="embedding dimension (default: 2)")
-    hidden = ",".join(str(h) for h in DEFAULT_HIDDEN)
-    tr.add_argument("--hidden-layers", type=_hidden_layers, default=DEFAULT_HIDDEN,
-                    help=f"comma-separated hidden widths (default: {hidden})")
-    tr.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu",
-                    help="hidden activation (default: relu)")
-    tr.add_argument("--feature-source", choices=FEATURE_SOURCES, default="auto",
-                    help="how workers read neighbour features: the object store, streaming scans of "
-                         "the feature shards, or 'auto' (the object store up to --object-store-max-bytes; "
-                         "default: auto)")
-    tr.add_argument("--object-store-max-bytes", type=int, default=DEFAULT_OBJECT_STORE_MAX_BYTES,
-                    help=f"features up to this size go through the object store "
-                         f"(default: {DEFAULT_OBJECT_STORE_MAX_BYTES >> 30} GiB)")
+    from jobs.settings import add_setting_arguments
+    from pipeline.train import DistributedTrainConfig
+    from ptsne.model import ModelConfig
     from ptsne.reference import ReferenceConfig
+    from ptsne.train import TrainConfig
 
+    add_setting_arguments(tr, TrainConfig, skip={"seed"})  # --seed is an affinity option, shared by both stages
+    add_setting_arguments(tr, ModelConfig)
+    add_setting_arguments(tr, DistributedTrainConfig)
     ref = p.add_argument_group("reference (t-SNE-grade map of training points, fitted after training)")
-    ref.add_argument("--reference-size", type=int, default=ReferenceConfig.size,
-                     help="training points kept as the model's reference (a uniform seeded sample beyond it): "
-                          "their coordinates optimised to t-SNE's objective, on which `ptsne embed` places new "
-                          f"points; 0 disables it, for a network-only model (default: {ReferenceConfig.size})")
-    ref.add_argument("--reference-iter", type=int, default=ReferenceConfig.n_iter,
-                     help=f"gradient-descent iterations of the reference map (default: {ReferenceConfig.n_iter})")
+    add_setting_arguments(ref, ReferenceConfig)
     sc = p.add_argument_group("scaling")
     sc.add_argument("--workers", type=int, default=1, help="data-parallel training workers (default: 1)")
     sc.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (torch threads) per worker (default: 1)")
@@ -310,45 +263,19 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def epochs_arg(value: str) -> int | str:
-    """``--epochs``: a positive integer or ``auto``."""
-    if str(value).strip().lower() == "auto":
-        return "auto"
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {value!r}") from None
-
-
 def train_config_from_args(args: argparse.Namespace, n: int | None = None):
     """The training settings; ``--epochs auto`` resolves for ``n`` points
     (:func:`ptsne.train.default_epochs`; the core default when ``n`` is not known yet)."""
+    from jobs.settings import settings_from_args
     from pipeline.train import DistributedTrainConfig
+    from ptsne.model import ModelConfig
+    from ptsne.reference import ReferenceConfig
     from ptsne.train import TrainConfig, default_epochs
 
-    epochs = args.epochs
-    if epochs == "auto":
-        epochs = default_epochs(n, args.batch_size) if n else TrainConfig.n_epochs
-    return DistributedTrainConfig(
-        n_components=args.n_components,
-        hidden_layers=tuple(args.hidden_layers),
-        activation=args.activation,
-        n_epochs=epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        early_exaggeration=args.early_exaggeration,
-        early_exaggeration_fraction=args.early_exaggeration_fraction,
-        exaggeration=args.exaggeration,
-        dof=args.dof,
-        weight_decay=args.weight_decay,
-        positives_per_anchor=args.positives_per_anchor,
-        seed=args.seed,
-        precision=args.precision,
-        feature_source=args.feature_source,
-        object_store_max_bytes=args.object_store_max_bytes,
-        reference_size=args.reference_size,
-        reference_iter=args.reference_iter,
-    )
+    settings = settings_from_args(args, TrainConfig, ModelConfig, ReferenceConfig, DistributedTrainConfig)
+    if settings["n_epochs"] == "auto":
+        settings["n_epochs"] = default_epochs(n, settings["batch_size"]) if n else TrainConfig.n_epochs
+    return DistributedTrainConfig.from_settings(**settings)
 
 
 def settings_dict(args: argparse.Namespace) -> dict:
@@ -377,11 +304,6 @@ def _write_stamp(model_dir: str, stamp: dict) -> None:
 
     fs, path = resolve(model_dir)
     write_bytes_atomic(fs, join(path, STAMP_FILE), _stamp_bytes(stamp))
-
-
-def _train_key(manifest: dict, config, workers: int) -> str:
-    payload = [manifest.get("config_hash"), manifest.get("n"), config.fingerprint(), int(workers)]
-    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:24]
 
 
 def _read_stamp(model_dir: str) -> dict | None:
@@ -616,7 +538,7 @@ def train_job(args: argparse.Namespace) -> TrainJobResult:
     from jobs.tracking import configure_mlflow
     from pipeline.affinity import read_manifest
     from pipeline.storage import check_writable_dir, is_local, makedirs, resolve
-    from pipeline.train import train_distributed
+    from pipeline.train import train_distributed, train_key
 
     where = TrainLocations.from_args(args)
     check_writable_dir(*resolve(where.workdir))  # before Ray starts, as the model check below
@@ -662,7 +584,7 @@ def train_job(args: argparse.Namespace) -> TrainJobResult:
         timings["affinities_seconds"] = time.perf_counter() - t
         config = train_config_from_args(args, n=int(manifest["n"]))
 
-        key = _train_key(manifest, config, args.workers)
+        key = train_key(where.affinities, config, args.workers)
         stamp = None if args.fresh else _read_stamp(where.model)
         out = TrainJobResult(
             workdir=where.workdir, affinity_dir=where.affinities, model_dir=where.model, plot=None, run_id=None,
@@ -690,7 +612,7 @@ def train_job(args: argparse.Namespace) -> TrainJobResult:
             feature_source = _feature_source(config, manifest)
 
         with mlflow.start_run(run_name=args.run_name) as run, tempdirs.make("ptsne-run-") as tmp:
-            _log_params(args, manifest, key, where.workdir, feature_source, config.n_epochs)
+            _log_params(args, manifest, key, where.workdir, feature_source, config.train.n_epochs)
             epochs = EpochLogger(run.info.run_id)
             if stamp is None:
                 # Per-epoch metrics reach the run while training goes on (on_epoch runs here, in the driver).

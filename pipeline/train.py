@@ -63,7 +63,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -74,11 +74,12 @@ from pipeline import schema, storage
 from pipeline.affinity_dir import AffinityDir, AffinityManifest
 from pipeline.knn import peak_rss_mb
 from ptsne.device import resolve_precision, set_num_threads
-from ptsne.estimator import ParametricTSNE
+from ptsne.estimator import ParametricTSNE, params_of
 from ptsne.loss import TSNELoss
-from ptsne.model import DEFAULT_HIDDEN, Mapper, ModelConfig, build_mapper
+from ptsne.model import Mapper, ModelConfig, build_mapper
 from ptsne.pca import PCA
 from ptsne.reference import ReferenceConfig
+from ptsne.settings import public_name, setting, settings_of, spec, validate
 from ptsne.train import (
     NeighborSampler,
     TrainConfig,
@@ -113,116 +114,131 @@ _SCAN_BATCH_ROWS = 65536
 
 @dataclass(frozen=True)
 class DistributedTrainConfig:
-    """Settings of distributed training (model, optimisation and data path).
+    """Settings of distributed training: the core's settings plus the data path.
 
     Parameters
     ----------
-    n_components : int
-        Embedding dimension.
-    hidden_layers : tuple of int
-        Hidden widths of the MLP.
-    activation : str
-        Hidden activation, one of ``ptsne.model.ACTIVATIONS``.
-    n_epochs, learning_rate, early_exaggeration, early_exaggeration_fraction,
-    exaggeration, dof, weight_decay, positives_per_anchor, seed, precision :
-        As in :class:`ptsne.train.TrainConfig`.
-    batch_size : int
-        Anchors per optimisation step over all workers together; each worker
-        takes ``batch_size // num_workers`` of them, so a step sees the same
-        number of anchors whatever the worker count.
+    train : TrainConfig
+        Optimisation. ``batch_size`` counts the anchors of a step over all workers
+        together; each worker takes ``batch_size // num_workers`` of them, so a step
+        sees the same number of anchors whatever the worker count.
+    model : ModelConfig
+        Architecture of the MLP; its ``n_inputs`` comes from the data (leave it None).
+    reference : ReferenceConfig
+        The reference fitted on the driver after training (``size`` 0: a network-only
+        model; otherwise more than ``transform_k`` points).
     feature_source : {"auto", "object_store", "scan"}
         How workers get neighbour features; ``"auto"`` uses the object store up
         to ``object_store_max_bytes`` and streaming gathers beyond.
     object_store_max_bytes : int
         Threshold of ``"auto"``.
-    reference_size : int
-        Training points kept as the model's reference (a uniform seeded sample
-        beyond it), fitted on the driver after training; 0 trains a network-only
-        model. Otherwise more than ``ReferenceConfig().transform_k`` points.
-    reference_iter : int
-        Gradient-descent iterations of the reference map.
+
+    :meth:`from_settings` builds one from flat settings by their public names
+    (``n_epochs=40, hidden_layers=(64, 64), reference_size=0``), as the command
+    line and :meth:`settings` name them.
     """
 
-    n_components: int = 2
-    hidden_layers: tuple[int, ...] = field(default=DEFAULT_HIDDEN)
-    activation: str = "relu"
-    n_epochs: int = TrainConfig.n_epochs
-    batch_size: int = TrainConfig.batch_size
-    learning_rate: float = TrainConfig.learning_rate
-    early_exaggeration: float = TrainConfig.early_exaggeration
-    early_exaggeration_fraction: float = TrainConfig.early_exaggeration_fraction
-    exaggeration: float = TrainConfig.exaggeration
-    dof: float = TrainConfig.dof
-    weight_decay: float = TrainConfig.weight_decay
-    positives_per_anchor: int = TrainConfig.positives_per_anchor
-    seed: int = 0
-    precision: str = TrainConfig.precision
-    feature_source: str = "auto"
-    object_store_max_bytes: int = DEFAULT_OBJECT_STORE_MAX_BYTES
-    reference_size: int = ReferenceConfig.size
-    reference_iter: int = ReferenceConfig.n_iter
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    feature_source: str = setting(
+        "auto", "how workers read neighbour features: the object store, streaming scans of the feature shards, "
+        "or 'auto' (the object store up to object_store_max_bytes)", choices=FEATURE_SOURCES)
+    object_store_max_bytes: int = setting(
+        DEFAULT_OBJECT_STORE_MAX_BYTES, "features up to this many bytes go through the object store", ge=0)
 
     def __post_init__(self) -> None:
-        if isinstance(self.hidden_layers, (str, bytes)):
-            raise TypeError(
-                f"DistributedTrainConfig: hidden_layers must be a sequence of integers, got {self.hidden_layers!r}"
-            )
-        object.__setattr__(self, "hidden_layers", tuple(self.hidden_layers))
-        # The core configs validate their own fields; build them once to fail early.
-        self.train_config()
-        ModelConfig(1, self.n_components, self.hidden_layers, self.activation)
-        if self.feature_source not in FEATURE_SOURCES:
-            raise ValueError(
-                f"DistributedTrainConfig: feature_source must be one of {FEATURE_SOURCES}, "
-                f"got {self.feature_source!r}"
-            )
-        v = self.object_store_max_bytes
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-            raise ValueError(
-                f"DistributedTrainConfig: object_store_max_bytes must be an integer >= 0, got {v!r}"
-            )
-        for name in ("reference_size", "reference_iter"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-                raise ValueError(f"DistributedTrainConfig: {name} must be an integer >= 0, got {v!r}")
+        for name, cls in _PARTS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise TypeError(f"DistributedTrainConfig: {name} must be a {cls.__name__}, "
+                                f"got {type(getattr(self, name)).__name__}")
+        validate(self)
         # A placed point needs more reference points than its neighbours: fail before training.
-        k = ReferenceConfig().transform_k
-        if 0 < self.reference_size <= k:
+        k = self.reference.transform_k
+        if 0 < self.reference.size <= k:
             raise ValueError(
                 f"DistributedTrainConfig: reference_size must be 0 (no reference) or more than {k} "
-                f"(the reference neighbours of a placed point), got {self.reference_size!r}"
+                f"(the reference neighbours of a placed point), got {self.reference.size!r}"
             )
 
-    def train_config(self) -> TrainConfig:
-        """The optimisation settings as the core's :class:`TrainConfig` (each of its fields, by name)."""
-        return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
+    @classmethod
+    def from_settings(cls, **settings) -> DistributedTrainConfig:
+        """A config from flat settings named as :meth:`settings` names them; the others keep their defaults."""
+        return cls().with_settings(**settings)
+
+    def with_settings(self, **settings) -> DistributedTrainConfig:
+        """A copy with the flat settings ``settings`` (named as :meth:`settings` names them) changed."""
+        parts: dict[str, dict] = {name: {} for name in (*_PARTS, "")}
+        for name, value in settings.items():
+            try:
+                part, field_name = _FLAT[name]
+            except KeyError:
+                raise TypeError(f"DistributedTrainConfig: unknown setting {name!r}; known: {sorted(_FLAT)}") from None
+            parts[part][field_name] = value
+        own = parts.pop("")
+        changed = {name: replace(getattr(self, name), **values) for name, values in parts.items() if values}
+        return replace(self, **changed, **own)
+
+    def settings(self) -> dict:
+        """Every setting by its public name (the command line's, with underscores), JSON-ready."""
+        out = {}
+        for name, (owner, field_name) in _FLAT.items():
+            value = getattr(getattr(self, owner) if owner else self, field_name)
+            out[name] = list(value) if isinstance(value, tuple) else value
+        return out
 
     def model_config(self, n_inputs: int) -> ModelConfig:
-        return ModelConfig(n_inputs, self.n_components, self.hidden_layers, self.activation)
+        return self.model.with_inputs(n_inputs)
 
     def to_dict(self) -> dict:
+        """The whole config, nested like the dataclass (what checkpoints record)."""
         d = asdict(self)
-        d["hidden_layers"] = list(self.hidden_layers)
+        d["model"].pop("n_inputs")
+        d["model"]["hidden_layers"] = list(self.model.hidden_layers)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> DistributedTrainConfig:
-        return cls(**d)
+        """Inverse of :meth:`to_dict`; also reads the flat settings that checkpoints recorded before."""
+        if not isinstance(d.get("train"), dict):
+            return cls.from_settings(**d)
+        d = dict(d)
+        return cls(**{name: part(**d.pop(name, {})) for name, part in _PARTS.items()}, **d)
 
     def fingerprint(self, reference: bool = True) -> str:
         """Hash of the settings that change the trained model (not the data path).
 
         ``reference=False`` leaves the reference settings out: the hash of what
         changes the trained network, which names the Ray Train run, so that a
-        finished run is reused when only the reference settings change.
+        finished run is reused when only the reference settings change. Settings
+        that joined later are hashed only when they differ from their defaults,
+        so that a run keeps its name across versions.
         """
-        d = self.to_dict()
-        d.pop("feature_source")
-        d.pop("object_store_max_bytes")
+        d = self.settings()
+        for f in settings_of(type(self)):
+            d.pop(f.name)
+        for name, default in _LATER_SETTINGS.items():
+            if d.get(name) == default:
+                d.pop(name)
+        tuned = {f"reference.{f.name}": getattr(self.reference, f.name) for f in fields(ReferenceConfig)
+                 if spec(f) is None and getattr(self.reference, f.name) != f.default}
         if not reference:
-            d.pop("reference_size")
-            d.pop("reference_iter")
+            for f in settings_of(ReferenceConfig):
+                d.pop(public_name(f))
+        elif tuned:
+            d["reference"] = tuned
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+#: The configs that :class:`DistributedTrainConfig` holds, by field.
+_PARTS = {"train": TrainConfig, "model": ModelConfig, "reference": ReferenceConfig}
+#: Public name of each flat setting -> (field of DistributedTrainConfig holding it, or "" for its own; field name).
+_FLAT = {
+    **{public_name(f): (part, f.name) for part, cls in _PARTS.items() for f in settings_of(cls)},
+    **{public_name(f): ("", f.name) for f in settings_of(DistributedTrainConfig)},
+}
+#: Settings added after runs were named by the flat settings, with the default that leaves the name as it was.
+_LATER_SETTINGS = {"layer_norm": False}
 
 
 @dataclass
@@ -457,8 +473,8 @@ def _train_loop_per_worker(loop_config: dict) -> None:
     set_num_threads(loop_config["cpus_per_worker"])
     device = ray.train.torch.get_device()
     config = DistributedTrainConfig.from_dict(loop_config["train"])
-    tc = config.train_config()
-    m = config.positives_per_anchor
+    tc = config.train
+    m = tc.positives_per_anchor
     affinity: AffinityDir = loop_config["affinity"]
     n, dim = affinity.manifest.n, affinity.manifest.dim
 
@@ -573,15 +589,30 @@ def _train_loop_per_worker(loop_config: dict) -> None:
 # -- the driver ---------------------------------------------------------------------------
 
 
+def train_key(
+    affinity_dir: AffinityDir | str | os.PathLike, config: DistributedTrainConfig, num_workers: int,
+    reference: bool = True,
+) -> str:
+    """The identity of a training run: its data, settings and worker count, hashed.
+
+    The data are the affinity directory's ``config_hash`` and location, the settings
+    those that change the model (:meth:`DistributedTrainConfig.fingerprint`).
+    ``reference=False`` leaves the reference settings out: the identity of the
+    trained network, which names the Ray Train run (:func:`run_name`); ``ptsne
+    train`` stamps its model with the whole identity.
+    """
+    affinity = affinity_dir if isinstance(affinity_dir, AffinityDir) else AffinityDir(affinity_dir)
+    key = json.dumps(
+        [affinity.manifest.config_hash, affinity.uri, config.fingerprint(reference=reference), num_workers]
+    )
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
 def run_name(
     affinity_dir: AffinityDir | str | os.PathLike, config: DistributedTrainConfig, num_workers: int
 ) -> str:
-    """A name that identifies (data, settings, worker count): same name, same run to resume."""
-    affinity = affinity_dir if isinstance(affinity_dir, AffinityDir) else AffinityDir(affinity_dir)
-    key = json.dumps(
-        [affinity.manifest.config_hash, affinity.uri, config.fingerprint(reference=False), num_workers]
-    )
-    return "ptsne-train-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    """The Ray Train run of (data, network settings, worker count): same name, same run to resume."""
+    return "ptsne-train-" + train_key(affinity_dir, config, num_workers, reference=False)[:12]
 
 
 def train_distributed(
@@ -671,9 +702,9 @@ def train_distributed(
     affinity.check_files()
     manifest = affinity.manifest
     n, dim = manifest.n, manifest.dim
-    if config.batch_size // num_workers < 2:
+    if config.train.batch_size // num_workers < 2:
         raise ValueError(
-            f"train_distributed: batch_size={config.batch_size} leaves fewer than 2 anchors per worker "
+            f"train_distributed: batch_size={config.train.batch_size} leaves fewer than 2 anchors per worker "
             f"with num_workers={num_workers}"
         )
     source = config.feature_source
@@ -757,7 +788,7 @@ def train_distributed(
         checkpoint_path=_checkpoint_uri(result.checkpoint),
         resumed_from=list(state.get("resumed_from", [])),
         seconds=seconds,
-        reference_seconds=time.perf_counter() - t if config.reference_size > 0 else 0.0,
+        reference_seconds=time.perf_counter() - t if config.reference.size > 0 else 0.0,
         edges_bytes_read=list(workers.get("edges_bytes_read", [])),
         edges_bytes_total=int(workers.get("edges_bytes_total", 0)),
         owned_edges=list(workers.get("owned_edges", [])),
@@ -800,22 +831,22 @@ def fit_reference(
     a sample, P is computed on the sample. Memory: the reference points, their
     kNN graph or the edges, and openTSNE's optimisation of their map. The
     estimator takes the reference settings of ``config``;
-    ``config.reference_size == 0`` leaves it without a reference.
+    ``config.reference.size == 0`` leaves it without a reference.
     """
-    estimator.set_params(reference_size=config.reference_size, reference_iter=config.reference_iter)
+    estimator.set_params(**params_of(config.reference))
     estimator.reference_ = None
-    if config.reference_size == 0:
+    if config.reference.size == 0:
         return estimator
     affinity = affinity_dir if isinstance(affinity_dir, AffinityDir) else AffinityDir(affinity_dir)
     n = affinity.manifest.n
-    rows = reference_rows(n, config.reference_size, config.seed)
+    rows = reference_rows(n, config.reference.size, config.train.seed)
     if rows is None:
         Z, edges = affinity.features_array(), affinity.read_edges()
     else:
         Z, edges = ScannedFeatures(affinity).fetch(rows), None
-    log.info("reference: %d of %d training points, %d iterations%s", len(Z), n, config.reference_iter,
+    log.info("reference: %d of %d training points, %d iterations%s", len(Z), n, config.reference.n_iter,
              "" if edges is None else ", P from the affinity directory")
-    return estimator.fit_reference(Z, edges, random_state=config.seed)
+    return estimator.fit_reference(Z, edges, random_state=config.train.seed)
 
 
 # -- live per-epoch metrics -----------------------------------------------------------------
@@ -915,23 +946,9 @@ def _estimator(
         n_features_in=manifest.input_dim,
         n_neighbors=manifest.k,
         pca=pca,
-        n_components=config.n_components,
+        **params_of(config.train, config.model, config.reference),
         perplexity=perplexities[0] if len(perplexities) == 1 else perplexities,
-        dof=config.dof,
-        hidden_layers=list(config.hidden_layers),
-        activation=config.activation,
-        n_epochs=config.n_epochs,
-        batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        early_exaggeration=config.early_exaggeration,
-        early_exaggeration_fraction=config.early_exaggeration_fraction,
-        exaggeration=config.exaggeration,
-        positives_per_anchor=config.positives_per_anchor,
         knn_method=manifest.knn_method or "auto",
         pca_components=manifest.dim if pca is not None else None,
-        reference_size=config.reference_size,
-        reference_iter=config.reference_iter,
-        random_state=config.seed,
         device="cpu",
-        precision=config.precision,
     )

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from sklearn.base import BaseEstimator
 from torch import nn
 
 from ptsne import digest
@@ -23,7 +24,7 @@ from ptsne.affinity import Edges, as_perplexities, default_k, joint_probabilitie
 from ptsne.device import default_num_threads, resolve_device, set_num_threads
 from ptsne.errors import ModelFileError, NotFittedError
 from ptsne.knn import KNNConfig, knn_graph, resolve_knn_device
-from ptsne.model import DEFAULT_HIDDEN, Mapper, ModelConfig, build_mapper
+from ptsne.model import Mapper, ModelConfig, build_mapper
 from ptsne.pca import PCA
 from ptsne.reference import (
     METHODS,
@@ -34,6 +35,7 @@ from ptsne.reference import (
     optimize_map,
     similarity_fit,
 )
+from ptsne.settings import public_name, settings_of
 from ptsne.train import Callback, TrainConfig, default_epochs, fit_mapper
 from ptsne.transform import check_batch_size
 from ptsne.transform import transform as batched_transform
@@ -46,7 +48,23 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-class ParametricTSNE:
+#: The one estimator parameter named otherwise than its setting: scikit-learn's name of the seed.
+_RENAMED = {"seed": "random_state"}
+
+
+def param_name(f: dataclasses.Field) -> str:
+    """The :class:`ParametricTSNE` parameter of setting ``f`` of a core config."""
+    name = public_name(f)
+    return _RENAMED.get(name, name)
+
+
+def params_of(*configs) -> dict:
+    """The :class:`ParametricTSNE` parameters that the settings of ``configs`` give
+    (any of :class:`TrainConfig`, :class:`ModelConfig`, :class:`ReferenceConfig`)."""
+    return {param_name(f): getattr(c, f.name) for c in configs for f in settings_of(type(c))}
+
+
+class ParametricTSNE(BaseEstimator):
     """Parametric t-SNE: learns a network that maps vectors to a 2-D/3-D t-SNE map.
 
     Parameters
@@ -63,6 +81,8 @@ class ParametricTSNE:
         original [500, 500, 2000] network).
     activation : str
         Hidden activation of the default MLP.
+    layer_norm : bool
+        A LayerNorm after each hidden linear layer of the default MLP.
     model : torch.nn.Module, optional
         A network of your own from ``n_features`` (after PCA) to ``n_components``;
         replaces the default MLP (inputs are standardised before it).
@@ -72,7 +92,7 @@ class ParametricTSNE:
         datasets so that training takes at least 2000 steps
         (:func:`ptsne.train.default_epochs`).
     batch_size, learning_rate, early_exaggeration, early_exaggeration_fraction,
-    exaggeration, positives_per_anchor :
+    exaggeration, weight_decay, positives_per_anchor :
         Optimisation, see :class:`ptsne.train.TrainConfig`.
     n_neighbors : int or "auto"
         Neighbours per point; ``"auto"`` is ``min(n - 1, 3 * max(perplexity))``.
@@ -90,7 +110,7 @@ class ParametricTSNE:
         Gradient-descent iterations of the reference map (the coarse phase; see
         :class:`ptsne.reference.ReferenceConfig`).
     random_state : int, optional
-        Seed; with a seed, CPU training is deterministic.
+        Seed (``TrainConfig.seed``; None draws one); with a seed, CPU training is deterministic.
     device : {"auto", "cpu", "cuda"}
         ``"auto"`` takes a GPU when one is visible; its kNN search then runs on
         CPU when FAISS is a CPU build (with a warning, see
@@ -130,11 +150,12 @@ class ParametricTSNE:
 
     def __init__(
         self,
-        n_components: int = 2,
+        n_components: int = ModelConfig.n_components,
         perplexity: float | Sequence[float] = 30.0,
-        dof: float = 1.0,
-        hidden_layers: Sequence[int] = DEFAULT_HIDDEN,
-        activation: str = "relu",
+        dof: float = TrainConfig.dof,
+        hidden_layers: Sequence[int] = ModelConfig.hidden_layers,
+        activation: str = ModelConfig.activation,
+        layer_norm: bool = ModelConfig.layer_norm,
         model: nn.Module | None = None,
         n_epochs: int | str = "auto",
         batch_size: int = TrainConfig.batch_size,
@@ -142,6 +163,7 @@ class ParametricTSNE:
         early_exaggeration: float = TrainConfig.early_exaggeration,
         early_exaggeration_fraction: float = TrainConfig.early_exaggeration_fraction,
         exaggeration: float = TrainConfig.exaggeration,
+        weight_decay: float = TrainConfig.weight_decay,
         positives_per_anchor: int = TrainConfig.positives_per_anchor,
         n_neighbors: int | str = "auto",
         knn_method: str = "auto",
@@ -159,6 +181,7 @@ class ParametricTSNE:
         self.dof = dof
         self.hidden_layers = hidden_layers
         self.activation = activation
+        self.layer_norm = layer_norm
         self.model = model
         self.n_epochs = n_epochs
         self.batch_size = batch_size
@@ -166,6 +189,7 @@ class ParametricTSNE:
         self.early_exaggeration = early_exaggeration
         self.early_exaggeration_fraction = early_exaggeration_fraction
         self.exaggeration = exaggeration
+        self.weight_decay = weight_decay
         self.positives_per_anchor = positives_per_anchor
         self.n_neighbors = n_neighbors
         self.knn_method = knn_method
@@ -180,31 +204,29 @@ class ParametricTSNE:
 
     # -- configuration -------------------------------------------------------------
 
-    def get_params(self) -> dict:
-        """Constructor arguments (sklearn convention)."""
-        return {name: getattr(self, name) for name in _PARAMS}
-
     def set_params(self, **params) -> ParametricTSNE:
-        for name, value in params.items():
-            if name not in _PARAMS:
-                raise ValueError(f"ParametricTSNE: unknown parameter {name!r}; valid: {_PARAMS}")
-            setattr(self, name, value)
-        return self
+        """Set constructor arguments (scikit-learn's ``set_params``, with our message for an unknown name)."""
+        valid = self._get_param_names()
+        for name in params:
+            if name not in valid:
+                raise ValueError(f"ParametricTSNE: unknown parameter {name!r}; valid: {tuple(valid)}")
+        return super().set_params(**params)
+
+    def _config(self, cls: type, **resolved):
+        """Core config ``cls`` from the parameters of its settings (:func:`param_name`), ``resolved`` replacing some."""
+        values = {f.name: getattr(self, param_name(f)) for f in settings_of(cls)}
+        # NumPy scalars as Python numbers: the configs are written to JSON.
+        values = {k: v.item() if isinstance(v, np.generic) else v for k, v in values.items()}
+        return cls(**{**values, **resolved})
 
     def _train_config(self, n: int) -> TrainConfig:
         n_epochs = self.n_epochs
         if n_epochs == "auto":
             batch = self.batch_size if isinstance(self.batch_size, (int, np.integer)) else 1
             n_epochs = default_epochs(n, max(1, int(batch)))
-        return TrainConfig(
+        return self._config(
+            TrainConfig,
             n_epochs=n_epochs,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            early_exaggeration=self.early_exaggeration,
-            early_exaggeration_fraction=self.early_exaggeration_fraction,
-            exaggeration=self.exaggeration,
-            positives_per_anchor=self.positives_per_anchor,
-            dof=self.dof,
             seed=self._seed(),
             # A network of the user's own may hold layers that are unsafe in bfloat16.
             precision="float32" if self.precision == "auto" and self.model is not None else self.precision,
@@ -253,11 +275,7 @@ class ParametricTSNE:
         self._reference_config()
 
     def _reference_config(self) -> ReferenceConfig:
-        for name in ("reference_size", "reference_iter"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-                raise ValueError(f"ParametricTSNE: {name} must be an integer >= 0, got {v!r}")
-        return ReferenceConfig(size=int(self.reference_size), n_iter=int(self.reference_iter))
+        return self._config(ReferenceConfig)
 
     # -- fitting ---------------------------------------------------------------------
 
@@ -381,12 +399,7 @@ class ParametricTSNE:
         return build_mapper(self._model_config(n_inputs))
 
     def _model_config(self, n_inputs: int) -> ModelConfig:
-        return ModelConfig(
-            n_inputs=n_inputs,
-            n_components=self.n_components,
-            hidden_layers=tuple(self.hidden_layers),
-            activation=self.activation,
-        )
+        return self._config(ModelConfig, n_inputs=n_inputs)
 
     def fit_transform(self, X: np.ndarray, y=None, callbacks: Sequence[Callback] = ()) -> np.ndarray:
         """``fit(X)`` and return the training embedding, float32 (n, n_components)."""
@@ -585,12 +598,6 @@ class ParametricTSNE:
         loaded = type(self).load(path, model=self.model, device=device)
         self.__dict__.update(loaded.__dict__)
         return self
-
-
-_PARAMS = tuple(
-    name
-    for name in ParametricTSNE.__init__.__code__.co_varnames[1 : ParametricTSNE.__init__.__code__.co_argcount]
-)
 
 
 def knn_device(asked: str | torch.device, resolved: torch.device) -> str:

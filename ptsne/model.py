@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+
+from ptsne.settings import setting, validate
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "elu": nn.ELU}
 #: Default hidden widths, chosen on the MNIST benchmark for quality per second.
@@ -22,8 +25,9 @@ class ModelConfig:
 
     Parameters
     ----------
-    n_inputs : int
-        Input dimension (after the optional PCA).
+    n_inputs : int or None
+        Input dimension (after the optional PCA); None for an architecture whose
+        input is not known yet (see :meth:`with_inputs`).
     n_components : int
         Output dimension (2 or 3 for maps).
     hidden_layers : tuple of int
@@ -34,17 +38,17 @@ class ModelConfig:
         Put a LayerNorm after each hidden linear layer.
     """
 
-    n_inputs: int
-    n_components: int = 2
-    hidden_layers: tuple[int, ...] = field(default=DEFAULT_HIDDEN)
-    activation: str = "relu"
-    layer_norm: bool = False
+    n_inputs: int | None = None
+    n_components: int = setting(2, "embedding dimension", ge=1)
+    hidden_layers: tuple[int, ...] = setting(DEFAULT_HIDDEN, "hidden widths of the MLP")
+    activation: str = setting("relu", "hidden activation", choices=tuple(sorted(ACTIVATIONS)))
+    layer_norm: bool = setting(False, "a LayerNorm after each hidden linear layer")
 
     def __post_init__(self) -> None:
-        for name in ("n_inputs", "n_components"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"ModelConfig: {name} must be a positive integer, got {v!r}")
+        v = self.n_inputs
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+            raise ValueError(f"ModelConfig: n_inputs must be a positive integer or None, got {v!r}")
+        validate(self)
         if isinstance(self.hidden_layers, (str, bytes)) or not isinstance(
             self.hidden_layers, Sequence
         ):
@@ -58,10 +62,10 @@ class ModelConfig:
                 f"ModelConfig: hidden_layers must hold positive integers, got {self.hidden_layers!r}"
             )
         object.__setattr__(self, "hidden_layers", tuple(int(h) for h in widths))
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"ModelConfig: activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
-            )
+
+    def with_inputs(self, n_inputs: int) -> ModelConfig:
+        """This architecture for ``n_inputs`` input dimensions."""
+        return dataclasses.replace(self, n_inputs=n_inputs)
 
 
 class Standardize(nn.Module):
@@ -112,6 +116,8 @@ class Mapper(nn.Module):
 
 def build_mlp(config: ModelConfig) -> nn.Sequential:
     """``Linear -> [LayerNorm] -> activation`` per hidden width, then a float32 linear output."""
+    if config.n_inputs is None:
+        raise ValueError("build_mlp: ModelConfig.n_inputs is None; give the input dimension (with_inputs)")
     layers: list[nn.Module] = []
     width = config.n_inputs
     for h in config.hidden_layers:

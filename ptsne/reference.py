@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from ptsne.affinity import Edges, calibrate
 from ptsne.knn import build_index, search, tune_nprobe
 from ptsne.loss import log_kernel
+from ptsne.settings import setting, validate
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,11 @@ class ReferenceConfig:
         Cell size (map units) of the repulsion grid.
     """
 
-    size: int = 250_000
-    n_iter: int = 100
+    size: int = setting(
+        250_000, "training points kept as the model's reference (a uniform seeded sample beyond it): their "
+        "coordinates optimised to t-SNE's objective, on which new points are placed; 0 disables it, for a "
+        "network-only model", ge=0, name="reference_size")
+    n_iter: int = setting(100, "gradient-descent iterations of the reference map", ge=0, name="reference_iter")
     fine_iter: int = 40
     coarse_interval: float = 2.0
     fine_interval: float = 1.5
@@ -123,7 +127,8 @@ class ReferenceConfig:
     grid_spacing: float = 0.125
 
     def __post_init__(self) -> None:
-        for name, minimum in (("size", 0), ("n_iter", 0), ("fine_iter", 0), ("transform_iter", 0)):
+        validate(self)
+        for name, minimum in (("fine_iter", 0), ("transform_iter", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
                 raise ValueError(f"ReferenceConfig: {name} must be an integer >= {minimum}, got {v!r}")

@@ -25,8 +25,19 @@ from tqdm.auto import tqdm
 from ptsne.affinity import Edges
 from ptsne.device import PRECISIONS, resolve_precision
 from ptsne.loss import TSNELoss
+from ptsne.settings import setting, validate
 
 log = logging.getLogger(__name__)
+
+#: ``n_epochs="auto"`` trains for at least this many optimisation steps.
+MIN_STEPS = 2000
+#: ... and aims at this many, in at most ``TrainConfig.n_epochs`` epochs.
+TARGET_STEPS = 2400
+#: ... and at least this many epochs, so that every point is an anchor a few times.
+MIN_EPOCHS = 10
+
+
+_BELOW_ONE = "below 1 the loss decreases without bound as the map expands"
 
 #: A callback gets ``(epoch, metrics)`` after each epoch and returns True to stop.
 Callback = Callable[[int, dict], bool | None]
@@ -69,42 +80,27 @@ class TrainConfig:
         loss, the optimiser state and ``transform`` stay in float32.
     """
 
-    n_epochs: int = 60
-    batch_size: int = 512
-    learning_rate: float = 1e-2
-    early_exaggeration: float = 4.0
-    early_exaggeration_fraction: float = 0.25
-    exaggeration: float = 1.5
-    dof: float = 1.0
-    weight_decay: float = 0.0
-    positives_per_anchor: int = 4
-    seed: int = 0
-    precision: str = "auto"
+    n_epochs: int = setting(
+        60, "passes over the points as anchors", ge=1, flag="--epochs",
+        auto=f"about {TARGET_STEPS} steps within {MIN_EPOCHS} to 60 epochs, more for small data")
+    batch_size: int = setting(512, "anchors per optimisation step (over all workers together)", ge=2)
+    learning_rate: float = setting(1e-2, "peak Adam learning rate, decaying along a cosine to 1%", gt=0)
+    early_exaggeration: float = setting(
+        4.0, "attraction factor of the early phase", ge=1, why=_BELOW_ONE)
+    early_exaggeration_fraction: float = setting(0.25, "share of the epochs run with early exaggeration",
+                                                 ge=0, lt=1)
+    exaggeration: float = setting(1.5, "attraction factor after the early phase", ge=1, why=_BELOW_ONE)
+    dof: float = setting(1.0, "degrees of freedom of the Student-t kernel", gt=0)
+    weight_decay: float = setting(0.0, "Adam weight decay", ge=0)
+    positives_per_anchor: int = setting(4, "neighbours drawn per anchor in each step", ge=1)
+    seed: int = setting(0, "seed of the anchor order, the neighbour draws and the initial weights")
+    precision: str = setting(
+        "auto", "forward pass of training: 'auto' is bfloat16 autocast where the device has it in hardware "
+        "(recent x86 CPUs, CUDA GPUs), else float32, or what the environment variable PTSNE_PRECISION names",
+        choices=PRECISIONS)
 
     def __post_init__(self) -> None:
-        _positive_int("n_epochs", self.n_epochs)
-        _positive_int("batch_size", self.batch_size, minimum=2)
-        _positive_int("positives_per_anchor", self.positives_per_anchor)
-        for name in ("learning_rate", "dof"):
-            v = getattr(self, name)
-            if not (_finite_number(v) and v > 0):
-                raise ValueError(f"TrainConfig: {name} must be a finite number > 0, got {v!r}")
-        for name in ("early_exaggeration", "exaggeration"):
-            v = getattr(self, name)
-            if not (_finite_number(v) and v >= 1):
-                raise ValueError(
-                    f"TrainConfig: {name} must be a finite number >= 1, got {v!r} "
-                    "(below 1 the loss decreases without bound as the map expands)"
-                )
-        if not 0.0 <= self.early_exaggeration_fraction < 1.0:
-            raise ValueError(
-                "TrainConfig: early_exaggeration_fraction must be in [0, 1), "
-                f"got {self.early_exaggeration_fraction!r}"
-            )
-        if not self.weight_decay >= 0:
-            raise ValueError(f"TrainConfig: weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"TrainConfig: precision must be one of {PRECISIONS}, got {self.precision!r}")
+        validate(self)
 
     @property
     def early_epochs(self) -> int:
@@ -112,14 +108,6 @@ class TrainConfig:
 
     def exaggeration_at(self, epoch: int) -> float:
         return self.early_exaggeration if epoch < self.early_epochs else self.exaggeration
-
-
-#: ``n_epochs="auto"`` trains for at least this many optimisation steps.
-MIN_STEPS = 2000
-#: ... and aims at this many, in at most ``TrainConfig.n_epochs`` epochs.
-TARGET_STEPS = 2400
-#: ... and at least this many epochs, so that every point is an anchor a few times.
-MIN_EPOCHS = 10
 
 
 def default_epochs(n: int, batch_size: int = TrainConfig.batch_size) -> int:
@@ -134,15 +122,6 @@ def default_epochs(n: int, batch_size: int = TrainConfig.batch_size) -> int:
     steps_per_epoch = max(1, n // max(1, min(batch_size, n)))
     epochs = min(TrainConfig.n_epochs, max(MIN_EPOCHS, math.ceil(TARGET_STEPS / steps_per_epoch)))
     return max(epochs, math.ceil(MIN_STEPS / steps_per_epoch))
-
-
-def _finite_number(v) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def _positive_int(name: str, v, minimum: int = 1) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-        raise ValueError(f"TrainConfig: {name} must be an integer >= {minimum}, got {v!r}")
 
 
 class NeighborSampler:

@@ -195,8 +195,8 @@ def test_epochs_auto_resolves_for_the_data_size():
 
     args = resolve_args(_parse(["train", "--input", "data"]))
     assert args.epochs == "auto"
-    assert train_config_from_args(args, n=1_000_000).n_epochs == default_epochs(1_000_000, args.batch_size) == 10
-    assert train_config_from_args(args, n=60_000).n_epochs == default_epochs(60_000, args.batch_size) == 21
+    assert train_config_from_args(args, n=1_000_000).train.n_epochs == default_epochs(1_000_000, args.batch_size) == 10
+    assert train_config_from_args(args, n=60_000).train.n_epochs == default_epochs(60_000, args.batch_size) == 21
     assert resolve_args(_parse(["train", "--input", "data", "--epochs", "7"])).epochs == 7
     with pytest.raises(SystemExit):
         _parse(["train", "--input", "data", "--epochs", "many"])
@@ -217,12 +217,36 @@ def test_train_choices_and_defaults_come_from_the_library():
     assert args.object_store_max_bytes == DEFAULT_OBJECT_STORE_MAX_BYTES == DistributedTrainConfig().object_store_max_bytes
     from ptsne.reference import ReferenceConfig
 
-    assert args.reference_size == ReferenceConfig.size == DistributedTrainConfig().reference_size
-    assert args.reference_iter == ReferenceConfig.n_iter == DistributedTrainConfig().reference_iter
+    assert args.reference_size == ReferenceConfig.size == DistributedTrainConfig().reference.size
+    assert args.reference_iter == ReferenceConfig.n_iter == DistributedTrainConfig().reference.n_iter
     assert main(["train", "--input", "x", "--reference-size", "-1"]) == EXIT_USAGE
     with pytest.raises(SystemExit) as exc:
         main(["train", "--input", "data", "--feature-source", "disk"])
     assert exc.value.code == EXIT_USAGE
+
+
+def test_every_training_setting_is_an_option_that_reaches_the_config():
+    # The options are derived from the settings' declarations: each one, its old spelling kept.
+    from jobs.train import train_config_from_args
+    from pipeline.train import DistributedTrainConfig
+
+    argv = ["train", "--input", "data", "--epochs", "5", "--batch-size", "64", "--learning-rate", "0.5",
+            "--early-exaggeration", "6", "--early-exaggeration-fraction", "0.5", "--exaggeration", "1",
+            "--dof", "0.5", "--weight-decay", "0.01", "--positives-per-anchor", "2", "--seed", "3",
+            "--precision", "float32", "--n-components", "3", "--hidden-layers", "8,4", "--activation", "gelu",
+            "--layer-norm", "--feature-source", "scan", "--object-store-max-bytes", "7",
+            "--reference-size", "0", "--reference-iter", "9"]
+    config = train_config_from_args(resolve_args(_parse(argv)), n=1000)
+    assert config.settings() == {
+        "n_epochs": 5, "batch_size": 64, "learning_rate": 0.5, "early_exaggeration": 6.0,
+        "early_exaggeration_fraction": 0.5, "exaggeration": 1.0, "dof": 0.5, "weight_decay": 0.01,
+        "positives_per_anchor": 2, "seed": 3, "precision": "float32", "n_components": 3, "hidden_layers": [8, 4],
+        "activation": "gelu", "layer_norm": True, "feature_source": "scan", "object_store_max_bytes": 7,
+        "reference_size": 0, "reference_iter": 9,
+    }
+    assert set(config.settings()) == set(DistributedTrainConfig().settings())
+    defaults = train_config_from_args(resolve_args(_parse(["train", "--input", "data"])), n=1000)
+    assert defaults.with_settings(n_epochs=60) == DistributedTrainConfig()
 
 
 def test_train_unwritable_workdir_is_one_line_error_before_any_work(tmp_path, caplog):

@@ -35,11 +35,14 @@ from pipeline.train import (
     run_name,
     shard_of,
     train_distributed,
+    train_key,
 )
 from ptsne.affinity import joint_probabilities
-from ptsne.estimator import ParametricTSNE
+from ptsne.estimator import ParametricTSNE, params_of
 from ptsne.knn import KNNConfig, knn_graph
 from ptsne.metrics import knn_accuracy
+from ptsne.model import ModelConfig
+from ptsne.reference import ReferenceConfig
 from ptsne.train import TrainConfig
 
 # Network-only: the reference stage has its own tests below.
@@ -125,70 +128,87 @@ def test_scanned_features_equal_shared(affinity_dir):
 )
 def test_config_rejects_bad_values(kwargs):
     with pytest.raises((ValueError, TypeError)):
-        DistributedTrainConfig(**kwargs)
+        DistributedTrainConfig.from_settings(**kwargs)
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(reference_size=-1), "reference_size must be an integer >= 0, got -1"),
-        (dict(reference_size=True), "reference_size must be an integer >= 0, got True"),
-        (dict(reference_iter=-5), "reference_iter must be an integer >= 0, got -5"),
-        (dict(reference_size=10), "reference_size must be 0 .* or more than 30 .*, got 10"),  # 3 x perplexity 10
+        (dict(reference_size=-1), "ReferenceConfig: reference_size must be an integer >= 0, got -1"),
+        (dict(reference_size=True), "ReferenceConfig: reference_size must be an integer >= 0, got True"),
+        (dict(reference_iter=-5), "ReferenceConfig: reference_iter must be an integer >= 0, got -5"),
+        # 3 x perplexity 10
+        (dict(reference_size=10), "DistributedTrainConfig: reference_size must be 0 .* or more than 30 .*, got 10"),
     ],
 )
 def test_config_rejects_bad_reference_settings_by_name(kwargs, message):
-    with pytest.raises(ValueError, match=f"DistributedTrainConfig: {message}"):
-        DistributedTrainConfig(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        DistributedTrainConfig.from_settings(**kwargs)
 
 
 def test_reference_settings_change_the_model_but_not_the_ray_train_run(affinity_dir):
-    base = DistributedTrainConfig(**FAST)
-    other = dataclasses.replace(base, reference_size=500, reference_iter=10)
+    base = DistributedTrainConfig.from_settings(**FAST)
+    other = base.with_settings(reference_size=500, reference_iter=10)
     assert base.fingerprint() != other.fingerprint()
     assert base.fingerprint(reference=False) == other.fingerprint(reference=False)
     assert run_name(affinity_dir, base, 2) == run_name(affinity_dir, other, 2)
+    # One identity: the run's name is that of the network, the model's key adds the reference.
+    assert run_name(affinity_dir, base, 2) == "ptsne-train-" + train_key(affinity_dir, base, 2, reference=False)[:12]
+    assert train_key(affinity_dir, base, 2) != train_key(affinity_dir, other, 2)
+    assert train_key(affinity_dir, base, 2) != train_key(affinity_dir, base, 1)
 
 
 def test_config_rejects_bad_optimisation_values_by_name():
     with pytest.raises(ValueError, match="positives_per_anchor must be an integer >= 1, got 0"):
-        DistributedTrainConfig(positives_per_anchor=0)
+        DistributedTrainConfig.from_settings(positives_per_anchor=0)
 
 
-def test_train_config_carries_every_optimisation_setting():
-    # Every TrainConfig field has a twin here with the same default, and a changed value reaches the core.
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+def test_config_composes_the_core_configs_and_reads_flat_and_legacy_settings():
+    # One declaration per setting: the distributed config holds the core's configs, not copies of their fields.
     default = DistributedTrainConfig()
-    assert set(fields) <= {f.name for f in dataclasses.fields(DistributedTrainConfig)}
-    assert all(getattr(default, name) == f.default for name, f in fields.items())
+    assert (default.train, default.model, default.reference) == (TrainConfig(), ModelConfig(), ReferenceConfig())
     changed = dict(n_epochs=7, batch_size=64, learning_rate=3e-3, early_exaggeration=6.0,
                    early_exaggeration_fraction=0.5, exaggeration=1.0, dof=0.7, weight_decay=1e-5,
                    positives_per_anchor=1, seed=9, precision="float32")
-    assert set(changed) == set(fields)
-    assert dataclasses.asdict(DistributedTrainConfig(**changed).train_config()) == changed
+    config = DistributedTrainConfig.from_settings(**changed, hidden_layers=[8], reference_iter=3)
+    assert dataclasses.asdict(config.train) == changed
+    assert config.model.hidden_layers == (8,) and config.reference.n_iter == 3
+    assert DistributedTrainConfig.from_dict(config.to_dict()) == config
+    # The flat dict that checkpoints recorded before the configs were composed.
+    legacy = {k: v for k, v in config.settings().items() if k != "layer_norm"}
+    assert DistributedTrainConfig.from_dict(legacy) == config
+    with pytest.raises(TypeError, match="unknown setting 'random_state'"):
+        DistributedTrainConfig.from_settings(random_state=1)
+
+
+def test_fingerprint_is_that_of_the_flat_settings_of_earlier_versions():
+    # Run names and train stamps stay those of runs started before the configs were composed.
+    assert DistributedTrainConfig().fingerprint() == "19a82f90ce661edf"
+    assert DistributedTrainConfig().fingerprint(reference=False) == "85d81b4119d85bcc"
+    assert DistributedTrainConfig.from_settings(layer_norm=True).fingerprint() != "19a82f90ce661edf"
 
 
 def test_rejects_too_many_workers_for_batch(affinity_dir, tmp_path):
     with pytest.raises(ValueError, match="batch_size"):
-        train_distributed(affinity_dir, DistributedTrainConfig(batch_size=4), num_workers=3, storage_path=tmp_path)
+        train_distributed(affinity_dir, DistributedTrainConfig.from_settings(batch_size=4), num_workers=3, storage_path=tmp_path)
 
 
 def test_rejects_bad_edges_ingest_and_on_epoch(affinity_dir, tmp_path):
     with pytest.raises(ValueError, match="edges_ingest"):
-        train_distributed(affinity_dir, DistributedTrainConfig(), storage_path=tmp_path, edges_ingest="disk")
+        train_distributed(affinity_dir, DistributedTrainConfig.from_settings(), storage_path=tmp_path, edges_ingest="disk")
     # The old ways of shipping edges are accepted and ignored, with a warning.
     with pytest.warns(DeprecationWarning, match="edges_ingest='stream' is ignored"), \
             pytest.raises(ValueError, match="batch_size"):
-        train_distributed(affinity_dir, DistributedTrainConfig(batch_size=4), num_workers=3, storage_path=tmp_path,
+        train_distributed(affinity_dir, DistributedTrainConfig.from_settings(batch_size=4), num_workers=3, storage_path=tmp_path,
                           edges_ingest="stream")
     with pytest.raises(TypeError, match="on_epoch"):
-        train_distributed(affinity_dir, DistributedTrainConfig(), storage_path=tmp_path, on_epoch="log")
+        train_distributed(affinity_dir, DistributedTrainConfig.from_settings(), storage_path=tmp_path, on_epoch="log")
 
 
 def test_rejects_training_workers_that_could_share_a_gpu(affinity_dir, tmp_path):
     # NCCL refuses two ranks on one GPU at the first collective: refused before any work.
     with pytest.raises(ValueError, match=r"num_workers=2, gpus_per_worker=0.5: 2 training workers with 0.5 GPU"):
-        train_distributed(affinity_dir, DistributedTrainConfig(), num_workers=2, use_gpu=True,
+        train_distributed(affinity_dir, DistributedTrainConfig.from_settings(), num_workers=2, use_gpu=True,
                           gpus_per_worker=0.5, storage_path=tmp_path)
     with pytest.raises(ValueError, match="gpus_per_worker > 0"):
         check_gpu_workers(1, True, 0)
@@ -247,7 +267,7 @@ def epoch_reports() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def two_worker_run(ray_local, affinity_dir, tmp_path_factory, epoch_reports):
-    config = DistributedTrainConfig(**FAST, seed=3)
+    config = DistributedTrainConfig.from_settings(**FAST, seed=3)
     storage = tmp_path_factory.mktemp("ray_results")
     return config, train_distributed(
         affinity_dir, config, num_workers=2, storage_path=storage, on_epoch=epoch_reports.append
@@ -257,16 +277,15 @@ def two_worker_run(ray_local, affinity_dir, tmp_path_factory, epoch_reports):
 def test_two_workers_train_a_good_map(two_worker_run, digits_split):
     config, result = two_worker_run
     X, y, Xt, yt = digits_split
-    assert [h["epoch"] for h in result.history] == list(range(config.n_epochs))
+    assert [h["epoch"] for h in result.history] == list(range(config.train.n_epochs))
     # Ray may restart the worker group (a busy machine delays a heartbeat): allowed, as
     # long as every restart resumed from a checkpoint, never from scratch.
-    assert all(1 <= e < config.n_epochs for e in result.resumed_from), result.resumed_from
-    assert result.history[-1]["loss"] < result.history[config.train_config().early_epochs]["loss"]
+    assert all(1 <= e < config.train.n_epochs for e in result.resumed_from), result.resumed_from
+    assert result.history[-1]["loss"] < result.history[config.train.early_epochs]["loss"]
     est = result.estimator
     # The estimator records the settings it was trained with.
     params = est.get_params()
-    for name in ("batch_size", "learning_rate", "exaggeration", "positives_per_anchor", "precision", "dof"):
-        assert params[name] == getattr(config, name), name
+    assert params == {**params, **params_of(config.train, config.model, config.reference)}
     dist_acc = knn_accuracy(est.transform(X), y, est.transform(Xt), yt)
     single = ParametricTSNE(
         perplexity=10.0, n_neighbors=30, knn_method="exact", random_state=3, device="cpu", **FAST
@@ -279,7 +298,7 @@ def test_two_workers_train_a_good_map(two_worker_run, digits_split):
 
 def test_on_epoch_gets_each_epoch_once_in_order_while_training(two_worker_run, epoch_reports):
     config, result = two_worker_run
-    assert [m["epoch"] for m in epoch_reports] == list(range(config.n_epochs))
+    assert [m["epoch"] for m in epoch_reports] == list(range(config.train.n_epochs))
     # The same metrics as the history that the last checkpoint carries (an epoch re-run
     # after a restart keeps its figures but not its wall time).
     def untimed(history):
@@ -309,7 +328,7 @@ def test_one_worker_model_does_not_depend_on_how_the_edges_are_split(ray_local, 
     """The same P in one edges file or three, in 240 buckets or 7: the same rows, draws and weights."""
     X, y, _, _ = digits_split
     other = write_affinity_dir(tmp_path / "aff1", X, y, parts=1, buckets=7)
-    config = DistributedTrainConfig(**{**FAST, "n_epochs": 2}, seed=5)
+    config = DistributedTrainConfig.from_settings(**{**FAST, "n_epochs": 2}, seed=5)
     runs = [train_distributed(d, config, num_workers=1, storage_path=tmp_path / str(i))
             for i, d in enumerate((affinity_dir, other))]
     a, b = (_weights(r.estimator) for r in runs)
@@ -328,7 +347,7 @@ def test_training_from_s3_with_s3_storage_resumes_there(ray_local, s3, affinity_
     X, y, _, _ = digits_split
     bucket = s3.bucket()
     remote = write_affinity_dir(f"{bucket}/affinities", X, y)
-    config = DistributedTrainConfig(**{**FAST, "n_epochs": 2}, seed=5)
+    config = DistributedTrainConfig.from_settings(**{**FAST, "n_epochs": 2}, seed=5)
     storage_uri = f"{bucket}/ray_results"
     first = train_distributed(remote, config, num_workers=1, storage_path=storage_uri, callbacks=[stop_after(0)])
     assert [h["epoch"] for h in first.history] == [0]
@@ -366,13 +385,13 @@ def test_killed_worker_resumes_from_last_checkpoint(two_worker_run, affinity_dir
     )
     assert (tmp_path / "killed").exists()
     # The restart re-runs the epochs after the last checkpoint; the driver still sees each epoch once.
-    assert [m["epoch"] for m in reports] == list(range(config.n_epochs))
+    assert [m["epoch"] for m in reports] == list(range(config.train.n_epochs))
     # The restarted workers continue after the last checkpoint the controller registered
     # (epoch 1, or epoch 0 when the kill overtook the report of epoch 1), never from scratch;
     # on a busy machine Ray may restart the group once more, again from a checkpoint.
-    assert result.resumed_from and all(1 <= e < config.n_epochs for e in result.resumed_from), result.resumed_from
+    assert result.resumed_from and all(1 <= e < config.train.n_epochs for e in result.resumed_from), result.resumed_from
     assert any(e <= 2 for e in result.resumed_from), result.resumed_from
-    assert [h["epoch"] for h in result.history] == list(range(config.n_epochs))
+    assert [h["epoch"] for h in result.history] == list(range(config.train.n_epochs))
     acc = knn_accuracy(result.estimator.transform(X), y, result.estimator.transform(Xt), yt)
     clean_acc = knn_accuracy(clean.estimator.transform(X), y, clean.estimator.transform(Xt), yt)
     assert abs(acc - clean_acc) <= 0.03, (acc, clean_acc)
@@ -409,7 +428,7 @@ def test_mnist_protocol_distributed_matches_single_process(ray_local, mnist_smal
     single_acc = knn_accuracy(single.transform(Ztr), ytr, single.transform(Zte), yte)
     record_property("single_process_knn_accuracy", single_acc)
     for workers in (1, 2):
-        result = train_distributed(aff, DistributedTrainConfig(**settings, seed=0), num_workers=workers,
+        result = train_distributed(aff, DistributedTrainConfig.from_settings(**settings, seed=0), num_workers=workers,
                                    storage_path=tmp_path / "runs", resume=False)
         est = result.estimator
         acc = knn_accuracy(est.transform(Ztr), ytr, est.transform(Zte), yte)
@@ -429,18 +448,18 @@ def test_distributed_training_builds_a_reference_like_the_single_process_one(two
     """Only the reference settings change: Ray Train hands the finished run back, the driver adds a reference."""
     config, clean = two_worker_run
     X, _, Xt, _ = digits_split
-    with_ref = dataclasses.replace(config, **REF)
+    with_ref = config.with_settings(**REF)
     storage = Path(clean.checkpoint_path).parents[1]
     result = train_distributed(affinity_dir, with_ref, num_workers=2, storage_path=storage)
-    assert [h["epoch"] for h in result.history] == list(range(config.n_epochs))
+    assert [h["epoch"] for h in result.history] == list(range(config.train.n_epochs))
     est = result.estimator
     assert result.reference_seconds > 0 and est.reference_size == REF["reference_size"]
-    rows = reference_rows(len(X), REF["reference_size"], config.seed)
+    rows = reference_rows(len(X), REF["reference_size"], config.train.seed)
     assert len(est.reference_) == len(rows) == REF["reference_size"]
     np.testing.assert_array_equal(est.reference_.vectors, X[rows])
     # The single-process estimator's reference of the same network, sample and seed.
     single = copy.deepcopy(clean.estimator).set_params(**REF)
-    single.fit_reference(X[rows], random_state=config.seed)
+    single.fit_reference(X[rows], random_state=config.train.seed)
     np.testing.assert_allclose(est.reference_.embedding, single.reference_.embedding, rtol=1e-5, atol=1e-5)
     for method in ("auto", "network"):
         np.testing.assert_allclose(est.transform(Xt, method=method), single.transform(Xt, method=method),
@@ -461,10 +480,10 @@ def test_reference_of_every_row_uses_the_affinity_directory_p(two_worker_run, af
     edges = aff.read_edges()
     want = joint_probabilities(knn_graph(X, KNNConfig(k=aff.manifest.k, method="exact", device="cpu")), 10.0)
     np.testing.assert_allclose(edges.to_csr(len(X)).toarray(), want.to_csr(len(X)).toarray(), rtol=1e-6)
-    whole = dataclasses.replace(config, reference_size=len(X), reference_iter=50)
+    whole = config.with_settings(reference_size=len(X), reference_iter=50)
     est = fit_reference(copy.deepcopy(clean.estimator), affinity_dir, whole)
     single = copy.deepcopy(clean.estimator).set_params(reference_size=len(X), reference_iter=50)
-    single.fit_reference(X, want, random_state=config.seed)
+    single.fit_reference(X, want, random_state=config.train.seed)
     assert len(est.reference_) == len(X)
     np.testing.assert_array_equal(est.reference_.vectors, X)
     np.testing.assert_allclose(est.reference_.embedding, single.reference_.embedding, rtol=1e-5, atol=1e-5)

@@ -262,3 +262,60 @@ def test_parameter_validation(blobs, params, error, match):
 def test_set_params_rejects_unknown():
     with pytest.raises(ValueError, match="unknown parameter 'perplexitty'"):
         ParametricTSNE().set_params(perplexitty=5)
+
+
+# -- parameters: the core configs' settings, through one mapping ---------------------
+
+
+def test_every_setting_is_a_parameter_with_its_default():
+    import dataclasses
+
+    from ptsne.estimator import param_name, params_of
+    from ptsne.model import ModelConfig
+    from ptsne.reference import ReferenceConfig
+    from ptsne.settings import settings_of
+    from ptsne.train import TrainConfig
+
+    params = ParametricTSNE().get_params()
+    resolved_later = {"n_epochs": "auto", "random_state": None}  # "auto" and a drawn seed
+    for cls in (TrainConfig, ModelConfig, ReferenceConfig):
+        for f in settings_of(cls):
+            assert params[param_name(f)] == resolved_later.get(param_name(f), f.default), f.name
+    assert param_name(next(f for f in dataclasses.fields(TrainConfig) if f.name == "seed")) == "random_state"
+    changed = TrainConfig(n_epochs=7, weight_decay=1e-4, seed=3, precision="float32")
+    est = ParametricTSNE(**params_of(changed))
+    assert est._train_config(1000) == changed
+
+
+def test_clone_and_get_set_params_follow_scikit_learn():
+    from sklearn.base import clone
+
+    est = ParametricTSNE(perplexity=12.0, hidden_layers=(16,), weight_decay=1e-3, random_state=4)
+    copy = clone(est)
+    assert copy is not est and copy.get_params() == est.get_params()
+    assert copy.set_params(learning_rate=0.5) is copy and copy.learning_rate == 0.5
+    assert "weight_decay=0.001" in repr(est)
+
+
+def test_weight_decay_and_layer_norm_reach_training_and_round_trip(blobs, tmp_path):
+    X, _ = blobs
+    est = ParametricTSNE(perplexity=10.0, weight_decay=1e-3, layer_norm=True, reference_size=0, **FAST).fit(X)
+    assert est._train_config(len(X)).weight_decay == 1e-3
+    assert any(isinstance(m, torch.nn.LayerNorm) for m in est.model_.modules())
+    loaded = ParametricTSNE.load(est.save(tmp_path / "m"))
+    assert loaded.get_params() == {**est.get_params(), "hidden_layers": [32, 32]}
+    np.testing.assert_array_equal(loaded.transform(X[:5], method="network"), est.transform(X[:5], method="network"))
+
+
+def test_a_model_saved_without_the_newer_parameters_loads(fitted, tmp_path):
+    # Models saved before weight_decay and layer_norm were parameters: their defaults.
+    est, X, _ = fitted
+    path = est.save(tmp_path / "old")
+    config = json.loads((path / "config.json").read_text())
+    for name in ("weight_decay", "layer_norm"):
+        del config["params"][name]
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "SHA256SUMS").unlink()  # as saved before sums were recorded
+    loaded = ParametricTSNE.load(path)
+    assert loaded.weight_decay == 0.0 and loaded.layer_norm is False
+    np.testing.assert_array_equal(loaded.transform(X[:5]), est.transform(X[:5]))

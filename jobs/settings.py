@@ -1,0 +1,82 @@
+"""Command-line options derived from the settings' declarations (:mod:`ptsne.settings`).
+
+Each setting of a config declared with :func:`ptsne.settings.setting` becomes one
+option: ``--`` + its public name with dashes (or its declared ``flag``, such as
+``--epochs``), its type, choices and default from the field, its help text from the
+declaration. The option's destination is the option without dashes, so the config
+file (:mod:`jobs.config`) takes the same names; :func:`settings_from_args` reads the
+values back under the settings' public names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Collection
+
+from ptsne.settings import kind, public_name, settings_of, spec
+
+
+def option(f: dataclasses.Field) -> str:
+    """The command-line option of setting ``f``."""
+    return spec(f).get("flag") or "--" + public_name(f).replace("_", "-")
+
+
+def dest(f: dataclasses.Field) -> str:
+    """The argparse destination of setting ``f`` (``epochs`` for ``--epochs``)."""
+    return option(f)[2:].replace("-", "_")
+
+
+def comma_ints(value: str) -> tuple[int, ...]:
+    """A comma-separated list of positive integers, such as ``512,512,512``."""
+    try:
+        widths = tuple(int(v) for v in str(value).replace(" ", "").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 512,512,512, got {value!r}")
+    if not widths or any(w < 1 for w in widths):
+        raise argparse.ArgumentTypeError(f"expected positive comma-separated widths, got {value!r}")
+    return widths
+
+
+def _or_auto(convert):
+    def parse(value: str):
+        if str(value).strip().lower() == "auto":
+            return "auto"
+        try:
+            return convert(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {value!r}") from None
+
+    parse.__name__ = f"{convert.__name__}_or_auto"
+    return parse
+
+
+_CONVERT = {"int": int, "float": float, "ints": comma_ints, "str": str}
+
+
+def _shown(value) -> str:
+    return ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
+
+
+def add_setting_arguments(group, cls: type, skip: Collection[str] = ()) -> None:
+    """Add an option for each setting of dataclass ``cls`` to ``group``, except those named in ``skip``."""
+    for f in settings_of(cls):
+        if public_name(f) in skip:
+            continue
+        s, k = spec(f), kind(cls, f)
+        default = "auto" if "auto" in s else f.default
+        text = s["help"] + (f"; 'auto': {s['auto']}" if "auto" in s else "")
+        help_text = f"{text} (default: {_shown(default)})".replace("%", "%%")  # argparse formats help with %
+        kwargs = {"dest": dest(f), "default": default, "help": help_text}
+        if k == "bool":
+            kwargs["action"] = "store_true"
+        elif "choices" in s:
+            kwargs["choices"] = s["choices"]
+        else:
+            kwargs["type"] = _or_auto(_CONVERT[k]) if "auto" in s else _CONVERT[k]
+        group.add_argument(option(f), **kwargs)
+
+
+def settings_from_args(args: argparse.Namespace, *classes: type) -> dict:
+    """The values of the settings of ``classes`` in ``args``, by their public names."""
+    return {public_name(f): getattr(args, dest(f)) for cls in classes for f in settings_of(cls)}
