@@ -38,6 +38,7 @@ affinity directory not found.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -304,6 +305,13 @@ def _write_stamp(model_dir: str, stamp: dict) -> None:
 
     fs, path = resolve(model_dir)
     write_bytes_atomic(fs, join(path, STAMP_FILE), _stamp_bytes(stamp))
+
+
+def _stamp_key_before(manifest: dict, config, workers: int) -> str:
+    """The key that stamped models before :func:`pipeline.train.train_key` (data hash and ``n``
+    instead of the location): a model stamped so is current too, so an upgrade retrains nothing."""
+    payload = [manifest.get("config_hash"), manifest.get("n"), config.fingerprint(), int(workers)]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:24]
 
 
 def _read_stamp(model_dir: str) -> dict | None:
@@ -592,7 +600,7 @@ def train_job(args: argparse.Namespace) -> TrainJobResult:
             registered=None, skipped=skipped,
         )
         t = time.perf_counter()
-        if stamp is not None and stamp.get("key") == key:
+        if stamp is not None and stamp.get("key") in (key, _stamp_key_before(manifest, config, args.workers)):
             log.info("train: %s already holds the model of these settings; skipping training", where.model)
             estimator = load_model(where.model, device="cpu")
             history, train_info = stamp["history"], stamp["train_info"]

@@ -73,6 +73,7 @@ from safetensors.torch import load_file, save_file
 from pipeline import schema, storage
 from pipeline.affinity_dir import AffinityDir, AffinityManifest
 from pipeline.knn import peak_rss_mb
+from pipeline.session import start_ray
 from ptsne.device import resolve_precision, set_num_threads
 from ptsne.estimator import ParametricTSNE, params_of
 from ptsne.loss import TSNELoss
@@ -711,8 +712,7 @@ def train_distributed(
     if source == "auto":
         source = "object_store" if n * dim * 4 <= config.object_store_max_bytes else "scan"
 
-    if not ray.is_initialized():
-        ray.init()
+    start_ray()  # joins a running Ray; else a private one on 127.0.0.1
     t0 = time.perf_counter()
     features_ref = None
     if source == "object_store":
