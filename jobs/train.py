@@ -38,7 +38,6 @@ affinity directory not found.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -49,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs.cli import EXIT_OK, Report, add_ray_arguments, ray_session
+from jobs.evaluation import EvalSettings, evaluate, sample_features
+from jobs.stamp import STAMP_FILE, read_stamp, stamp_bytes, stamp_key_before, write_stamp
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ DEFAULT_WORKDIR = "ptsne-work"
 MODEL_DIR = "model"
 AFFINITY_DIR = "affinities"
 RAY_RESULTS_DIR = "ray_results"
-STAMP_FILE = "train-stamp.json"
 PLOT_FILE = "embedding.png"
 #: Phases logged as the numeric ``phase`` metric.
 PHASES = {"early_exaggeration": 0, "embedding": 1}
@@ -296,153 +296,17 @@ def _init_ray(args) -> bool:
     return ray_session(args).start()
 
 
-def _stamp_bytes(stamp: dict) -> bytes:
-    return json.dumps(stamp, indent=2, sort_keys=True, default=str).encode()
-
-
-def _write_stamp(model_dir: str, stamp: dict) -> None:
-    from pipeline.storage import join, resolve, write_bytes_atomic
-
-    fs, path = resolve(model_dir)
-    write_bytes_atomic(fs, join(path, STAMP_FILE), _stamp_bytes(stamp))
-
-
-def _stamp_key_before(manifest: dict, config, workers: int) -> str:
-    """The key that stamped models before :func:`pipeline.train.train_key` (data hash and ``n``
-    instead of the location): a model stamped so is current too, so an upgrade retrains nothing."""
-    payload = [manifest.get("config_hash"), manifest.get("n"), config.fingerprint(), int(workers)]
-    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:24]
-
-
-def _read_stamp(model_dir: str) -> dict | None:
-    """The stamp the last training wrote next to its model, or None (none, or unreadable)."""
-    from pipeline.storage import join, read_json, resolve
-
-    fs, path = resolve(model_dir)
-    try:
-        stamp = read_json(fs, join(path, STAMP_FILE))
-    except (OSError, ValueError):
-        return None
-    return stamp if isinstance(stamp, dict) else None
-
-
-def _sample_features(affinity_dir: str, max_rows: int, seed: int):
-    """A seeded sample of the stored features: (rows (m,), X (m, dim), labels (m,) or None)."""
-    import numpy as np
-
-    from pipeline import schema
-    from pipeline.affinity_dir import AffinityDir
-
-    directory = AffinityDir(affinity_dir)
-    n = directory.manifest.n
-    rng = np.random.default_rng(seed)
-    take_all = max_rows >= n
-    cols = [schema.ROW, schema.VECTOR] + ([schema.LABEL] if directory.manifest.label_col else [])
-    rows, X, labels = [], [], []
-    for i in range(len(directory.manifest.features)):
-        t = directory.read_features_file(i, columns=cols)
-        keep = np.arange(t.num_rows)
-        if not take_all:
-            m = int(round(max_rows * t.num_rows / n))
-            keep = np.sort(rng.choice(t.num_rows, size=min(m, t.num_rows), replace=False))
-        t = t.take(keep)
-        rows.append(t.column(schema.ROW).to_numpy())
-        X.append(schema.arrow_to_vectors(t.column(schema.VECTOR)))
-        if schema.LABEL in t.column_names:
-            labels.append(t.column(schema.LABEL).to_numpy(zero_copy_only=False))
-    lab = np.concatenate(labels) if labels else None
-    return np.concatenate(rows), np.concatenate(X), lab
-
-
-def _read_eval_input(args, max_rows: int, seed: int):
-    """Raw held-out vectors (m, input_dim) and labels (or None) from Parquet shards."""
-    import numpy as np
-
-    from pipeline.shards import ColumnSpec, list_parquet, read_shard
-    from pipeline.storage import resolve
-
+def _eval_settings(args) -> EvalSettings:
     feature_cols = tuple(c.strip() for c in args.feature_cols.split(",")) if args.feature_cols else None
-    spec = ColumnSpec(None if feature_cols else args.vector_col, feature_cols, None, args.label_col)
-    fs, path = resolve(args.eval_input)
-    Xs, ys = [], []
-    for f in list_parquet(fs, path):
-        data = read_shard(fs, f, spec)
-        if data.errors:
-            raise ValueError(f"--eval-input {f}: {'; '.join(data.errors)}")
-        good = ~data.bad
-        Xs.append(data.X[good])
-        if data.labels is not None:
-            ys.append(data.labels.to_numpy(zero_copy_only=False)[good])
-    X = np.concatenate(Xs)
-    y = np.concatenate(ys) if ys else None
-    if len(X) > max_rows:
-        keep = np.sort(np.random.default_rng(seed).choice(len(X), max_rows, replace=False))
-        X, y = X[keep], (y[keep] if y is not None else None)
-    return X, y
-
-
-def evaluate(args, estimator, affinity_dir: str, manifest: dict) -> dict:
-    """Quality on held-out points: trustworthiness and kNN recall@10, and kNN accuracy with labels.
-
-    The figures of the default mode (``transform``'s ``"auto"``) carry the plain
-    names; a model with a reference also gets those of its network alone,
-    prefixed ``network_``.
-    """
-
-    k = 10
-    metrics: dict = {}
-    methods = {"": "auto"}
-    if getattr(estimator, "reference_", None) is not None:
-        methods["network_"] = "network"
-    if args.eval_input:
-        X_eval, y_eval = _read_eval_input(args, args.eval_samples, args.seed)
-        emb_eval = {p: estimator.transform(X_eval, method=m) for p, m in methods.items()}
-        metrics["eval_source"] = "held_out"
-        ref_rows, ref_X, ref_y = _sample_features(affinity_dir, max(args.eval_samples, 10_000), args.seed)
-        ref_emb = {p: _embed_features(estimator, ref_X, m) for p, m in methods.items()}
-    else:
-        # Without held-out shards: half of a training sample is the reference, half the query.
-        _, X, y = _sample_features(affinity_dir, 2 * args.eval_samples, args.seed)
-        emb = {p: _embed_features(estimator, X, m) for p, m in methods.items()}
-        half = len(X) // 2
-        X_eval = X[half:]
-        emb_eval, ref_emb = {p: e[half:] for p, e in emb.items()}, {p: e[:half] for p, e in emb.items()}
-        y_eval, ref_y = (y[half:], y[:half]) if y is not None else (None, None)
-        metrics["eval_source"] = "training_sample"
-    metrics["eval_points"] = int(len(X_eval))
-    for prefix in methods:
-        metrics.update(_quality(X_eval, emb_eval[prefix], y_eval, ref_emb[prefix], ref_y, k, prefix))
-    if manifest.get("label_col") and y_eval is None:
-        log.warning("no labels in the held-out data; kNN accuracy is not computed")
-    return metrics
-
-
-def _quality(X_eval, emb_eval, y_eval, ref_emb, ref_y, k: int, prefix: str) -> dict:
-    from ptsne.metrics import knn_accuracy, knn_recall, trustworthiness
-
-    out = {}
-    if len(X_eval) > 2 * k + 1:
-        out[f"{prefix}trustworthiness"] = trustworthiness(X_eval, emb_eval, k=k)
-        out[f"{prefix}knn_recall"] = knn_recall(X_eval, emb_eval, k=k)
-    if y_eval is not None and ref_y is not None and len(ref_emb) >= k:
-        out[f"{prefix}knn_accuracy"] = knn_accuracy(ref_emb, ref_y, emb_eval, y_eval, k=k)
-    return out
-
-
-def _embed_features(estimator, Z, method: str):
-    """The map of stored features ``Z`` (already in the network's input space, after any PCA)."""
-    from ptsne.transform import transform
-
-    Y = transform(estimator.model_, Z)
-    reference = getattr(estimator, "reference_", None)
-    return reference.place(Z, Y) if method == "auto" and reference is not None else Y
+    return EvalSettings(input=args.eval_input, samples=args.eval_samples, seed=args.seed,
+                        vector_col=args.vector_col, feature_cols=feature_cols, label_col=args.label_col)
 
 
 def _plot(args, estimator, affinity_dir: str, manifest: dict, path: Path) -> Path:
     from jobs.plot import plot_embedding
     from ptsne.transform import transform
 
-    _, X, y = _sample_features(affinity_dir, args.plot_points, args.seed)
+    _, X, y = sample_features(affinity_dir, args.plot_points, args.seed)
     Y = transform(estimator.model_, X)
     name = args.register or "ptsne"
     return plot_embedding(Y, path, labels=y, title=f"{name}: {len(Y):,} training points")
@@ -593,14 +457,14 @@ def train_job(args: argparse.Namespace) -> TrainJobResult:
         config = train_config_from_args(args, n=int(manifest["n"]))
 
         key = train_key(where.affinities, config, args.workers)
-        stamp = None if args.fresh else _read_stamp(where.model)
+        stamp = None if args.fresh else read_stamp(where.model)
         out = TrainJobResult(
             workdir=where.workdir, affinity_dir=where.affinities, model_dir=where.model, plot=None, run_id=None,
             experiment_id=location.experiment_id, tracking_uri=location.tracking_uri, model_uri=None,
             registered=None, skipped=skipped,
         )
         t = time.perf_counter()
-        if stamp is not None and stamp.get("key") in (key, _stamp_key_before(manifest, config, args.workers)):
+        if stamp is not None and stamp.get("key") in (key, stamp_key_before(manifest, config, args.workers)):
             log.info("train: %s already holds the model of these settings; skipping training", where.model)
             estimator = load_model(where.model, device="cpu")
             history, train_info = stamp["history"], stamp["train_info"]
@@ -641,11 +505,11 @@ def train_job(args: argparse.Namespace) -> TrainJobResult:
                 }
                 stamp = {"key": key, "history": history, "train_info": train_info}
                 # The model and its stamp appear together: a rerun never sees one without the other.
-                save_model(estimator, where.model, extra={STAMP_FILE: _stamp_bytes(stamp)})
+                save_model(estimator, where.model, extra={STAMP_FILE: stamp_bytes(stamp)})
                 timings["train_stage_seconds"] = time.perf_counter() - t
             train_info = {**train_info, "timings": {**train_info.get("timings", {}), **timings}}
 
-            metrics = evaluate(args, estimator, where.affinities, manifest)
+            metrics = evaluate(_eval_settings(args), estimator, where.affinities, manifest)
             plot_file = _plot(args, estimator, where.affinities, manifest, Path(tmp) / PLOT_FILE)
             _copy_file(plot_file, where.plot)
             model_uri, registered = _log_run(args, estimator, manifest, history, metrics, plot_file, train_info, epochs)
@@ -655,7 +519,7 @@ def train_job(args: argparse.Namespace) -> TrainJobResult:
         stamp["logged"] = {"run_id": run_id, "model_uri": model_uri, "registered": registered,
                            "register": args.register, "alias": args.alias, "tracking_uri": location.tracking_uri,
                            "plot": where.plot, "metrics": out.metrics}
-        _write_stamp(where.model, stamp)
+        write_stamp(where.model, stamp)
         return out
     finally:
         if started_ray:
