@@ -66,13 +66,13 @@ def add_parser(subparsers) -> None:
 
 
 def config_from_args(args: argparse.Namespace, **overrides):
-    """An :class:`pipeline.affinity.AffinityJobConfig` from parsed arguments."""
+    """An :class:`pipeline.affinity.AffinityJobConfig` from parsed arguments; ``overrides`` replace fields."""
     from pipeline.affinity import AffinityJobConfig
 
     perp = args.perplexity
     fields = dict(
         input=args.input,
-        output=args.output,
+        output=getattr(args, "output", None),  # `ptsne train` passes its own (WORKDIR/affinities)
         vector_col=args.vector_col,
         feature_cols=tuple(c.strip() for c in args.feature_cols.split(",") if c.strip()) if args.feature_cols else None,
         id_col=args.id_col,

@@ -73,7 +73,7 @@ def write_digits(data_dir: Path, seed: int = 0) -> tuple[Path, Path]:
 
 def run(args: argparse.Namespace) -> int:
     from jobs.cli import build_parser
-    from jobs.train import resolve_args, train_job
+    from jobs.train import TrainJobSpec, resolve_args, train_job
 
     if args.workers < 1 or args.epochs < 1:
         return REPORT.error("--workers and --epochs must be >= 1", EXIT_USAGE)
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             "--workdir", str(workdir / "train"), "--experiment", args.experiment,
             "--register", args.model_name, "--alias", args.alias,
         ])
-        result = train_job(resolve_args(targs))
+        result = train_job(TrainJobSpec.from_args(resolve_args(targs)))
         model_uri = f"models:/{args.model_name}@{args.alias}"
         embeddings = workdir / "embeddings"
         eargs = parser.parse_args([

@@ -46,10 +46,15 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from jobs.cli import EXIT_OK, Report, add_ray_arguments, ray_session
+from jobs.cli import EXIT_OK, Report, add_ray_arguments
 from jobs.evaluation import EvalSettings, evaluate, sample_features
 from jobs.stamp import STAMP_FILE, read_stamp, stamp_bytes, stamp_key_before, write_stamp
+
+if TYPE_CHECKING:  # imported where used: Ray stays out of `ptsne --help`
+    from pipeline.affinity import AffinityJobConfig
+    from pipeline.train import DistributedTrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -289,26 +294,92 @@ def settings_dict(args: argparse.Namespace) -> dict:
     return out
 
 
+@dataclass(frozen=True)
+class TrainJobSpec:
+    """One ``ptsne train``, parsed once: what :func:`train_job` and its steps read instead of ``args``.
+
+    Built by :meth:`from_args` from resolved arguments (:func:`resolve_args`).
+    ``config`` holds ``--epochs auto`` resolved to the core default;
+    :meth:`train_config` resolves it for the number of points. ``affinity`` is the
+    kNN and P stage writing ``locations.affinities``, None when ``--affinities``
+    names an existing directory. ``settings`` are the resolved settings, the run's
+    MLflow params and its ``resolved_config.json``.
+    """
+
+    locations: TrainLocations
+    config: DistributedTrainConfig
+    affinity: AffinityJobConfig | None
+    eval: EvalSettings
+    settings: dict = field(compare=False)
+    epochs_auto: bool = False
+    workers: int = 1
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 0.0
+    max_failures: int = 1
+    fresh: bool = False
+    plot_points: int = 1_000_000
+    seed: int = 0
+    experiment: str = "ptsne"
+    run_name: str | None = None
+    register: str | None = None
+    alias: str | None = None
+    ray_address: str | None = None
+    num_cpus: int | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainJobSpec:
+        """The spec of resolved ``args`` (:func:`resolve_args`), its settings and locations checked.
+
+        Raises :class:`ValueError` or :class:`TypeError` on a bad setting, :class:`ValueError`
+        when an input and a location this job writes overlap (:meth:`TrainLocations.check`).
+        """
+        from jobs.affinities import config_from_args
+
+        config = train_config_from_args(args)
+        where = TrainLocations.from_args(args)
+        where.check()
+        feature_cols = tuple(c.strip() for c in args.feature_cols.split(",")) if args.feature_cols else None
+        return cls(
+            locations=where,
+            config=config,
+            # The affinity directory belongs to this job's workdir: rebuilt when the settings change.
+            affinity=None if where.affinities_given else config_from_args(
+                args, output=where.affinities, overwrite=True),
+            eval=EvalSettings(input=args.eval_input, samples=args.eval_samples, seed=args.seed,
+                              vector_col=args.vector_col, feature_cols=feature_cols, label_col=args.label_col),
+            settings=settings_dict(args),
+            epochs_auto=args.epochs == "auto",
+            workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+            max_failures=args.max_failures, fresh=args.fresh, plot_points=args.plot_points, seed=args.seed,
+            experiment=args.experiment, run_name=args.run_name, register=args.register, alias=args.alias,
+            ray_address=getattr(args, "ray_address", None), num_cpus=getattr(args, "num_cpus", None),
+        )
+
+    def train_config(self, n: int) -> DistributedTrainConfig:
+        """The training settings for ``n`` points: ``--epochs auto`` is :func:`ptsne.train.default_epochs`."""
+        if not self.epochs_auto:
+            return self.config
+        from ptsne.train import default_epochs
+
+        return self.config.with_settings(n_epochs=default_epochs(n, self.config.settings()["batch_size"]))
+
+
 # -- stages ------------------------------------------------------------------------------------
 
 
-def _init_ray(args) -> bool:
-    return ray_session(args).start()
+def _init_ray(spec: TrainJobSpec) -> bool:
+    from pipeline.session import RaySession
+
+    return RaySession(spec.ray_address, spec.num_cpus).start()
 
 
-def _eval_settings(args) -> EvalSettings:
-    feature_cols = tuple(c.strip() for c in args.feature_cols.split(",")) if args.feature_cols else None
-    return EvalSettings(input=args.eval_input, samples=args.eval_samples, seed=args.seed,
-                        vector_col=args.vector_col, feature_cols=feature_cols, label_col=args.label_col)
-
-
-def _plot(args, estimator, affinity_dir: str, manifest: dict, path: Path) -> Path:
+def _plot(spec: TrainJobSpec, estimator, affinity_dir: str, path: Path) -> Path:
     from jobs.plot import plot_embedding
     from ptsne.transform import transform
 
-    _, X, y = sample_features(affinity_dir, args.plot_points, args.seed)
+    _, X, y = sample_features(affinity_dir, spec.plot_points, spec.seed)
     Y = transform(estimator.model_, X)
-    name = args.register or "ptsne"
+    name = spec.register or "ptsne"
     return plot_embedding(Y, path, labels=y, title=f"{name}: {len(Y):,} training points")
 
 
@@ -347,12 +418,12 @@ class EpochLogger:
             self(h)
 
 
-def _log_params(args, manifest: dict, train_key: str, workdir: str, feature_source: str | None,
+def _log_params(settings: dict, manifest: dict, train_key: str, workdir: str, feature_source: str | None,
                 n_epochs: int | None = None) -> None:
     """Params (resolved settings and data facts) and tags of the active run."""
     import mlflow
 
-    params = {f"{k}": (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in settings_dict(args).items()}
+    params = {f"{k}": (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in settings.items()}
     params.update({
         "data.n": manifest["n"], "data.input_dim": manifest.get("input_dim"), "data.dim": manifest["dim"],
         "data.k": manifest["k"], "data.knn_method": manifest.get("knn_method"),
@@ -365,7 +436,7 @@ def _log_params(args, manifest: dict, train_key: str, workdir: str, feature_sour
     mlflow.set_tags({"ptsne.train_key": train_key, "ptsne.workdir": workdir})
 
 
-def _log_run(args, estimator, manifest, history, metrics, plot_path, train_info,
+def _log_run(spec: TrainJobSpec, estimator, manifest, history, metrics, plot_path, train_info,
              epochs: EpochLogger) -> tuple[str | None, str | None]:
     """The rest of the active run: epochs not logged live, quality metrics, artifacts, model."""
     import mlflow
@@ -380,7 +451,7 @@ def _log_run(args, estimator, manifest, history, metrics, plot_path, train_info,
     mlflow.set_tag("eval_source", metrics.get("eval_source", ""))
     with tempfile.TemporaryDirectory(prefix="ptsne-run-") as tmp:
         tmp = Path(tmp)
-        (tmp / "resolved_config.json").write_text(json.dumps(settings_dict(args), indent=2, sort_keys=True))
+        (tmp / "resolved_config.json").write_text(json.dumps(spec.settings, indent=2, sort_keys=True))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
         (tmp / "history.json").write_text(json.dumps(history, indent=2))
         for name in ("resolved_config.json", "manifest.json", "history.json"):
@@ -389,14 +460,14 @@ def _log_run(args, estimator, manifest, history, metrics, plot_path, train_info,
         mlflow.log_artifact(str(plot_path))
     info = registry.log_model(estimator, metadata={"train_key": train_info["key"]})
     registered = None
-    if args.register:
-        ref = registry.register(info.model_uri, args.register, alias=args.alias)
-        registered = f"models:/{ref.name}@{args.alias}" if args.alias else ref.uri
+    if spec.register:
+        ref = registry.register(info.model_uri, spec.register, alias=spec.alias)
+        registered = f"models:/{ref.name}@{spec.alias}" if spec.alias else ref.uri
     return info.model_uri, registered
 
 
-def train_job(args: argparse.Namespace) -> TrainJobResult:
-    """Run the whole job for resolved ``args``; raises on failure (see :func:`run` for exit codes).
+def train_job(spec: TrainJobSpec) -> TrainJobResult:
+    """Run the whole job of ``spec``; raises on failure (see :func:`run` for exit codes).
 
     One MLflow run per job: it starts before training, so that the per-epoch metrics
     appear while the workers train, and ends after the model is registered (status
@@ -412,7 +483,10 @@ def train_job(args: argparse.Namespace) -> TrainJobResult:
     from pipeline.storage import check_writable_dir, is_local, makedirs, resolve
     from pipeline.train import train_distributed, train_key
 
-    where = TrainLocations.from_args(args)
+    if not isinstance(spec, TrainJobSpec):
+        raise TypeError(f"train_job: spec must be a TrainJobSpec (TrainJobSpec.from_args(resolve_args(args))), "
+                        f"got {type(spec).__name__}")
+    where = spec.locations
     check_writable_dir(*resolve(where.workdir))  # before Ray starts, as the model check below
     check_saveable(where.model, (STAMP_FILE,))  # a model directory holding other files is left alone
     manifest = None
@@ -423,11 +497,11 @@ def train_job(args: argparse.Namespace) -> TrainJobResult:
                 f"--affinities {where.affinities!r}: no manifest.json there (not an affinity directory "
                 "written by `ptsne affinities`)"
             )
-    started_ray = _init_ray(args)
+    started_ray = _init_ray(spec)
     if started_ray:
-        _check_local_resources(args)
+        _check_local_resources(spec)
     try:
-        location = configure_mlflow(args.experiment)
+        location = configure_mlflow(spec.experiment)
     except BaseException:
         if started_ray:
             import ray
@@ -444,34 +518,31 @@ def train_job(args: argparse.Namespace) -> TrainJobResult:
         if manifest is not None:
             skipped.append("affinities")
         else:
-            from jobs.affinities import config_from_args
             from pipeline.affinity import build_affinities
 
             before = _manifest_hash(where.affinities)
-            # The affinity directory belongs to this job's workdir: rebuild it when the settings change.
-            aff_args = argparse.Namespace(**{**vars(args), "output": where.affinities, "overwrite": True})
-            manifest = build_affinities(config_from_args(aff_args))
+            manifest = build_affinities(spec.affinity)
             if before is not None and before == manifest.get("config_hash"):
                 skipped.append("affinities")
         timings["affinities_seconds"] = time.perf_counter() - t
-        config = train_config_from_args(args, n=int(manifest["n"]))
+        config = spec.train_config(int(manifest["n"]))
 
-        key = train_key(where.affinities, config, args.workers)
-        stamp = None if args.fresh else read_stamp(where.model)
+        key = train_key(where.affinities, config, spec.workers)
+        stamp = None if spec.fresh else read_stamp(where.model)
         out = TrainJobResult(
             workdir=where.workdir, affinity_dir=where.affinities, model_dir=where.model, plot=None, run_id=None,
             experiment_id=location.experiment_id, tracking_uri=location.tracking_uri, model_uri=None,
             registered=None, skipped=skipped,
         )
         t = time.perf_counter()
-        if stamp is not None and stamp.get("key") in (key, stamp_key_before(manifest, config, args.workers)):
+        if stamp is not None and stamp.get("key") in (key, stamp_key_before(manifest, config, spec.workers)):
             log.info("train: %s already holds the model of these settings; skipping training", where.model)
             estimator = load_model(where.model, device="cpu")
             history, train_info = stamp["history"], stamp["train_info"]
             skipped.append("train")
             timings["train_stage_seconds"] = time.perf_counter() - t
             logged = stamp.get("logged")
-            if logged and logged.get("register") == args.register and logged.get("alias") == args.alias \
+            if logged and logged.get("register") == spec.register and logged.get("alias") == spec.alias \
                     and logged.get("tracking_uri") == location.tracking_uri and _run_exists(logged.get("run_id")):
                 log.info("register: run %s already logged and registered this model; skipping", logged["run_id"])
                 out.run_id, out.model_uri, out.registered = logged["run_id"], logged["model_uri"], logged["registered"]
@@ -483,15 +554,15 @@ def train_job(args: argparse.Namespace) -> TrainJobResult:
             stamp = None
             feature_source = _feature_source(config, manifest)
 
-        with mlflow.start_run(run_name=args.run_name) as run, tempdirs.make("ptsne-run-") as tmp:
-            _log_params(args, manifest, key, where.workdir, feature_source, config.train.n_epochs)
+        with mlflow.start_run(run_name=spec.run_name) as run, tempdirs.make("ptsne-run-") as tmp:
+            _log_params(spec.settings, manifest, key, where.workdir, feature_source, config.train.n_epochs)
             epochs = EpochLogger(run.info.run_id)
             if stamp is None:
                 # Per-epoch metrics reach the run while training goes on (on_epoch runs here, in the driver).
                 result = train_distributed(
-                    where.affinities, config, num_workers=args.workers, use_gpu=args.gpus_per_worker > 0,
-                    storage_path=where.storage_path, resume=not args.fresh, cpus_per_worker=args.cpus_per_worker,
-                    gpus_per_worker=args.gpus_per_worker or 1.0, max_failures=args.max_failures,
+                    where.affinities, config, num_workers=spec.workers, use_gpu=spec.gpus_per_worker > 0,
+                    storage_path=where.storage_path, resume=not spec.fresh, cpus_per_worker=spec.cpus_per_worker,
+                    gpus_per_worker=spec.gpus_per_worker or 1.0, max_failures=spec.max_failures,
                     on_epoch=epochs,
                 )
                 estimator, history = result.estimator, result.history
@@ -509,15 +580,15 @@ def train_job(args: argparse.Namespace) -> TrainJobResult:
                 timings["train_stage_seconds"] = time.perf_counter() - t
             train_info = {**train_info, "timings": {**train_info.get("timings", {}), **timings}}
 
-            metrics = evaluate(_eval_settings(args), estimator, where.affinities, manifest)
-            plot_file = _plot(args, estimator, where.affinities, manifest, Path(tmp) / PLOT_FILE)
+            metrics = evaluate(spec.eval, estimator, where.affinities, manifest)
+            plot_file = _plot(spec, estimator, where.affinities, Path(tmp) / PLOT_FILE)
             _copy_file(plot_file, where.plot)
-            model_uri, registered = _log_run(args, estimator, manifest, history, metrics, plot_file, train_info, epochs)
+            model_uri, registered = _log_run(spec, estimator, manifest, history, metrics, plot_file, train_info, epochs)
             run_id = run.info.run_id
         out.run_id, out.model_uri, out.registered, out.plot = run_id, model_uri, registered, where.plot
         out.metrics = {**metrics, **train_info.get("timings", {})}
         stamp["logged"] = {"run_id": run_id, "model_uri": model_uri, "registered": registered,
-                           "register": args.register, "alias": args.alias, "tracking_uri": location.tracking_uri,
+                           "register": spec.register, "alias": spec.alias, "tracking_uri": location.tracking_uri,
                            "plot": where.plot, "metrics": out.metrics}
         write_stamp(where.model, stamp)
         return out
@@ -536,23 +607,23 @@ def _copy_file(local: Path, location: str) -> None:
     write_bytes_atomic(fs, path, Path(local).read_bytes())
 
 
-def _check_local_resources(args) -> None:
+def _check_local_resources(spec: TrainJobSpec) -> None:
     """A Ray started here cannot grow: more workers than it has CPUs/GPUs would wait forever."""
     import ray
 
     have = ray.cluster_resources()
-    need_cpu = args.workers * args.cpus_per_worker
+    need_cpu = spec.workers * spec.cpus_per_worker
     if have.get("CPU", 0) < need_cpu:
         ray.shutdown()
         raise UsageError(
-            f"--workers {args.workers} x --cpus-per-worker {args.cpus_per_worker} needs {need_cpu} CPUs, "
+            f"--workers {spec.workers} x --cpus-per-worker {spec.cpus_per_worker} needs {need_cpu} CPUs, "
             f"but the local Ray has {int(have.get('CPU', 0))}; lower them or pass --ray-address of a cluster"
         )
-    if args.gpus_per_worker > 0 and have.get("GPU", 0) < args.workers * args.gpus_per_worker:
+    if spec.gpus_per_worker > 0 and have.get("GPU", 0) < spec.workers * spec.gpus_per_worker:
         ray.shutdown()
         raise UsageError(
-            f"--workers {args.workers} x --gpus-per-worker {args.gpus_per_worker} needs "
-            f"{args.workers * args.gpus_per_worker:g} GPUs, but the local Ray has {have.get('GPU', 0):g}"
+            f"--workers {spec.workers} x --gpus-per-worker {spec.gpus_per_worker} needs "
+            f"{spec.workers * spec.gpus_per_worker:g} GPUs, but the local Ray has {have.get('GPU', 0):g}"
         )
 
 
@@ -587,13 +658,11 @@ def _run_exists(run_id: str | None) -> bool:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``ptsne train``; returns an exit code and prints a JSON summary."""
     try:
-        resolve_args(args)
-        train_config_from_args(args)
-        TrainLocations.from_args(args).check()
+        spec = TrainJobSpec.from_args(resolve_args(args))
     except (ValueError, TypeError, FileNotFoundError) as exc:
         return REPORT.refuse(exc)
     try:
-        result = train_job(args)
+        result = train_job(spec)
     except Exception as exc:
         return REPORT.fail(exc)
     sys.stdout.write(json.dumps(result.as_dict(), default=str) + "\n")

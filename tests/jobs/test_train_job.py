@@ -203,6 +203,28 @@ def test_epochs_auto_resolves_for_the_data_size():
     assert main(["train", "--input", "x", "--epochs", "0"]) == EXIT_USAGE
 
 
+def test_job_spec_is_parsed_once_and_resolves_epochs_like_the_arguments(tmp_path):
+    from jobs.train import TrainJobSpec, train_config_from_args, train_job
+
+    args = resolve_args(_parse(["train", "--input", str(tmp_path / "data"), "--workdir", str(tmp_path / "w"),
+                                "--eval-input", str(tmp_path / "held"), "--feature-cols", "a, b",
+                                "--workers", "2", "--register", "digits", "--alias", "champion"]))
+    spec = TrainJobSpec.from_args(args)
+    for n in (1000, 60_000, 1_000_000):
+        assert spec.train_config(n) == train_config_from_args(args, n=n)
+    assert spec.affinity.output == spec.locations.affinities == str(tmp_path / "w" / "affinities")
+    assert spec.affinity.overwrite and spec.eval.feature_cols == ("a", "b") and spec.eval.input == args.eval_input
+    assert (spec.workers, spec.register, spec.alias) == (2, "digits", "champion")
+    fixed = TrainJobSpec.from_args(resolve_args(_parse(["train", "--input", "data", "--epochs", "7"])))
+    assert fixed.train_config(1_000_000).train.n_epochs == 7
+    on_dir = TrainJobSpec.from_args(resolve_args(_parse(["train", "--affinities", str(tmp_path / "aff")])))
+    assert on_dir.affinity is None and on_dir.locations.affinities_given
+    with pytest.raises(TypeError, match="TrainJobSpec"):
+        train_job(args)
+    with pytest.raises(ValueError, match="--input"):  # the locations are checked with the settings
+        TrainJobSpec.from_args(resolve_args(_parse(["train", "--input", str(tmp_path), "--workdir", str(tmp_path / "w")])))
+
+
 def test_train_choices_and_defaults_come_from_the_library():
     from pipeline.train import DEFAULT_OBJECT_STORE_MAX_BYTES, FEATURE_SOURCES, DistributedTrainConfig
     from ptsne.device import PRECISIONS
