@@ -273,7 +273,7 @@ def train_share(aff_dir: Path, workers: int, args: argparse.Namespace, work: Pat
                 monitor: RssMonitor | None) -> dict:
     """Train again on the same affinities with ``workers`` workers (network only, ``--more-epochs``):
     what each worker read of the edges, held, and its peak memory."""
-    from pipeline.train import DistributedTrainConfig, train_distributed
+    from pipeline.train import train_distributed
 
     stage = monitor.stage if monitor else (lambda name: contextlib.nullcontext())
     t = time.perf_counter()
@@ -301,7 +301,7 @@ def run_one(n: int, args: argparse.Namespace, monitor: RssMonitor | None) -> dic
     from jobs.tracking import configure_mlflow
     from pipeline.affinity import AffinityJobConfig, build_affinities
     from pipeline.embed import EmbedConfig, ModelSpec, embed_shards
-    from pipeline.train import DistributedTrainConfig, train_distributed
+    from pipeline.train import train_distributed
 
     work = Path(args.out) / "work" / f"n{n}"
     if work.exists():

@@ -361,7 +361,7 @@ class TrainJobSpec:
             return self.config
         from ptsne.train import default_epochs
 
-        return self.config.with_settings(n_epochs=default_epochs(n, self.config.settings()["batch_size"]))
+        return self.config.with_settings(n_epochs=default_epochs(n, self.config.train.batch_size))
 
 
 # -- stages ------------------------------------------------------------------------------------
