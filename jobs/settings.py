@@ -5,7 +5,9 @@ option: ``--`` + its public name with dashes (or its declared ``flag``, such as
 ``--epochs``), its type, choices and default from the field, its help text from the
 declaration. The option's destination is the option without dashes, so the config
 file (:mod:`jobs.config`) takes the same names; :func:`settings_from_args` reads the
-values back under the settings' public names.
+values back under the settings' public names, :func:`check_options` checks them
+against their declarations in messages that name the option, and
+:func:`config_from_args` builds the dataclass of a command's own settings.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import argparse
 import dataclasses
 from collections.abc import Collection
 
-from ptsne.settings import kind, public_name, settings_of, spec
+from ptsne.settings import check_value, kind, public_name, settings_of, spec
 
 
 def option(f: dataclasses.Field) -> str:
@@ -80,3 +82,30 @@ def add_setting_arguments(group, cls: type, skip: Collection[str] = ()) -> None:
 def settings_from_args(args: argparse.Namespace, *classes: type) -> dict:
     """The values of the settings of ``classes`` in ``args``, by their public names."""
     return {public_name(f): getattr(args, dest(f)) for cls in classes for f in settings_of(cls)}
+
+
+def check_options(args: argparse.Namespace, *classes: type) -> None:
+    """Check the option of each setting of ``classes`` in ``args`` against its declaration.
+
+    ``"auto"`` passes where the setting accepts it.
+
+    Raises
+    ------
+    ValueError
+        A value of the wrong kind or out of its bounds or choices; the message names
+        the option, what is allowed and the value (``--workers must be an integer >= 1, got 0``).
+    """
+    for cls in classes:
+        for f in settings_of(cls):
+            value = getattr(args, dest(f))
+            if value == "auto" and "auto" in spec(f):
+                continue
+            check_value(cls, f, value, where=option(f))
+
+
+def config_from_args(args: argparse.Namespace, cls: type):
+    """An instance of dataclass ``cls`` holding the values of its settings' options in ``args``.
+
+    For a class whose fields are all settings (its other fields keep their defaults).
+    """
+    return cls(**{f.name: getattr(args, dest(f)) for f in settings_of(cls)})

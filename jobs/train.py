@@ -38,6 +38,7 @@ affinity directory not found.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -51,6 +52,7 @@ from typing import TYPE_CHECKING
 from jobs.cli import EXIT_OK, Report, add_ray_arguments
 from jobs.evaluation import EvalSettings, evaluate, sample_features
 from jobs.stamp import STAMP_FILE, read_stamp, stamp_bytes, stamp_key_before, write_stamp
+from ptsne.settings import public_name, setting, settings_of, validate
 
 if TYPE_CHECKING:  # imported where used: Ray stays out of `ptsne --help`
     from pipeline.affinity import AffinityJobConfig
@@ -67,13 +69,12 @@ RAY_RESULTS_DIR = "ray_results"
 PLOT_FILE = "embedding.png"
 #: Phases logged as the numeric ``phase`` metric.
 PHASES = {"early_exaggeration": 0, "embedding": 1}
-#: Settings that describe where and how the job runs, not what it computes.
-_NOT_PARAMS = {"func", "config", "_parser", "verbose", "quiet", "command"}
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Every option of ``ptsne train`` (also the keys of its config file)."""
     from jobs.affinities import add_affinity_arguments
+    from jobs.settings import add_setting_arguments
 
     p.add_argument("--config", default=None, help="TOML or YAML file with any of these settings ([train] table or top level)")
     src = p.add_argument_group("input")
@@ -85,31 +86,18 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--eval-input", default=None,
                      help="held-out Parquet shards (same columns; path or URI) for the quality metrics "
                      "(default: a sample of the training rows)")
-    src.add_argument("--eval-samples", type=int, default=5000, help="held-out rows used for metrics (default: 5000)")
-    src.add_argument("--plot-points", type=int, default=1_000_000,
-                     help="training rows drawn in the plot; beyond 200000 it is a density image (default: 1000000)")
+    add_setting_arguments(src, TrainSampling)
     aff = p.add_argument_group("kNN and affinities (see `ptsne affinities`)")
     add_affinity_arguments(aff)
     tr = p.add_argument_group("training")
-    from jobs.settings import add_setting_arguments
-    from pipeline.train import DistributedTrainConfig
-    from ptsne.model import ModelConfig
-    from ptsne.reference import ReferenceConfig
-    from ptsne.train import TrainConfig
-
+    TrainConfig, ModelConfig, ReferenceConfig, DistributedTrainConfig = training_classes()
     add_setting_arguments(tr, TrainConfig, skip={"seed"})  # --seed is an affinity option, shared by both stages
     add_setting_arguments(tr, ModelConfig)
     add_setting_arguments(tr, DistributedTrainConfig)
     ref = p.add_argument_group("reference (t-SNE-grade map of training points, fitted after training)")
     add_setting_arguments(ref, ReferenceConfig)
     sc = p.add_argument_group("scaling")
-    sc.add_argument("--workers", type=int, default=1, help="data-parallel training workers (default: 1)")
-    sc.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (torch threads) per worker (default: 1)")
-    sc.add_argument("--gpus-per-worker", type=float, default=0.0,
-                    help="GPUs per worker; > 0 trains on GPUs with NCCL, and with --workers above 1 it must be "
-                         ">= 1: workers cannot share a GPU (default: 0, CPU with gloo)")
-    sc.add_argument("--max-failures", type=int, default=1,
-                    help="worker-group restarts, each resuming from the last epoch checkpoint (default: 1)")
+    add_setting_arguments(sc, TrainScaling)
     sc.add_argument("--storage-path", default=None,
                     help="Ray Train storage for checkpoints (path or URI); shared storage (NFS, s3://...) on a "
                     "multi-node cluster (default: WORKDIR/ray_results)")
@@ -239,21 +227,56 @@ class TrainLocations:
 # -- settings --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class TrainScaling:
+    """How ``ptsne train`` spreads training over Ray: its ``scaling`` options, declared once."""
+
+    workers: int = setting(1, "data-parallel training workers", ge=1)
+    cpus_per_worker: int = setting(1, "CPUs (torch threads) per worker", ge=1)
+    gpus_per_worker: float = setting(
+        0.0, "GPUs per worker; > 0 trains on GPUs with NCCL, and with --workers above 1 it must be >= 1: "
+        "workers cannot share a GPU (0: CPU with gloo)", ge=0)
+    max_failures: int = setting(1, "worker-group restarts, each resuming from the last epoch checkpoint", ge=0)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+@dataclass(frozen=True)
+class TrainSampling:
+    """How many points ``ptsne train`` evaluates and plots, declared once."""
+
+    eval_samples: int = setting(5000, "held-out rows used for metrics", ge=1)
+    plot_points: int = setting(
+        1_000_000, "training rows drawn in the plot; beyond 200000 it is a density image", ge=1)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+def training_classes() -> tuple[type, ...]:
+    """The configs whose settings are the training options (:class:`pipeline.train.DistributedTrainConfig`'s parts)."""
+    from pipeline.train import DistributedTrainConfig
+    from ptsne.model import ModelConfig
+    from ptsne.reference import ReferenceConfig
+    from ptsne.train import TrainConfig
+
+    return TrainConfig, ModelConfig, ReferenceConfig, DistributedTrainConfig
+
+
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Merge ``--config`` into ``args`` and check the combination."""
     from jobs.config import apply_config, load_config_file
+    from jobs.settings import check_options
 
     if args.config:
         apply_config(args._parser, args, load_config_file(args.config, section="train"), source=str(args.config))
     if (args.input is None) == (args.affinities is None):
         raise UsageError("give exactly one of --input (Parquet shards) and --affinities (an affinity directory)")
-    for name in ("workers", "cpus_per_worker", "epochs", "eval_samples", "plot_points"):
-        if name == "epochs" and args.epochs == "auto":
-            continue
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.gpus_per_worker < 0:
-        raise UsageError(f"--gpus-per-worker must be >= 0, got {args.gpus_per_worker}")
+    try:
+        check_options(args, TrainSampling, TrainScaling, *training_classes())
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     from pipeline.train import check_gpu_workers
 
     try:
@@ -269,28 +292,39 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def train_config_from_args(args: argparse.Namespace, n: int | None = None):
-    """The training settings; ``--epochs auto`` resolves for ``n`` points
-    (:func:`ptsne.train.default_epochs`; the core default when ``n`` is not known yet)."""
-    from jobs.settings import settings_from_args
-    from pipeline.train import DistributedTrainConfig
-    from ptsne.model import ModelConfig
-    from ptsne.reference import ReferenceConfig
-    from ptsne.train import TrainConfig, default_epochs
-
-    settings = settings_from_args(args, TrainConfig, ModelConfig, ReferenceConfig, DistributedTrainConfig)
-    if settings["n_epochs"] == "auto":
-        settings["n_epochs"] = default_epochs(n, settings["batch_size"]) if n else TrainConfig.n_epochs
-    return DistributedTrainConfig.from_settings(**settings)
+def _json_ready(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
-def settings_dict(args: argparse.Namespace) -> dict:
-    """The resolved settings (command line + config file + defaults), JSON-ready."""
-    out = {}
-    for key, value in sorted(vars(args).items()):
-        if key in _NOT_PARAMS or key.startswith("_"):
-            continue
-        out[key] = list(value) if isinstance(value, tuple) else value
+def _declared_values(config) -> dict:
+    """The settings of dataclass instance ``config`` by their public names."""
+    return {public_name(f): _json_ready(getattr(config, f.name)) for f in settings_of(type(config))}
+
+
+#: Fields of the affinity stage that say where it reads, writes and runs, or how a test breaks it: not params.
+_AFFINITY_NOT_PARAMS = frozenset({"input", "output", "overwrite", "ray_address", "max_retries"})
+
+
+def affinity_params(config: AffinityJobConfig | None) -> dict:
+    """The settings of the affinity stage by field name, JSON-ready; ``{}`` for an existing directory."""
+    if config is None:
+        return {}
+    out = {f.name: _json_ready(getattr(config, f.name)) for f in dataclasses.fields(config)
+           if f.name not in _AFFINITY_NOT_PARAMS and not f.name.startswith("inject_failure")}
+    if "perplexity" in out and not isinstance(out["perplexity"], list):
+        out["perplexity"] = [out["perplexity"]]  # one perplexity or several: always the list runs have recorded
+    return out
+
+
+def training_params(config: DistributedTrainConfig) -> dict:
+    """The training settings by their public names, and also by their options' names where those differ
+    (``epochs`` beside ``n_epochs``: the name runs recorded before)."""
+    from jobs.settings import dest
+
+    out = config.settings()
+    for cls in training_classes():
+        for f in settings_of(cls):
+            out.setdefault(dest(f), out[public_name(f)])
     return out
 
 
@@ -299,25 +333,21 @@ class TrainJobSpec:
     """One ``ptsne train``, parsed once: what :func:`train_job` and its steps read instead of ``args``.
 
     Built by :meth:`from_args` from resolved arguments (:func:`resolve_args`).
-    ``config`` holds ``--epochs auto`` resolved to the core default;
+    ``config`` holds ``--epochs auto`` as the core default (``epochs_auto`` set);
     :meth:`train_config` resolves it for the number of points. ``affinity`` is the
     kNN and P stage writing ``locations.affinities``, None when ``--affinities``
-    names an existing directory. ``settings`` are the resolved settings, the run's
-    MLflow params and its ``resolved_config.json``.
+    names an existing directory. :meth:`params` are the run's MLflow params and
+    its ``resolved_config.json``.
     """
 
     locations: TrainLocations
     config: DistributedTrainConfig
     affinity: AffinityJobConfig | None
     eval: EvalSettings
-    settings: dict = field(compare=False)
+    scaling: TrainScaling = field(default_factory=TrainScaling)
+    sampling: TrainSampling = field(default_factory=TrainSampling)
     epochs_auto: bool = False
-    workers: int = 1
-    cpus_per_worker: int = 1
-    gpus_per_worker: float = 0.0
-    max_failures: int = 1
     fresh: bool = False
-    plot_points: int = 1_000_000
     seed: int = 0
     experiment: str = "ptsne"
     run_name: str | None = None
@@ -333,9 +363,17 @@ class TrainJobSpec:
         Raises :class:`ValueError` or :class:`TypeError` on a bad setting, :class:`ValueError`
         when an input and a location this job writes overlap (:meth:`TrainLocations.check`).
         """
-        from jobs.affinities import config_from_args
+        from jobs.affinities import config_from_args as affinity_config
+        from jobs.settings import config_from_args, settings_from_args
+        from pipeline.train import DistributedTrainConfig
+        from ptsne.train import TrainConfig
 
-        config = train_config_from_args(args)
+        settings = settings_from_args(args, *training_classes())
+        epochs_auto = settings["n_epochs"] == "auto"
+        if epochs_auto:
+            settings["n_epochs"] = TrainConfig.n_epochs
+        config = DistributedTrainConfig.from_settings(**settings)
+        sampling = config_from_args(args, TrainSampling)
         where = TrainLocations.from_args(args)
         where.check()
         feature_cols = tuple(c.strip() for c in args.feature_cols.split(",")) if args.feature_cols else None
@@ -343,15 +381,13 @@ class TrainJobSpec:
             locations=where,
             config=config,
             # The affinity directory belongs to this job's workdir: rebuilt when the settings change.
-            affinity=None if where.affinities_given else config_from_args(
+            affinity=None if where.affinities_given else affinity_config(
                 args, output=where.affinities, overwrite=True),
-            eval=EvalSettings(input=args.eval_input, samples=args.eval_samples, seed=args.seed,
+            eval=EvalSettings(input=args.eval_input, samples=sampling.eval_samples, seed=args.seed,
                               vector_col=args.vector_col, feature_cols=feature_cols, label_col=args.label_col),
-            settings=settings_dict(args),
-            epochs_auto=args.epochs == "auto",
-            workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-            max_failures=args.max_failures, fresh=args.fresh, plot_points=args.plot_points, seed=args.seed,
-            experiment=args.experiment, run_name=args.run_name, register=args.register, alias=args.alias,
+            scaling=config_from_args(args, TrainScaling), sampling=sampling, epochs_auto=epochs_auto,
+            fresh=args.fresh, seed=args.seed, experiment=args.experiment, run_name=args.run_name,
+            register=args.register, alias=args.alias,
             ray_address=getattr(args, "ray_address", None), num_cpus=getattr(args, "num_cpus", None),
         )
 
@@ -362,6 +398,26 @@ class TrainJobSpec:
         from ptsne.train import default_epochs
 
         return self.config.with_settings(n_epochs=default_epochs(n, self.config.train.batch_size))
+
+    def params(self, config: DistributedTrainConfig) -> dict:
+        """Every setting of the job, resolved and JSON-ready: the run's MLflow params and ``resolved_config.json``.
+
+        ``config`` is the training config resolved for the data (:meth:`train_config`).
+        The training settings come by their public names (:func:`training_params`),
+        the affinity stage's by field (:func:`affinity_params`), then the job's own:
+        its locations, scaling and sampling, and MLflow names.
+        """
+        where = self.locations
+        out = {**affinity_params(self.affinity), **training_params(config)}
+        for name in ("vector_col", "feature_cols", "label_col"):  # the held-out input's columns
+            out.setdefault(name, _json_ready(getattr(self.eval, name)))
+        out.update(input=where.input, affinities=where.affinities, workdir=where.workdir,
+                   eval_input=where.eval_input, storage_path=where.storage_path)
+        out.update(_declared_values(self.scaling))
+        out.update(_declared_values(self.sampling))
+        out.update(experiment=self.experiment, run_name=self.run_name, register=self.register, alias=self.alias,
+                   fresh=self.fresh, ray_address=self.ray_address, num_cpus=self.num_cpus)
+        return dict(sorted(out.items()))
 
 
 # -- stages ------------------------------------------------------------------------------------
@@ -377,7 +433,7 @@ def _plot(spec: TrainJobSpec, estimator, affinity_dir: str, path: Path) -> Path:
     from jobs.plot import plot_embedding
     from ptsne.transform import transform
 
-    _, X, y = sample_features(affinity_dir, spec.plot_points, spec.seed)
+    _, X, y = sample_features(affinity_dir, spec.sampling.plot_points, spec.seed)
     Y = transform(estimator.model_, X)
     name = spec.register or "ptsne"
     return plot_embedding(Y, path, labels=y, title=f"{name}: {len(Y):,} training points")
@@ -418,12 +474,12 @@ class EpochLogger:
             self(h)
 
 
-def _log_params(settings: dict, manifest: dict, train_key: str, workdir: str, feature_source: str | None,
-                n_epochs: int | None = None) -> None:
-    """Params (resolved settings and data facts) and tags of the active run."""
+def _log_params(params: dict, manifest: dict, train_key: str, workdir: str, feature_source: str | None,
+                n_epochs: int) -> None:
+    """Params (the job's resolved settings, :meth:`TrainJobSpec.params`, and data facts) and tags of the active run."""
     import mlflow
 
-    params = {f"{k}": (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in settings.items()}
+    params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in params.items()}
     params.update({
         "data.n": manifest["n"], "data.input_dim": manifest.get("input_dim"), "data.dim": manifest["dim"],
         "data.k": manifest["k"], "data.knn_method": manifest.get("knn_method"),
@@ -436,14 +492,175 @@ def _log_params(settings: dict, manifest: dict, train_key: str, workdir: str, fe
     mlflow.set_tags({"ptsne.train_key": train_key, "ptsne.workdir": workdir})
 
 
-def _log_run(spec: TrainJobSpec, estimator, manifest, history, metrics, plot_path, train_info,
+@dataclass(frozen=True)
+class AffinityStage:
+    """What the affinities step hands on: the directory's manifest, and whether it was already there."""
+
+    manifest: dict
+    skipped: bool
+    seconds: float
+
+
+@dataclass
+class TrainedModel:
+    """The model of one job, trained now or found in ``WORKDIR/model`` with its stamp.
+
+    ``estimator`` is None until the train step trains it (a found one is loaded
+    by the reuse step); ``seconds`` is the time the train stage took.
+    """
+
+    config: DistributedTrainConfig
+    key: str
+    feature_source: str | None
+    stamp: dict | None = None
+    estimator: object | None = None
+    seconds: float = 0.0
+
+    @property
+    def reused(self) -> bool:
+        return self.stamp is not None
+
+    @property
+    def history(self) -> list[dict]:
+        return self.stamp["history"]
+
+    @property
+    def train_info(self) -> dict:
+        return self.stamp["train_info"]
+
+
+def _check_before_ray(spec: TrainJobSpec) -> dict | None:
+    """Refuse what can be refused before Ray starts; the manifest of ``--affinities`` (None without it)."""
+    from jobs.modelstore import check_saveable
+    from pipeline.affinity import read_manifest
+    from pipeline.storage import check_writable_dir, resolve
+
+    if not isinstance(spec, TrainJobSpec):
+        raise TypeError(f"train_job: spec must be a TrainJobSpec (TrainJobSpec.from_args(resolve_args(args))), "
+                        f"got {type(spec).__name__}")
+    where = spec.locations
+    check_writable_dir(*resolve(where.workdir))
+    check_saveable(where.model, (STAMP_FILE,))  # a model directory holding other files is left alone
+    if not where.affinities_given:
+        return None
+    manifest = read_manifest(where.affinities)
+    if manifest is None:
+        raise FileNotFoundError(
+            f"--affinities {where.affinities!r}: no manifest.json there (not an affinity directory "
+            "written by `ptsne affinities`)"
+        )
+    return manifest
+
+
+def _make_workdir(workdir: str) -> None:
+    from pipeline.storage import is_local, makedirs, resolve
+
+    fs, path = resolve(workdir)
+    if is_local(fs):  # object stores have no directories to create
+        makedirs(fs, path)
+
+
+def affinities_step(spec: TrainJobSpec, given: dict | None) -> AffinityStage:
+    """The affinity directory: ``--affinities`` as given (its manifest ``given``), else built or found up to date."""
+    t = time.perf_counter()
+    if given is not None:
+        return AffinityStage(given, skipped=True, seconds=time.perf_counter() - t)
+    from pipeline.affinity import build_affinities
+
+    before = _manifest_hash(spec.locations.affinities)
+    manifest = build_affinities(spec.affinity)
+    skipped = before is not None and before == manifest.get("config_hash")
+    return AffinityStage(manifest, skipped=skipped, seconds=time.perf_counter() - t)
+
+
+def reuse_step(spec: TrainJobSpec, affinities: AffinityStage) -> TrainedModel:
+    """The training settings for the data, and the model of those settings when ``WORKDIR/model`` holds it.
+
+    A model counts as found when its stamp carries this job's key, or the key of
+    before (:func:`jobs.stamp.stamp_key_before`); ``--fresh`` finds none.
+    """
+    from jobs.modelstore import load_model
+    from pipeline.train import train_key
+
+    where, manifest = spec.locations, affinities.manifest
+    config = spec.train_config(int(manifest["n"]))
+    key = train_key(where.affinities, config, spec.scaling.workers)
+    stamp = None if spec.fresh else read_stamp(where.model)
+    if stamp is None or stamp.get("key") not in (key, stamp_key_before(manifest, config, spec.scaling.workers)):
+        return TrainedModel(config, key, _feature_source(config, manifest))
+    t = time.perf_counter()
+    log.info("train: %s already holds the model of these settings; skipping training", where.model)
+    estimator = load_model(where.model, device="cpu")
+    return TrainedModel(config, key, stamp["train_info"].get("feature_source"), stamp=stamp, estimator=estimator,
+                        seconds=time.perf_counter() - t)
+
+
+def logged_before(spec: TrainJobSpec, model: TrainedModel, tracking_uri: str) -> dict | None:
+    """The record of the run that logged and registered a found model as this job would; None when there is none."""
+    logged = (model.stamp or {}).get("logged")
+    if logged and logged.get("register") == spec.register and logged.get("alias") == spec.alias \
+            and logged.get("tracking_uri") == tracking_uri and _run_exists(logged.get("run_id")):
+        return logged
+    return None
+
+
+def train_step(spec: TrainJobSpec, model: TrainedModel, affinities: AffinityStage,
+               epochs: EpochLogger) -> TrainedModel:
+    """Train the model unless :func:`reuse_step` found it; saves it with its stamp under ``WORKDIR/model``.
+
+    Runs inside the job's MLflow run: ``epochs`` logs each epoch's metrics while the workers train.
+    """
+    if model.reused:
+        return model
+    from jobs.modelstore import save_model
+    from pipeline.train import train_distributed
+
+    where, scaling = spec.locations, spec.scaling
+    t = time.perf_counter()
+    result = train_distributed(
+        where.affinities, model.config, num_workers=scaling.workers, use_gpu=scaling.gpus_per_worker > 0,
+        storage_path=where.storage_path, resume=not spec.fresh, cpus_per_worker=scaling.cpus_per_worker,
+        gpus_per_worker=scaling.gpus_per_worker or 1.0, max_failures=scaling.max_failures, on_epoch=epochs,
+    )
+    epoch_s = [h["seconds"] for h in result.history]
+    train_info = {
+        "key": model.key, "resumed_from": result.resumed_from, "checkpoint": result.checkpoint_path,
+        "feature_source": model.feature_source,
+        "timings": {"train_seconds": result.seconds, "seconds_per_epoch": sum(epoch_s) / max(1, len(epoch_s)),
+                    "reference_seconds": result.reference_seconds},
+    }
+    stamp = {"key": model.key, "history": result.history, "train_info": train_info}
+    # The model and its stamp appear together: a rerun never sees one without the other.
+    save_model(result.estimator, where.model, extra={STAMP_FILE: stamp_bytes(stamp)})
+    return dataclasses.replace(model, stamp=stamp, estimator=result.estimator, seconds=time.perf_counter() - t)
+
+
+def log_and_register_step(spec: TrainJobSpec, model: TrainedModel, affinities: AffinityStage,
+                          epochs: EpochLogger, tmp: str | os.PathLike) -> dict:
+    """Evaluate and plot the model and log them, with the model, to the active run; register it.
+
+    Returns the run's record: ``run_id``, ``model_uri``, ``registered``, ``plot``
+    and ``metrics`` (the quality figures and the timings).
+    """
+    where = spec.locations
+    timings = {"affinities_seconds": affinities.seconds, "train_stage_seconds": model.seconds}
+    train_info = {**model.train_info, "timings": {**model.train_info.get("timings", {}), **timings}}
+    metrics = evaluate(spec.eval, model.estimator, where.affinities, affinities.manifest)
+    plot_file = _plot(spec, model.estimator, where.affinities, Path(tmp) / PLOT_FILE)
+    _copy_file(plot_file, where.plot)
+    model_uri, registered = _log_run(spec, model, affinities.manifest, metrics, plot_file, train_info, epochs)
+    return {"run_id": epochs.run_id, "model_uri": model_uri, "registered": registered,
+            "plot": where.plot, "metrics": {**metrics, **train_info.get("timings", {})}}
+
+
+def _log_run(spec: TrainJobSpec, model: TrainedModel, manifest, metrics, plot_path, train_info,
              epochs: EpochLogger) -> tuple[str | None, str | None]:
     """The rest of the active run: epochs not logged live, quality metrics, artifacts, model."""
     import mlflow
 
     from jobs import registry
 
-    epochs.log_history(history)
+    epochs.log_history(model.history)
     mlflow.set_tag("ptsne.resumed_from", json.dumps(train_info.get("resumed_from", [])))
     numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     numeric.update({k: float(v) for k, v in train_info.get("timings", {}).items()})
@@ -451,14 +668,14 @@ def _log_run(spec: TrainJobSpec, estimator, manifest, history, metrics, plot_pat
     mlflow.set_tag("eval_source", metrics.get("eval_source", ""))
     with tempfile.TemporaryDirectory(prefix="ptsne-run-") as tmp:
         tmp = Path(tmp)
-        (tmp / "resolved_config.json").write_text(json.dumps(spec.settings, indent=2, sort_keys=True))
+        (tmp / "resolved_config.json").write_text(json.dumps(spec.params(model.config), indent=2, sort_keys=True))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        (tmp / "history.json").write_text(json.dumps(history, indent=2))
+        (tmp / "history.json").write_text(json.dumps(model.history, indent=2))
         for name in ("resolved_config.json", "manifest.json", "history.json"):
             mlflow.log_artifact(str(tmp / name))
     if plot_path is not None:
         mlflow.log_artifact(str(plot_path))
-    info = registry.log_model(estimator, metadata={"train_key": train_info["key"]})
+    info = registry.log_model(model.estimator, metadata={"train_key": train_info["key"]})
     registered = None
     if spec.register:
         ref = registry.register(info.model_uri, spec.register, alias=spec.alias)
@@ -469,134 +686,64 @@ def _log_run(spec: TrainJobSpec, estimator, manifest, history, metrics, plot_pat
 def train_job(spec: TrainJobSpec) -> TrainJobResult:
     """Run the whole job of ``spec``; raises on failure (see :func:`run` for exit codes).
 
-    One MLflow run per job: it starts before training, so that the per-epoch metrics
-    appear while the workers train, and ends after the model is registered (status
-    FAILED when a stage raises). Every location may be a local path or a URI
-    (:class:`TrainLocations`).
+    The steps: :func:`affinities_step`, :func:`reuse_step` (the end when
+    :func:`logged_before` finds the run of the model), then, in one MLflow run,
+    :func:`train_step` and :func:`log_and_register_step`. The run starts before
+    training, so that the per-epoch metrics appear while the workers train, and
+    ends after the model is registered (status FAILED when a step raises). A Ray
+    started here is shut down at the end. Every location may be a local path or
+    a URI (:class:`TrainLocations`).
     """
     import mlflow
 
     from jobs import tempdirs
-    from jobs.modelstore import check_saveable, load_model, save_model
     from jobs.tracking import configure_mlflow
-    from pipeline.affinity import read_manifest
-    from pipeline.storage import check_writable_dir, is_local, makedirs, resolve
-    from pipeline.train import train_distributed, train_key
 
-    if not isinstance(spec, TrainJobSpec):
-        raise TypeError(f"train_job: spec must be a TrainJobSpec (TrainJobSpec.from_args(resolve_args(args))), "
-                        f"got {type(spec).__name__}")
+    given = _check_before_ray(spec)
     where = spec.locations
-    check_writable_dir(*resolve(where.workdir))  # before Ray starts, as the model check below
-    check_saveable(where.model, (STAMP_FILE,))  # a model directory holding other files is left alone
-    manifest = None
-    if where.affinities_given:  # a missing affinity directory is reported before Ray starts
-        manifest = read_manifest(where.affinities)
-        if manifest is None:
-            raise FileNotFoundError(
-                f"--affinities {where.affinities!r}: no manifest.json there (not an affinity directory "
-                "written by `ptsne affinities`)"
-            )
     started_ray = _init_ray(spec)
-    if started_ray:
-        _check_local_resources(spec)
     try:
-        location = configure_mlflow(spec.experiment)
-    except BaseException:
         if started_ray:
-            import ray
-
-            ray.shutdown()
-        raise
-    fs, workdir_path = resolve(where.workdir)
-    if is_local(fs):  # object stores have no directories to create
-        makedirs(fs, workdir_path)
-    skipped: list[str] = []
-    timings: dict[str, float] = {}
-    try:
-        t = time.perf_counter()
-        if manifest is not None:
-            skipped.append("affinities")
-        else:
-            from pipeline.affinity import build_affinities
-
-            before = _manifest_hash(where.affinities)
-            manifest = build_affinities(spec.affinity)
-            if before is not None and before == manifest.get("config_hash"):
-                skipped.append("affinities")
-        timings["affinities_seconds"] = time.perf_counter() - t
-        config = spec.train_config(int(manifest["n"]))
-
-        key = train_key(where.affinities, config, spec.workers)
-        stamp = None if spec.fresh else read_stamp(where.model)
+            _check_local_resources(spec)
+        location = configure_mlflow(spec.experiment)
+        _make_workdir(where.workdir)
         out = TrainJobResult(
             workdir=where.workdir, affinity_dir=where.affinities, model_dir=where.model, plot=None, run_id=None,
             experiment_id=location.experiment_id, tracking_uri=location.tracking_uri, model_uri=None,
-            registered=None, skipped=skipped,
+            registered=None,
         )
-        t = time.perf_counter()
-        if stamp is not None and stamp.get("key") in (key, stamp_key_before(manifest, config, spec.workers)):
-            log.info("train: %s already holds the model of these settings; skipping training", where.model)
-            estimator = load_model(where.model, device="cpu")
-            history, train_info = stamp["history"], stamp["train_info"]
-            skipped.append("train")
-            timings["train_stage_seconds"] = time.perf_counter() - t
-            logged = stamp.get("logged")
-            if logged and logged.get("register") == spec.register and logged.get("alias") == spec.alias \
-                    and logged.get("tracking_uri") == location.tracking_uri and _run_exists(logged.get("run_id")):
-                log.info("register: run %s already logged and registered this model; skipping", logged["run_id"])
-                out.run_id, out.model_uri, out.registered = logged["run_id"], logged["model_uri"], logged["registered"]
-                out.plot, out.metrics = logged.get("plot"), logged.get("metrics", {})
-                out.skipped.append("register")
-                return out
-            feature_source = train_info.get("feature_source")
-        else:
-            stamp = None
-            feature_source = _feature_source(config, manifest)
-
+        affinities = affinities_step(spec, given)
+        out.skipped += ["affinities"] if affinities.skipped else []
+        model = reuse_step(spec, affinities)
+        out.skipped += ["train"] if model.reused else []
+        logged = logged_before(spec, model, location.tracking_uri)
+        if logged is not None:
+            log.info("register: run %s already logged and registered this model; skipping", logged["run_id"])
+            out.skipped.append("register")
+            return _result(out, logged)
         with mlflow.start_run(run_name=spec.run_name) as run, tempdirs.make("ptsne-run-") as tmp:
-            _log_params(spec.settings, manifest, key, where.workdir, feature_source, config.train.n_epochs)
+            _log_params(spec.params(model.config), affinities.manifest, model.key, where.workdir,
+                        model.feature_source, model.config.train.n_epochs)
             epochs = EpochLogger(run.info.run_id)
-            if stamp is None:
-                # Per-epoch metrics reach the run while training goes on (on_epoch runs here, in the driver).
-                result = train_distributed(
-                    where.affinities, config, num_workers=spec.workers, use_gpu=spec.gpus_per_worker > 0,
-                    storage_path=where.storage_path, resume=not spec.fresh, cpus_per_worker=spec.cpus_per_worker,
-                    gpus_per_worker=spec.gpus_per_worker or 1.0, max_failures=spec.max_failures,
-                    on_epoch=epochs,
-                )
-                estimator, history = result.estimator, result.history
-                epoch_s = [h["seconds"] for h in history]
-                train_info = {
-                    "key": key, "resumed_from": result.resumed_from, "checkpoint": result.checkpoint_path,
-                    "feature_source": feature_source,
-                    "timings": {"train_seconds": result.seconds,
-                                "seconds_per_epoch": sum(epoch_s) / max(1, len(epoch_s)),
-                                "reference_seconds": result.reference_seconds},
-                }
-                stamp = {"key": key, "history": history, "train_info": train_info}
-                # The model and its stamp appear together: a rerun never sees one without the other.
-                save_model(estimator, where.model, extra={STAMP_FILE: stamp_bytes(stamp)})
-                timings["train_stage_seconds"] = time.perf_counter() - t
-            train_info = {**train_info, "timings": {**train_info.get("timings", {}), **timings}}
-
-            metrics = evaluate(spec.eval, estimator, where.affinities, manifest)
-            plot_file = _plot(spec, estimator, where.affinities, Path(tmp) / PLOT_FILE)
-            _copy_file(plot_file, where.plot)
-            model_uri, registered = _log_run(spec, estimator, manifest, history, metrics, plot_file, train_info, epochs)
-            run_id = run.info.run_id
-        out.run_id, out.model_uri, out.registered, out.plot = run_id, model_uri, registered, where.plot
-        out.metrics = {**metrics, **train_info.get("timings", {})}
-        stamp["logged"] = {"run_id": run_id, "model_uri": model_uri, "registered": registered,
-                           "register": spec.register, "alias": spec.alias, "tracking_uri": location.tracking_uri,
-                           "plot": where.plot, "metrics": out.metrics}
+            model = train_step(spec, model, affinities, epochs)
+            record = log_and_register_step(spec, model, affinities, epochs, tmp)
+        stamp = dict(model.stamp)
+        stamp["logged"] = {**record, "register": spec.register, "alias": spec.alias,
+                           "tracking_uri": location.tracking_uri}
         write_stamp(where.model, stamp)
-        return out
+        return _result(out, record)
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
+
+
+def _result(out: TrainJobResult, logged: dict) -> TrainJobResult:
+    """``out`` completed with what a run logged (:func:`log_and_register_step`'s record, or the stamp's)."""
+    out.run_id, out.model_uri, out.registered = logged["run_id"], logged["model_uri"], logged["registered"]
+    out.plot, out.metrics = logged.get("plot"), logged.get("metrics", {})
+    return out
 
 
 def _copy_file(local: Path, location: str) -> None:
@@ -612,18 +759,17 @@ def _check_local_resources(spec: TrainJobSpec) -> None:
     import ray
 
     have = ray.cluster_resources()
-    need_cpu = spec.workers * spec.cpus_per_worker
+    scaling = spec.scaling
+    need_cpu = scaling.workers * scaling.cpus_per_worker
     if have.get("CPU", 0) < need_cpu:
-        ray.shutdown()
         raise UsageError(
-            f"--workers {spec.workers} x --cpus-per-worker {spec.cpus_per_worker} needs {need_cpu} CPUs, "
+            f"--workers {scaling.workers} x --cpus-per-worker {scaling.cpus_per_worker} needs {need_cpu} CPUs, "
             f"but the local Ray has {int(have.get('CPU', 0))}; lower them or pass --ray-address of a cluster"
         )
-    if spec.gpus_per_worker > 0 and have.get("GPU", 0) < spec.workers * spec.gpus_per_worker:
-        ray.shutdown()
+    if scaling.gpus_per_worker > 0 and have.get("GPU", 0) < scaling.workers * scaling.gpus_per_worker:
         raise UsageError(
-            f"--workers {spec.workers} x --gpus-per-worker {spec.gpus_per_worker} needs "
-            f"{spec.workers * spec.gpus_per_worker:g} GPUs, but the local Ray has {have.get('GPU', 0):g}"
+            f"--workers {scaling.workers} x --gpus-per-worker {scaling.gpus_per_worker} needs "
+            f"{scaling.workers * scaling.gpus_per_worker:g} GPUs, but the local Ray has {have.get('GPU', 0):g}"
         )
 
 

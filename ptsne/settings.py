@@ -126,11 +126,15 @@ def validate(config: Any) -> None:
         check_value(cls, f, getattr(config, f.name))
 
 
-def check_value(cls: type, f: dataclasses.Field, v: Any) -> None:
-    """Check one value of setting ``f`` of ``cls`` (see :func:`validate`)."""
+def check_value(cls: type, f: dataclasses.Field, v: Any, where: str | None = None) -> None:
+    """Check one value of setting ``f`` of ``cls`` (see :func:`validate`).
+
+    ``where`` names the value in the message (default: ``"CLASS: public_name"``),
+    such as the command-line option it came from.
+    """
     s = spec(f)
     k = kind(cls, f)
-    where = f"{cls.__name__}: {public_name(f)}"
+    where = where or f"{cls.__name__}: {public_name(f)}"
     if "choices" in s:
         if v not in s["choices"]:
             raise ValueError(f"{where} must be one of {s['choices']}, got {v!r}")

@@ -134,6 +134,25 @@ def test_train_refuses_a_register_name_the_registry_cannot_search_before_any_wor
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize(("option", "value", "allowed"), [
+    ("--workers", "0", "an integer >= 1"),
+    ("--cpus-per-worker", "0", "an integer >= 1"),
+    ("--gpus-per-worker", "-0.5", "a finite number >= 0"),
+    ("--max-failures", "-1", "an integer >= 0"),
+    ("--eval-samples", "0", "an integer >= 1"),
+    ("--plot-points", "-3", "an integer >= 1"),
+    ("--epochs", "0", "an integer >= 1"),
+])
+def test_train_refuses_a_scaling_value_out_of_bounds_naming_the_option(tmp_path, caplog, option, value, allowed):
+    config = tmp_path / "train.toml"
+    config.write_text(f'{option[2:]} = {value}\n')
+    for argv in ([option, value], ["--config", str(config)]):  # the same check from the file
+        assert main(["train", "--input", str(tmp_path / "in"), "--workdir", str(tmp_path / "w"), *argv]) == EXIT_USAGE
+        line = _one_error(caplog)
+        assert f"{option} must be {allowed}, got {float(value) if '.' in value else int(value)}" in line, line
+    assert not (tmp_path / "w").exists()
+
+
 def test_data_import_refuses_an_output_around_its_source(tmp_path, caplog):
     np.save(tmp_path / "x.npy", np.ones((5, 2), np.float32))
     assert main(["data", "import", str(tmp_path / "x.npy"), "--output", str(tmp_path), "--overwrite"]) == EXIT_USAGE

@@ -52,6 +52,7 @@ def test_train_logs_registers_and_pyfunc_predicts_like_the_estimator(
     assert len(runs) == 1 and runs[0].info.run_id == summary["run_id"]
     run = runs[0]
     assert run.data.params["epochs"] == "20" and run.data.params["workers"] == "2"
+    assert run.data.params["n_epochs"] == run.data.params["train.n_epochs"] == "20"
     assert run.data.params["perplexity"] == "[10.0]"
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in losses) == list(range(20))
@@ -189,32 +190,40 @@ def test_workers_sharing_a_gpu_are_refused_naming_the_values():
     assert resolve_args(_parse(["train", "--input", "data", "--workers", "2", "--gpus-per-worker", "1"]))
 
 
+def _train_config(args, n):
+    from jobs.train import TrainJobSpec
+
+    return TrainJobSpec.from_args(args).train_config(n)
+
+
 def test_epochs_auto_resolves_for_the_data_size():
-    from jobs.train import train_config_from_args
     from ptsne.train import default_epochs
 
     args = resolve_args(_parse(["train", "--input", "data"]))
     assert args.epochs == "auto"
-    assert train_config_from_args(args, n=1_000_000).train.n_epochs == default_epochs(1_000_000, args.batch_size) == 10
-    assert train_config_from_args(args, n=60_000).train.n_epochs == default_epochs(60_000, args.batch_size) == 21
+    assert _train_config(args, n=1_000_000).train.n_epochs == default_epochs(1_000_000, args.batch_size) == 10
+    assert _train_config(args, n=60_000).train.n_epochs == default_epochs(60_000, args.batch_size) == 21
     assert resolve_args(_parse(["train", "--input", "data", "--epochs", "7"])).epochs == 7
     with pytest.raises(SystemExit):
         _parse(["train", "--input", "data", "--epochs", "many"])
     assert main(["train", "--input", "x", "--epochs", "0"]) == EXIT_USAGE
 
 
-def test_job_spec_is_parsed_once_and_resolves_epochs_like_the_arguments(tmp_path):
-    from jobs.train import TrainJobSpec, train_config_from_args, train_job
+def test_job_spec_is_parsed_once_and_resolves_epochs_for_the_data_size(tmp_path):
+    from jobs.train import TrainJobSpec, TrainSampling, TrainScaling, train_job
+    from ptsne.train import default_epochs
 
     args = resolve_args(_parse(["train", "--input", str(tmp_path / "data"), "--workdir", str(tmp_path / "w"),
                                 "--eval-input", str(tmp_path / "held"), "--feature-cols", "a, b",
-                                "--workers", "2", "--register", "digits", "--alias", "champion"]))
+                                "--workers", "2", "--register", "digits", "--alias", "champion",
+                                "--plot-points", "7"]))
     spec = TrainJobSpec.from_args(args)
     for n in (1000, 60_000, 1_000_000):
-        assert spec.train_config(n) == train_config_from_args(args, n=n)
+        assert spec.train_config(n) == spec.config.with_settings(n_epochs=default_epochs(n, args.batch_size))
     assert spec.affinity.output == spec.locations.affinities == str(tmp_path / "w" / "affinities")
     assert spec.affinity.overwrite and spec.eval.feature_cols == ("a", "b") and spec.eval.input == args.eval_input
-    assert (spec.workers, spec.register, spec.alias) == (2, "digits", "champion")
+    assert (spec.scaling, spec.register, spec.alias) == (TrainScaling(workers=2), "digits", "champion")
+    assert spec.sampling == TrainSampling(plot_points=7) and spec.eval.samples == 5000
     fixed = TrainJobSpec.from_args(resolve_args(_parse(["train", "--input", "data", "--epochs", "7"])))
     assert fixed.train_config(1_000_000).train.n_epochs == 7
     on_dir = TrainJobSpec.from_args(resolve_args(_parse(["train", "--affinities", str(tmp_path / "aff")])))
@@ -223,6 +232,35 @@ def test_job_spec_is_parsed_once_and_resolves_epochs_like_the_arguments(tmp_path
         train_job(args)
     with pytest.raises(ValueError, match="--input"):  # the locations are checked with the settings
         TrainJobSpec.from_args(resolve_args(_parse(["train", "--input", str(tmp_path), "--workdir", str(tmp_path / "w")])))
+
+
+def test_run_params_are_the_declared_settings_with_resolved_values(tmp_path):
+    from jobs.train import TrainJobSpec, TrainSampling, TrainScaling
+    from ptsne.settings import public_name, settings_of
+    from ptsne.train import default_epochs
+
+    args = resolve_args(_parse(["train", "--input", str(tmp_path / "data"), "--workdir", str(tmp_path / "w"),
+                                "--perplexity", "10", "--workers", "2", "--hidden-layers", "64,32",
+                                "--eval-samples", "300"]))
+    spec = TrainJobSpec.from_args(args)
+    config = spec.train_config(60_000)
+    params = spec.params(config)
+    # Every training setting by its public name, "auto" epochs resolved for the data size.
+    assert {name: params[name] for name in config.settings()} == config.settings()
+    assert params["n_epochs"] == params["epochs"] == default_epochs(60_000, args.batch_size)
+    assert (params["hidden_layers"], params["perplexity"]) == ([64, 32], [10.0])
+    for part, cls in ((spec.scaling, TrainScaling), (spec.sampling, TrainSampling)):
+        for f in settings_of(cls):
+            assert params[public_name(f)] == getattr(part, f.name)
+    assert (params["workers"], params["eval_samples"]) == (2, 300)
+    assert params["workdir"] == str(tmp_path / "w") and params["affinities"] == spec.locations.affinities
+    assert not {"output", "overwrite", "max_retries", "inject_failure", "inject_failure_mode"} & set(params)
+    assert json.loads(json.dumps(params)) == params
+    # The names runs recorded before (the options' destinations) are all still there.
+    before = set(vars(args)) - {"func", "config", "_parser", "_command_lines", "verbose", "quiet", "command"}
+    assert before <= set(params), before - set(params)
+    on_dir = TrainJobSpec.from_args(resolve_args(_parse(["train", "--affinities", str(tmp_path / "aff")])))
+    assert on_dir.params(on_dir.config)["vector_col"] == "vector" and "pca_samples" not in on_dir.params(on_dir.config)
 
 
 def test_train_choices_and_defaults_come_from_the_library():
@@ -249,7 +287,6 @@ def test_train_choices_and_defaults_come_from_the_library():
 
 def test_every_training_setting_is_an_option_that_reaches_the_config():
     # The options are derived from the settings' declarations: each one, its old spelling kept.
-    from jobs.train import train_config_from_args
     from pipeline.train import DistributedTrainConfig
 
     argv = ["train", "--input", "data", "--epochs", "5", "--batch-size", "64", "--learning-rate", "0.5",
@@ -258,7 +295,7 @@ def test_every_training_setting_is_an_option_that_reaches_the_config():
             "--precision", "float32", "--n-components", "3", "--hidden-layers", "8,4", "--activation", "gelu",
             "--layer-norm", "--feature-source", "scan", "--object-store-max-bytes", "7",
             "--reference-size", "0", "--reference-iter", "9"]
-    config = train_config_from_args(resolve_args(_parse(argv)), n=1000)
+    config = _train_config(resolve_args(_parse(argv)), n=1000)
     assert config.settings() == {
         "n_epochs": 5, "batch_size": 64, "learning_rate": 0.5, "early_exaggeration": 6.0,
         "early_exaggeration_fraction": 0.5, "exaggeration": 1.0, "dof": 0.5, "weight_decay": 0.01,
@@ -267,7 +304,7 @@ def test_every_training_setting_is_an_option_that_reaches_the_config():
         "reference_size": 0, "reference_iter": 9,
     }
     assert set(config.settings()) == set(DistributedTrainConfig().settings())
-    defaults = train_config_from_args(resolve_args(_parse(["train", "--input", "data"])), n=1000)
+    defaults = _train_config(resolve_args(_parse(["train", "--input", "data"])), n=1000)
     assert defaults.with_settings(n_epochs=60) == DistributedTrainConfig()
 
 
