@@ -8,7 +8,15 @@ the file; the file wins over the built-in defaults. An option counts as given
 when it is on the command line at all, whatever its value: ``--seed 0`` wins
 over ``seed = 5`` although 0 is the default. The subcommands' parsers are
 :class:`CommandParser` instances, which remember the command line they parsed,
-so that :func:`apply_config` can tell a given option from a default. Example
+so that :func:`apply_config` can tell a given option from a default
+(:func:`given_options`, through argparse's public API). Listing a parser's
+options and converting a file's values like the command line's
+(:func:`_option_index`, :func:`_coerce`) still read the parser's actions:
+argparse has no public way to list them.
+
+jsonargparse, which reads config files for argparse, is not used: its
+``--config`` is positional, so options before ``--config`` lose to the file,
+while here the command line wins whenever an option is given. Example
 ``train.toml``::
 
     [train]
@@ -26,11 +34,10 @@ so that :func:`apply_config` can tell a given option from a default. Example
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,25 +66,36 @@ class CommandParser(argparse.ArgumentParser):
         return namespace, extras
 
 
-def given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+def given_options(
+    parser: argparse.ArgumentParser, argv: Sequence[str], dests: Iterable[str] | None = None
+) -> set[str]:
     """Destinations of the options that ``argv`` gives, whatever their values.
 
-    ``argv`` is parsed a second time by a copy of ``parser`` whose defaults are
-    all ``argparse.SUPPRESS``, so only the options on the command line (under
-    any of their names, abbreviated or as ``--opt=value``) reach the namespace.
+    argparse sets an option's default only on a destination that the namespace
+    does not hold yet. So ``argv`` is parsed a second time into a namespace that
+    holds a sentinel at every destination: those whose value is no longer the
+    sentinel were set from the command line (under any of their names,
+    abbreviated or as ``--opt=value``). Options that accumulate into their
+    destination (``action="count"`` or ``"append"``) are not supported; the
+    subcommands have none.
 
     Parameters
     ----------
     parser : argparse.ArgumentParser
-        The parser that parsed ``argv``.
+        The parser that parsed ``argv``; for a subcommand, its own parser.
     argv : sequence of str
         The strings ``parser`` parsed (for a subcommand: those after its name).
+    dests : iterable of str, optional
+        Every destination of ``parser``, such as ``vars(args)`` of the namespace
+        it returned. By default those of ``argv`` parsed once more.
     """
-    probe = copy.deepcopy(parser)
-    for action in probe._actions:
-        action.default = argparse.SUPPRESS
-    namespace, _ = probe.parse_known_args(list(argv))
-    return {action.dest for action in probe._actions if hasattr(namespace, action.dest)}
+    argv = list(argv)
+    if dests is None:
+        dests = vars(parser.parse_known_args(argv)[0])
+    unset = object()
+    probe = argparse.Namespace(**{dest: unset for dest in dests if dest != COMMAND_LINES})
+    parsed, _ = parser.parse_known_args(argv, probe)
+    return {dest for dest, value in vars(parsed).items() if value is not unset and dest != COMMAND_LINES}
 
 
 def load_config_file(path: str | os.PathLike, section: str | None = None) -> dict[str, Any]:
@@ -224,7 +242,7 @@ def apply_config(
                 f"{source}: cannot tell which options of {parser.prog!r} were given on the command line; "
                 f"parse with jobs.config.CommandParser or pass argv"
             )
-    given = given_options(parser, argv)
+    given = given_options(parser, argv, vars(args))
     for key, value in settings.items():
         action = index[key]
         if action.dest not in given:

@@ -105,6 +105,25 @@ def test_given_options_names_every_given_destination(ptsne_parser):
     assert train.get_default("seed") == 0 and train.get_default("epochs") == "auto"
 
 
+def test_given_options_reads_no_private_argparse_api():
+    import inspect
+
+    parser = argparse.ArgumentParser(prog="p")
+    parser.add_argument("--learning-rate", type=float, default=0.5)
+    parser.add_argument("--register", "--name", dest="register", default=None)
+    parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--count", type=int, default=3)
+    parser.set_defaults(func=print)
+    argv = ["--learning-rate=0.5", "--nam", "m", "--fr"]  # as --opt=value, abbreviated, by an alias
+    args = parser.parse_args(argv)
+    for dests in (None, vars(args)):
+        assert given_options(parser, argv, dests) == {"learning_rate", "register", "fresh"}
+    assert given_options(parser, ["--count", "3"]) == {"count"}  # the default's value, given all the same
+    assert vars(parser.parse_args([])) == {"learning_rate": 0.5, "register": None, "fresh": False, "count": 3,
+                                           "func": print}
+    assert "._" not in inspect.getsource(given_options)
+
+
 def test_explicit_argv_for_a_parser_that_records_nothing(tmp_path):
     parser = argparse.ArgumentParser(prog="train")
     add_train_arguments(parser)
