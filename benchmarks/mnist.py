@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,11 +48,10 @@ class PeakRSS:
         self.interval = interval
         self.peak = 0
         self._stop = threading.Event()
+        self._process = psutil.Process()
 
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    def _rss(self) -> int:
+        return self._process.memory_info().rss
 
     def __enter__(self):
         self.start = self._rss()

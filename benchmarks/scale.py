@@ -16,7 +16,7 @@ subcommands do:
   with Ray Data (``pipeline.embed.embed_shards``).
 
 Measured per N: wall seconds per stage, peak resident memory per Ray worker
-process per stage (sampled from ``/proc`` for every process of the local Ray
+process per stage (sampled with psutil for every process of the local Ray
 this script starts, the largest and each process's own; with ``--ray-address`` only
 the per-task peaks that the affinity stages report), per training worker its
 peak resident memory (``ru_maxrss``, reported by the worker itself), the edge
@@ -53,6 +53,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
@@ -78,46 +79,31 @@ ALIAS = "bench"
 # --------------------------------------------------------------------------- memory
 
 
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # The command name (field 2) may hold spaces; the parent pid follows its ')'.
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    return children
-
-
-def _descendants(pid: int) -> list[int]:
-    children = _children_map()
-    out, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            out.append(child)
-            stack.append(child)
-    return out
-
-
-def _rss_mb(pid: int) -> float:
+def _rss_mb(process: psutil.Process) -> float:
+    """Resident memory of ``process`` in MB; 0 for one that has ended."""
     try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, IndexError, ValueError):
+        return process.memory_info().rss / 2**20
+    except psutil.Error:
         return 0.0
 
 
-def _name(pid: int) -> str:
+def _name(process: psutil.Process) -> str:
+    """The first word of ``process``'s command line (a Ray worker's title, ``ray::<task or actor>``)."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().split(b"\0", 1)[0].decode(errors="replace")
-    except OSError:
+        cmdline = process.cmdline()
+    except psutil.Error:
         return ""
+    return cmdline[0] if cmdline else ""
+
+
+def ray_worker_rss_mb(process: psutil.Process) -> dict[int, tuple[float, str]]:
+    """Resident memory (MB) and title of each Ray worker process descending from ``process``, by pid."""
+    try:
+        children = process.children(recursive=True)
+    except psutil.Error:
+        return {}
+    named = ((child, _name(child)) for child in children)
+    return {child.pid: (_rss_mb(child), name) for child, name in named if name.startswith("ray::")}
 
 
 class RssMonitor:
@@ -146,16 +132,12 @@ class RssMonitor:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        me = os.getpid()
+        me = psutil.Process()
         while not self._stop.wait(self.interval_s):
             with self._lock:
                 if self._current is None:
                     continue
-            sample = {"driver": _rss_mb(me), "workers": {}}
-            for pid in _descendants(me):
-                name = _name(pid)
-                if name.startswith("ray::"):
-                    sample["workers"][pid] = (_rss_mb(pid), name)
+            sample = {"driver": _rss_mb(me), "workers": ray_worker_rss_mb(me)}
             with self._lock:
                 cur = self._current
                 if cur is None:

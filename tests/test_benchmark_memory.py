@@ -1,0 +1,49 @@
+"""The memory figures of the benchmarks (psutil): the Ray worker processes below the driver and the peak RSS."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+psutil = pytest.importorskip("psutil")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ray_worker_rss_names_only_the_ray_processes_below_the_driver():
+    scale = _load("scale")
+    worker = subprocess.Popen(["bash", "-c", "exec -a ray::probe sleep 30"])
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            found = scale.ray_worker_rss_mb(psutil.Process())
+            if worker.pid in found:
+                break
+            time.sleep(0.05)
+        rss, name = found[worker.pid]
+        assert name == "ray::probe" and rss > 0 and other.pid not in found
+    finally:
+        for process in (worker, other):
+            process.kill()
+            process.wait()
+
+
+def test_peak_rss_sees_memory_taken_inside_the_block():
+    mnist = _load("mnist")
+    with mnist.PeakRSS(interval=0.01) as mem:
+        block = b"\x01" * (64 * 2**20)
+        time.sleep(0.1)
+        del block
+    assert mem.peak - mem.start >= 32 * 2**20
