@@ -114,13 +114,13 @@ def probe_caps(device: torch.device, n: int) -> dict:
         raise AssertionError(f"k={GPU_MAX_SELECTION_K} (k + 1 > {GPU_MAX_SELECTION_K}) was not refused")
     if device.type != "cuda" or faiss_gpu_count() == 0:
         return {"gpu_index": False}
-    from ptsne.knn import _gpu_resources
+    from ptsne.knn import gpu_resources
 
     nlist = 2 * GPU_MAX_SELECTION_K
     X = blobs(nlist * 40, dim=8)
     cpu = faiss.IndexIVFFlat(faiss.IndexFlatL2(8), 8, nlist)
     cpu.train(X)
-    index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, cpu)
+    index = faiss.index_cpu_to_gpu(gpu_resources(), 0, cpu)
     index.add(X)
     if max_nprobe(index) != GPU_MAX_SELECTION_K or set_nprobe(index, nlist) != GPU_MAX_SELECTION_K:
         raise AssertionError("nprobe on a GPU index was not capped at GPU_MAX_SELECTION_K")

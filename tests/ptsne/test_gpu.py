@@ -69,14 +69,14 @@ def test_gpu_ivf_nprobe_is_capped_at_the_selection_limit(rng):
     # nlist 4096 > 2048: nprobe = nlist would crash FAISS GPU.
     import faiss
 
-    from ptsne.knn import GPU_MAX_SELECTION_K, _gpu_resources, max_nprobe, set_nprobe, tune_nprobe
+    from ptsne.knn import GPU_MAX_SELECTION_K, gpu_resources, max_nprobe, set_nprobe, tune_nprobe
 
     _needs_faiss_gpu()
     X = rng.normal(size=(4096 * 40, 8)).astype(np.float32)
     cpu = faiss.IndexIVFFlat(faiss.IndexFlatL2(8), 8, 4096)
     cpu.train(X)
     cpu.nprobe = 4096  # a CPU-tuned value, copied to the GPU as is
-    index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, cpu)
+    index = faiss.index_cpu_to_gpu(gpu_resources(), 0, cpu)
     index.add(X)
     assert max_nprobe(index) == GPU_MAX_SELECTION_K
     assert set_nprobe(index, 4096) == GPU_MAX_SELECTION_K
@@ -90,7 +90,7 @@ def test_gpu_short_rows_are_filled_beyond_the_cap(rng):
     import faiss
 
     from pipeline.knn import search_index_shards
-    from ptsne.knn import _gpu_resources, exact_neighbors, set_nprobe
+    from ptsne.knn import exact_neighbors, gpu_resources, set_nprobe
 
     _needs_faiss_gpu()
     centers = np.zeros((4096, 4), np.float32)
@@ -98,7 +98,7 @@ def test_gpu_short_rows_are_filled_beyond_the_cap(rng):
     cpu = faiss.IndexIVFFlat(faiss.IndexFlatL2(4), 4, 4096)
     cpu.train((centers.repeat(40, axis=0) + rng.normal(size=(4096 * 40, 4))).astype(np.float32))
     X = np.concatenate([centers[0] + rng.normal(size=(20, 4)), centers[-1] + rng.normal(size=(20, 4))]).astype(np.float32)
-    index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, cpu)
+    index = faiss.index_cpu_to_gpu(gpu_resources(), 0, cpu)
     index.add(X)
     set_nprobe(index, 1)
     g = search_index_shards([(0, index)], X, np.arange(len(X)), 30)
