@@ -709,7 +709,7 @@ def build_affinities(config: AffinityJobConfig) -> dict:
         log.info("kNN: %d part(s) searched on %s, at most %d searches at once%s", len(knn_stats),
                  ", ".join(sorted({s["device"] for s in knn_stats})),
                  max_concurrent([(s["started"], s["finished"]) for s in knn_stats]),
-                 f" ({plan.search['num_gpus']:g} GPU each)" if plan.split else "")
+                 f" ({plan.search.get('num_gpus', 0):g} GPU each)" if plan.split else "")
         stage.done(knn_stats, timings, memory)
         del nested  # the index can leave the object store
 
