@@ -9,6 +9,11 @@ importance and none starts after ``--budget-s`` seconds (it is recorded as skipp
     python benchmarks/gpu_check.py [--out gpu-check.json] [--n 200000] [--budget-s 420]
     python benchmarks/gpu_check.py --device cpu --n 2000 --e2e-n 0 --skip-pytest --skip-mnist  # dry run
 
+Further probes cover the GPU defaults: TF32 for float32 training, the exact-search threshold
+by device, IVF k-means on the GPU against the CPU, the Ray kNN stage with several searches
+sharing a GPU, and embedding rows/s with ``gpus_per_actor`` 1, 0.5 and 0.25 (the last two need
+a GPU and Ray; each records why it was skipped otherwise).
+
 The estimators run with ``device="auto"``, so a GPU host whose FAISS is a CPU build
 trains on the GPU and searches on CPU (the environment and each figure say where).
 Where Ray or MLflow is not installed (a bare GPU image), the test stages run the
@@ -114,13 +119,13 @@ def probe_caps(device: torch.device, n: int) -> dict:
         raise AssertionError(f"k={GPU_MAX_SELECTION_K} (k + 1 > {GPU_MAX_SELECTION_K}) was not refused")
     if device.type != "cuda" or faiss_gpu_count() == 0:
         return {"gpu_index": False}
-    from ptsne.knn import _gpu_resources
+    from ptsne.knn import gpu_resources
 
     nlist = 2 * GPU_MAX_SELECTION_K
     X = blobs(nlist * 40, dim=8)
     cpu = faiss.IndexIVFFlat(faiss.IndexFlatL2(8), 8, nlist)
     cpu.train(X)
-    index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, cpu)
+    index = faiss.index_cpu_to_gpu(gpu_resources(), 0, cpu)
     index.add(X)
     if max_nprobe(index) != GPU_MAX_SELECTION_K or set_nprobe(index, nlist) != GPU_MAX_SELECTION_K:
         raise AssertionError("nprobe on a GPU index was not capped at GPU_MAX_SELECTION_K")
@@ -203,6 +208,143 @@ def probe_train_and_embed(device: torch.device, n: int) -> dict:
     return out
 
 
+def probe_ivf_training(device: torch.device, n: int) -> dict:
+    from ptsne.knn import build_index, default_nlist, is_gpu_index
+
+    X = blobs(n)
+    out = {"n": n, "nlist": default_nlist(n)}
+    for name in ["cpu"] + (["cuda"] if device.type == "cuda" and faiss_gpu_count() else []):
+        t = time.perf_counter()
+        index = build_index(X, "ivf", name, random_state=0)
+        out[f"{name}_build_s"] = round(time.perf_counter() - t, 3)
+        if is_gpu_index(index) != (name == "cuda"):
+            raise AssertionError(f"IVF built for {name} is {'a GPU' if is_gpu_index(index) else 'a CPU'} index")
+    return out
+
+
+def probe_exact_threshold(device: torch.device, n: int) -> dict:
+    from ptsne.knn import EXACT_MAX_POINTS_GPU, resolve_knn_device, resolve_method
+
+    on = resolve_knn_device(_asked(device), 90)
+    want = "exact" if on == "cuda" else "ivf"
+    if resolve_method("auto", 1_000_000, on) != want:
+        raise AssertionError(f"method='auto' for 1M points searched on {on} is not {want}")
+    X = blobs(n)
+    t = time.perf_counter()
+    knn_graph(X, k=90, method="exact", device=on)
+    return {"search_device": on, "auto_at_1M": want, "gpu_threshold": EXACT_MAX_POINTS_GPU,
+            "exact_s": round(time.perf_counter() - t, 3), "n": n}
+
+
+def probe_tf32(device: torch.device, n: int) -> dict:
+    from ptsne.device import use_tf32
+    from ptsne.model import ModelConfig, build_mapper
+    from ptsne.train import TrainConfig, fit_mapper
+
+    X = blobs(min(n, 5000), dim=10)
+    edges = joint_probabilities(knn_graph(X, k=30, method="exact", device="cpu"), 10.0)
+    mapper = build_mapper(ModelConfig(X.shape[1], 2))
+    mapper.standardize.fit(X)
+    fit_mapper(mapper, X, edges, TrainConfig(n_epochs=1, precision="float32"), device)
+    on = bool(torch.backends.cuda.matmul.allow_tf32)
+    if on != use_tf32(device, None):
+        raise AssertionError(f"float32 training on {device}: TF32 {'on' if on else 'off'}")
+    return {"tf32": on}
+
+
+def _ray_session():
+    """Ray for the probes that need it: ``(ray, started_here)``, or ``(None, reason)`` when they cannot run."""
+    try:
+        import ray
+    except ImportError:
+        return None, "skipped: Ray is not installed"
+    if ray.is_initialized():
+        return ray, False
+    ray.init(include_dashboard=False, log_to_driver=False)
+    return ray, True
+
+
+def _write_blob_shards(directory: Path, X: np.ndarray, shards: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory.mkdir(parents=True)
+    for i, rows in enumerate(np.array_split(np.arange(len(X)), shards)):
+        vec = pa.FixedSizeListArray.from_arrays(pa.array(X[rows].reshape(-1)), X.shape[1])
+        pq.write_table(pa.table({"id": pa.array(rows, type=pa.int64()), "vector": vec}),
+                       directory / f"part-{i:03d}.parquet")
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def probe_knn_ray(device: torch.device, n: int) -> dict:
+    if device.type != "cuda" or not faiss_gpu_count():
+        return {"skipped": "needs a GPU and FAISS GPU (the CPU stage is tested by tests/pipeline)"}
+    ray, started = _ray_session()
+    if ray is None:
+        return {"skipped": started}
+    from pipeline.affinity import AffinityJobConfig, build_affinities
+
+    lines = _Lines()
+    logger = logging.getLogger("pipeline.affinity")
+    logger.addHandler(lines)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with tempfile.TemporaryDirectory(prefix="ptsne-gpu-check-") as d:
+            _write_blob_shards(Path(d) / "in", blobs(n), 4)
+            t = time.perf_counter()
+            m = build_affinities(AffinityJobConfig(input=str(Path(d) / "in"), output=str(Path(d) / "out"),
+                                                   perplexity=30.0, batch_rows=max(1000, n // 16), device="auto"))
+            seconds = time.perf_counter() - t
+    finally:
+        logger.removeHandler(lines)
+        logger.setLevel(level)
+        if started:
+            ray.shutdown()
+    searched = [line for line in lines.lines if "searched on" in line]
+    if not searched or "cuda" not in searched[-1]:
+        raise AssertionError(f"the kNN stage did not search on the GPU: {searched}")
+    at_once = int(searched[-1].split("at most ")[1].split()[0])
+    if at_once < 2:
+        raise AssertionError(f"search tasks did not share the GPU: {searched[-1]}")
+    return {"n": n, "seconds": round(seconds, 2), "knn_method": m["knn_method"], "searched": searched[-1],
+            "searches_at_once": at_once, "timings_s": m["timings_s"]}
+
+
+def probe_embed_actors(device: torch.device, n: int) -> dict:
+    if device.type != "cuda":
+        return {"skipped": "needs a GPU (the actor plan is tested on CPU by tests/pipeline/test_embed.py)"}
+    ray, started = _ray_session()
+    if ray is None:
+        return {"skipped": started}
+    from pipeline.embed import EmbedConfig, ModelSpec, embed_shards
+
+    out = {"n": n}
+    try:
+        with tempfile.TemporaryDirectory(prefix="ptsne-gpu-check-") as d:
+            X = blobs(n)
+            est = ParametricTSNE(n_epochs=1, random_state=0, device="cpu", reference_size=0).fit(X[:5000])
+            spec = ModelSpec(path=str(est.save(Path(d) / "m")), name="check", version="1", tag="v1")
+            _write_blob_shards(Path(d) / "in", X, 32)
+            for share in (1.0, 0.5, 0.25):
+                summary = embed_shards(Path(d) / "in", Path(d) / f"out-{share:g}", spec,
+                                       EmbedConfig(gpus_per_actor=share, progress=False))
+                out[f"gpus_per_actor={share:g}"] = {"rows_per_s": round(summary.rows_per_s),
+                                                    "stream_rows_per_s": round(summary.stream_rows_per_s)}
+    finally:
+        if started:
+            ray.shutdown()
+    return out
+
+
 PROBES = [
     ("1 load onto CPU by default", probe_load_on_cpu),
     ("2 workers sharing a GPU refused", probe_shared_gpu_refused),
@@ -210,6 +352,11 @@ PROBES = [
     ("8 GPU checkpoint resumes on CPU", probe_resume_on_cpu),
     ("kNN + P on device vs CPU", probe_knn_p),
     ("training and embedding on device vs CPU", probe_train_and_embed),
+    ("TF32 for float32 training on CUDA only", probe_tf32),
+    ("exact kNN threshold by device", probe_exact_threshold),
+    ("IVF trained on GPU vs CPU", probe_ivf_training),
+    ("kNN stage on Ray: searches sharing a GPU", probe_knn_ray),
+    ("embedding actors by gpus_per_actor", probe_embed_actors),
 ]
 
 

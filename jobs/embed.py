@@ -103,7 +103,7 @@ def add_parser(subparsers) -> None:
                    help="model actors, each embedding one shard at a time (default: one per GPU, or one per "
                         "--cpus-per-actor CPUs of the cluster)")
     p.add_argument("--cpus-per-actor", type=_positive_float, default=1.0, help="CPUs (torch threads) per actor")
-    p.add_argument("--gpus-per-actor", type=float, default=None, help="default 1 when the cluster has GPUs")
+    p.add_argument("--gpus-per-actor", type=float, default=None, help="default 0.25 (four actors per GPU) when the cluster has GPUs")
     # Accepted so that existing command lines keep working; each input shard is one task now.
     p.add_argument("--block-mb", type=_positive_float, default=None, help=argparse.SUPPRESS)
     add_ray_arguments(p, old_address=True)

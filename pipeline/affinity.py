@@ -14,7 +14,11 @@ its wall time and the peak RSS of its workers):
    index (:mod:`pipeline.knn`), calibrates ``p_{j|i}`` to the perplexity with
    :func:`ptsne.affinity.conditional_probabilities`, and emits the edges
    ``(i, j, p_{j|i} / 2n)`` and their transposes ``(j, i, p_{j|i} / 2n)``,
-   already split by head range (the map side of a shuffle).
+   already split by head range (the map side of a shuffle). On a GPU the
+   search and the calibration are two tasks (:func:`plan_knn_tasks`): the
+   search holds a share of a GPU (``knn_searches_per_gpu`` searches per GPU)
+   and the calibration runs on CPUs from the search's result, so the GPU is
+   free for the next search while the previous part is calibrated.
 5. **symmetrize**: one task per head range sums duplicate ``(head, tail)``
    pairs in float64 and writes ``edges/part-RRRRR.parquet`` with one row group
    per head bucket, sorted by ``(bucket, head, tail)``
@@ -60,7 +64,9 @@ from pipeline.affinity_dir import (
     read_manifest,
     write_edges_file,
 )
-from pipeline.knn import DEFAULT_MAX_INDEX_BYTES, FeaturePart, build_indexes, peak_rss_mb, search_part
+from pipeline.knn import (
+    DEFAULT_MAX_INDEX_BYTES, DEFAULT_SEARCHES_PER_GPU, FeaturePart, build_indexes, gpu_share, peak_rss_mb, search_part,
+)
 from pipeline.pca import fit_pca, sample_rate, sample_rows, save_pca
 from pipeline.session import quiet_init_kwargs, start_ray
 from pipeline.shards import MAX_REPORT, ColumnSpec, InvalidInputError, duplicate_ids, list_parquet, read_shard, row_ids
@@ -80,6 +86,7 @@ from ptsne.affinity import as_perplexities, conditional_probabilities, default_k
 from ptsne.device import set_num_threads
 from ptsne.knn import METHODS, check_gpu_k
 from ptsne.pca import PCA
+from ptsne.settings import setting, validate
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +161,10 @@ class AffinityJobConfig:
     inject_failure_mode : {"raise", "crash"}
         How that task fails: raise :class:`TransientTaskError`, or end its
         worker process abruptly (as a lost node or an out-of-memory kill would).
+    knn_searches_per_gpu : int
+        On a GPU cluster, kNN search tasks that share one GPU (each asks Ray
+        for ``1 / knn_searches_per_gpu`` GPU); their perplexity calibration runs
+        in CPU tasks. Does not change the result.
     """
 
     input: str
@@ -180,6 +191,8 @@ class AffinityJobConfig:
     ray_address: str | None = None
     inject_failure: str | None = None
     inject_failure_mode: str = "raise"
+    knn_searches_per_gpu: int = setting(
+        DEFAULT_SEARCHES_PER_GPU, "kNN search tasks sharing one GPU (each asks Ray for that fraction of a GPU)", ge=1)
 
     def __post_init__(self) -> None:
         for name in ("input", "output"):
@@ -224,6 +237,7 @@ class AffinityJobConfig:
             check_disjoint(self.input, self.output)
         except ValueError as exc:
             raise ValueError(f"AffinityJobConfig: {exc}") from None
+        validate(self)
 
     @property
     def spec(self) -> ColumnSpec:
@@ -236,7 +250,7 @@ class AffinityJobConfig:
     def hash_fields(self) -> dict:
         """Settings that change the result (not where or how fast it is computed)."""
         skip = {"input", "output", "device", "task_cpus", "max_retries", "overwrite", "ray_address",
-                "inject_failure", "inject_failure_mode", "batch_rows", "edge_partitions"}
+                "inject_failure", "inject_failure_mode", "batch_rows", "edge_partitions", "knn_searches_per_gpu"}
         d = {k: v for k, v in asdict(self).items() if k not in skip}
         d["perplexity"] = list(self.perplexities)
         d["feature_cols"] = list(self.feature_cols) if self.feature_cols else None
@@ -352,17 +366,95 @@ def _inject_failure(marker: str | None, mode: str) -> None:
     raise TransientTaskError(f"injected failure (marker {marker})")
 
 
+@dataclass(frozen=True)
+class KnnTaskPlan:
+    """Ray options of the kNN stage's tasks.
+
+    ``split``: a search task (options ``search``) feeds a calibration task
+    (options ``calibrate``) through the object store; otherwise one task
+    (options ``search``) searches and calibrates.
+    """
+
+    split: bool
+    search: dict
+    calibrate: dict | None = None
+
+
+def plan_knn_tasks(use_gpu: bool, task_cpus: int, searches_per_gpu: int = DEFAULT_SEARCHES_PER_GPU) -> KnnTaskPlan:
+    """The tasks of the kNN stage and their resources.
+
+    On CPUs one task per features part searches and calibrates (no round trip of
+    the kNN graph through the object store). On a GPU the search holds
+    ``1 / searches_per_gpu`` of a GPU (several searches share it: one search
+    alone leaves it idle while it reads Parquet and merges shards) and
+    ``task_cpus`` CPUs, and the calibration is a CPU task of ``task_cpus`` CPUs,
+    so the GPU is released as soon as the neighbours are found.
+    """
+    if isinstance(task_cpus, bool) or not isinstance(task_cpus, (int, np.integer)) or task_cpus < 1:
+        raise ValueError(f"plan_knn_tasks: task_cpus must be an integer >= 1, got {task_cpus!r}")
+    if not use_gpu:
+        return KnnTaskPlan(split=False, search={"num_cpus": task_cpus})
+    return KnnTaskPlan(split=True, search={"num_cpus": task_cpus, "num_gpus": gpu_share(searches_per_gpu)},
+                       calibrate={"num_cpus": task_cpus})
+
+
+def max_concurrent(intervals: Sequence[tuple[float, float]]) -> int:
+    """The most of the ``(start, end)`` intervals open at one time (an end before an equal start)."""
+    events = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals], key=lambda e: (e[0], e[1]))
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def _knn_search_task(
+    fs, part: FeaturePart, index_refs: list, k: int, use_gpu: bool, n_threads: int, fail_marker: str | None,
+    fail_mode: str = "raise",
+) -> tuple:
+    """kNN of one features part; returns ``(graph, stats)``."""
+    set_num_threads(n_threads)
+    _inject_failure(fail_marker, fail_mode)
+    started = time.time()
+    t = time.perf_counter()
+    graph = search_part(fs, part, index_refs, k, use_gpu)
+    # load_index raises rather than search on CPU when a GPU was asked for, so use_gpu is the device.
+    stats = {"search_s": time.perf_counter() - t, "started": started, "finished": time.time(),
+             "peak_rss_mb": peak_rss_mb(), "device": "cuda" if use_gpu else "cpu"}
+    return graph, stats
+
+
+def _calibration_task(
+    found: tuple, part: FeaturePart, k: int, perplexities: tuple[float, ...], n: int, bounds: np.ndarray,
+    n_threads: int,
+):
+    """Calibration of one features part from its search's ``(graph, stats)``: one edge block per head range + stats."""
+    set_num_threads(n_threads)
+    graph, search_stats = found
+    t = time.perf_counter()
+    *blocks, stats = _edge_blocks(graph, part, k, perplexities, n, bounds)
+    stats.update(search_s=search_stats["search_s"], total_s=search_stats["search_s"] + time.perf_counter() - t,
+                 peak_rss_mb=max(search_stats["peak_rss_mb"], peak_rss_mb()), device=search_stats["device"],
+                 started=search_stats["started"], finished=search_stats["finished"])
+    return (*blocks, stats)
+
+
 def _knn_task(
     fs, part: FeaturePart, index_refs: list, k: int, perplexities: tuple[float, ...], n: int,
     bounds: np.ndarray, use_gpu: bool, n_threads: int, fail_marker: str | None, fail_mode: str = "raise",
 ):
-    """kNN + calibration of one features part; returns one edge block per head range + stats."""
-    set_num_threads(n_threads)
-    _inject_failure(fail_marker, fail_mode)
+    """kNN + calibration of one features part in one task; returns one edge block per head range + stats."""
     t = time.perf_counter()
-    graph = search_part(fs, part, index_refs, k, use_gpu)
+    graph, search_stats = _knn_search_task(fs, part, index_refs, k, use_gpu, n_threads, fail_marker, fail_mode)
+    *blocks, stats = _edge_blocks(graph, part, k, perplexities, n, bounds)
+    stats.update(search_s=search_stats["search_s"], total_s=time.perf_counter() - t, peak_rss_mb=peak_rss_mb(),
+                 device=search_stats["device"], started=search_stats["started"], finished=search_stats["finished"])
+    return (*blocks, stats)
+
+
+def _edge_blocks(graph, part: FeaturePart, k: int, perplexities: tuple[float, ...], n: int, bounds: np.ndarray):
+    """Calibrated edges of one part and their transposes, one block per head range, then ``{rows, edges}``."""
     rows = np.arange(part.start, part.stop, dtype=np.int64)
-    t_search = time.perf_counter() - t
     P = conditional_probabilities(graph.distances, perplexities)
     w = P.reshape(-1).astype(np.float64) / (2.0 * n)
     head = np.repeat(rows, k)
@@ -381,11 +473,7 @@ def _knn_task(
         (h, t_, w_)
         for h, t_, w_ in zip(np.split(H[order], splits), np.split(T[order], splits), np.split(W[order], splits))
     ]
-    # load_index raises rather than search on CPU when a GPU was asked for, so use_gpu is the device.
-    stats = {"rows": int(rows.size), "edges": int(H.size), "search_s": t_search,
-             "total_s": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb(),
-             "device": "cuda" if use_gpu else "cpu"}
-    return (*blocks, stats)
+    return (*blocks, {"rows": int(rows.size), "edges": int(H.size)})
 
 
 def _reduce_task(fs, path: str, lo: int, hi: int, n: int, *blocks) -> dict:
@@ -580,7 +668,7 @@ def build_affinities(config: AffinityJobConfig) -> dict:
         stage = _Stage("knn_index")
         max_index_bytes = _max_index_bytes(config)
         method, nested = build_indexes(fs, parts, dim, k, config.knn_method, config.target_recall, config.seed,
-                                       max_index_bytes, opts, config.task_cpus)
+                                       max_index_bytes, opts, config.task_cpus, use_gpu)
         infos = [info for _, _, info in nested]
         n_index_shards = len(nested)
         stage.done(infos, timings, memory)
@@ -593,23 +681,35 @@ def build_affinities(config: AffinityJobConfig) -> dict:
         n_parts = config.edge_partitions or max(1, math.ceil(2 * n * k / EDGES_PER_PARTITION))
         n_parts = int(min(n_parts, n))
         bounds = np.linspace(0, n, n_parts + 1).round().astype(np.int64)
-        knn_opts = dict(opts, num_returns=n_parts + 1)
-        if use_gpu:
-            knn_opts["num_gpus"] = 1
-        knn_task = ray.remote(_knn_task).options(**knn_opts)
+        plan = plan_knn_tasks(use_gpu, config.task_cpus, config.knn_searches_per_gpu)
+        retry = dict(max_retries=config.max_retries, retry_exceptions=RETRY_EXCEPTIONS)
+        if plan.split:
+            search_task = ray.remote(_knn_search_task).options(**retry, **plan.search)
+            calibration_task = ray.remote(_calibration_task).options(num_returns=n_parts + 1, **retry,
+                                                                     **plan.calibrate)
+        else:
+            knn_task = ray.remote(_knn_task).options(num_returns=n_parts + 1, **retry, **plan.search)
         edge_dir = join(stage_dir, schema.EDGES_DIR)
         if exists(fs, edge_dir):
             fs.delete_dir_contents(edge_dir)
         fs.create_dir(edge_dir, recursive=True)
         blocks, stat_refs = [], []
         for p in parts:
-            out_refs = knn_task.remote(fs, p, nested, k, config.perplexities, n, bounds, use_gpu,
-                                       config.task_cpus, config.inject_failure, config.inject_failure_mode)
+            if plan.split:
+                found = search_task.remote(fs, p, nested, k, use_gpu, config.task_cpus, config.inject_failure,
+                                           config.inject_failure_mode)
+                out_refs = calibration_task.remote(found, p, k, config.perplexities, n, bounds, config.task_cpus)
+            else:
+                out_refs = knn_task.remote(fs, p, nested, k, config.perplexities, n, bounds, use_gpu,
+                                           config.task_cpus, config.inject_failure, config.inject_failure_mode)
             blocks.append(out_refs[:-1])
             stat_refs.append(out_refs[-1])
         _wait(stat_refs, "knn + calibration")
         knn_stats = ray.get(stat_refs)
-        log.info("kNN: %d part(s) searched on %s", len(knn_stats), ", ".join(sorted({s["device"] for s in knn_stats})))
+        log.info("kNN: %d part(s) searched on %s, at most %d searches at once%s", len(knn_stats),
+                 ", ".join(sorted({s["device"] for s in knn_stats})),
+                 max_concurrent([(s["started"], s["finished"]) for s in knn_stats]),
+                 f" ({plan.search.get('num_gpus', 0):g} GPU each)" if plan.split else "")
         stage.done(knn_stats, timings, memory)
         del nested  # the index can leave the object store
 

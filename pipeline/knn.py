@@ -1,21 +1,24 @@
 """Distributed kNN stage: FAISS indexes in the Ray object store, searched by batch tasks.
 
 The index type follows :func:`ptsne.knn.resolve_method` (exact flat up to
-``ptsne.knn.EXACT_MAX_POINTS`` points, IVF with ``nprobe`` tuned for the target
-recall beyond). An index whose vectors fit in ``max_index_bytes`` is built once
+:func:`ptsne.knn.exact_max_points` points of the search device, IVF with
+``nprobe`` tuned for the target recall beyond). An index whose vectors fit in ``max_index_bytes`` is built once
 in a Ray task and shipped to every search task through the object store; a
 larger one is split into index shards over contiguous row ranges, each search
-task queries every shard in turn and merges the per-shard top-k by distance
-(shard ids are offset by the shard's first row).
+task loads, searches and drops one shard after the other (one index resident
+at a time) and merges the per-shard top-k by distance (shard ids are offset by
+the shard's first row).
 
 The search itself is :func:`ptsne.knn.search` (one implementation for the
-single-process and the distributed driver). Tasks ask Ray for a GPU when the
-cluster has one and search with FAISS GPU there.
+single-process and the distributed driver). Tasks ask Ray for a share of a GPU
+(:func:`gpu_share`) when the cluster has one and search with FAISS GPU there;
+the index is then also built (its IVF trained) on a GPU.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import resource
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,13 +31,26 @@ import pyarrow.parquet as pq
 from pipeline import schema
 from ptsne.device import faiss_gpu_count, set_num_threads
 from ptsne.knn import (
-    KNNGraph, build_index, is_gpu_index, ivf_nlist, max_nprobe, resolve_method, search, set_nprobe, tune_nprobe,
+    KNNGraph, build_index, is_gpu_index, ivf_nlist, max_nprobe, resolve_method, search, set_nprobe, to_gpu,
+    tune_nprobe,
 )
 
 log = logging.getLogger(__name__)
 
 #: Default largest index (bytes of float32 vectors) shipped whole through the object store.
 DEFAULT_MAX_INDEX_BYTES = 2 << 30
+#: Default number of kNN search tasks that share one GPU (each asks Ray for ``1 / 4`` GPU).
+DEFAULT_SEARCHES_PER_GPU = 4
+
+
+def gpu_share(per_gpu: int) -> float:
+    """The GPU fraction each of ``per_gpu`` tasks asks Ray for, so that ``per_gpu`` of them fit one GPU.
+
+    Rounded down to Ray's resource granularity (1e-4), so that ``per_gpu`` shares never exceed 1.
+    """
+    if isinstance(per_gpu, bool) or not isinstance(per_gpu, (int, np.integer)) or per_gpu < 1:
+        raise ValueError(f"gpu_share: per_gpu must be an integer >= 1, got {per_gpu!r}")
+    return 1.0 if per_gpu == 1 else math.floor(10_000 / per_gpu) / 10_000
 
 
 @dataclass(frozen=True)
@@ -99,9 +115,13 @@ def read_vectors(fs: pafs.FileSystem, parts: Sequence[FeaturePart]) -> np.ndarra
 
 
 def build_index_blob(
-    X: np.ndarray, method: str, k: int, target_recall: float, seed: int
+    X: np.ndarray, method: str, k: int, target_recall: float, seed: int, device: str = "cpu"
 ) -> tuple[np.ndarray, dict]:
-    """Build (and for IVF tune) a CPU index over ``X``; return it serialised and its settings.
+    """Build (and for IVF tune) an index over ``X``; return it serialised and its settings.
+
+    With ``device="cuda[:N]"`` an IVF index is trained, filled and tuned on the
+    GPU (where it will be searched) and serialised from a CPU copy; a flat index
+    has nothing to train and is always built on CPU.
 
     Returns
     -------
@@ -111,11 +131,12 @@ def build_index_blob(
         ``method``, ``rows``, ``nprobe`` (IVF) and ``recall`` (IVF sampled recall@k, else None).
     """
     info = {"method": method, "rows": int(X.shape[0]), "nprobe": None, "recall": None}
-    # Built on CPU: the blob must be serialisable; search tasks move it to a GPU.
-    index = build_index(X, method, "cpu", seed)
+    index = build_index(X, method, device if method == "ivf" else "cpu", seed)
     if method == "ivf":
         nprobe, recall = tune_nprobe(index, X, k, target_recall, seed)
         info.update(nprobe=int(nprobe), recall=float(recall))
+    if is_gpu_index(index):
+        index = faiss.index_gpu_to_cpu(index)  # only a CPU index serialises; search tasks move it back
     return faiss.serialize_index(index), info
 
 
@@ -126,21 +147,26 @@ def load_index(blob: np.ndarray, info: dict, use_gpu: bool) -> faiss.Index:
     so idle workers do not hold an index after the stage. A task told to use a
     GPU raises when FAISS here sees none (a CPU build, no visible device) instead
     of searching on CPU while holding a GPU slot. On a GPU, ``nprobe`` is capped
-    at 2048 (:func:`ptsne.knn.set_nprobe`).
+    at 2048 (:func:`ptsne.knn.set_nprobe`). The GPU index uses the process's one
+    set of FAISS GPU resources (:func:`ptsne.knn.gpu_resources`) on GPU 0, the one
+    Ray makes visible to a task given a GPU.
     """
     index = faiss.deserialize_index(np.asarray(blob))
     if use_gpu:
-        if faiss_gpu_count() == 0:
-            raise RuntimeError(
-                "kNN: this task was given a GPU but FAISS here sees none (a CPU build of FAISS, or "
-                "CUDA_VISIBLE_DEVICES empty); install faiss-gpu on every GPU node or run with device='cpu'"
-            )
-        res = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(res, 0, index)
-        index._gpu_resources = res  # keep the resources alive with the index
+        check_faiss_gpu()
+        index = to_gpu(index, "cuda:0")
     if info.get("nprobe"):
         set_nprobe(index, info["nprobe"])
     return index
+
+
+def check_faiss_gpu() -> None:
+    """Raise when FAISS here sees no GPU, in a task that Ray gave one."""
+    if faiss_gpu_count() == 0:
+        raise RuntimeError(
+            "kNN: this task was given a GPU but FAISS here sees none (a CPU build of FAISS, or "
+            "CUDA_VISIBLE_DEVICES empty); install faiss-gpu on every GPU node or run with device='cpu'"
+        )
 
 
 def merge_topk(candidates: Sequence[KNNGraph], k: int) -> KNNGraph:
@@ -164,15 +190,22 @@ def search_index_shards(
     own row is only in one shard; elsewhere the ``k + 1``-th candidate is
     dropped), so the merged top ``k`` is the global top ``k``.
     """
-    found = []
+    best = None
     for offset, index in indexes:
-        qids = np.asarray(query_rows, dtype=np.int64) - offset
-        g = search(index, queries, k, query_ids=qids, allow_missing=True)
-        missing = (g.indices < 0).any(axis=1)
-        if missing.any():
-            g = _fill_missing(index, queries, k, qids, g, missing)
-        found.append(KNNGraph(g.indices + offset, g.distances))
-    return merge_topk(found, k)
+        found = search_index_shard(offset, index, queries, query_rows, k)
+        best = found if best is None else merge_topk([best, found], k)
+    return best
+
+
+def search_index_shard(offset: int, index: faiss.Index, queries: np.ndarray, query_rows: np.ndarray,
+                       k: int) -> KNNGraph:
+    """``k`` nearest neighbours (global rows, the query's own row excluded) in one index shard from ``offset``."""
+    qids = np.asarray(query_rows, dtype=np.int64) - offset
+    g = search(index, queries, k, query_ids=qids, allow_missing=True)
+    missing = (g.indices < 0).any(axis=1)
+    if missing.any():
+        g = _fill_missing(index, queries, k, qids, g, missing)
+    return KNNGraph(g.indices + offset, g.distances)
 
 
 def _fill_missing(
@@ -215,9 +248,9 @@ def _fill_missing(
     return KNNGraph(indices, distances)
 
 
-def method_for(method: str, n: int) -> str:
-    """The index type used for ``n`` points (``"auto"`` resolved)."""
-    return resolve_method(method, n)
+def method_for(method: str, n: int, use_gpu: bool = False) -> str:
+    """The index type used for ``n`` points (``"auto"`` resolved for a GPU or a CPU search)."""
+    return resolve_method(method, n, "cuda" if use_gpu else "cpu")
 
 
 def peak_rss_mb() -> float:
@@ -225,11 +258,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def index_task(fs, parts: list[FeaturePart], method: str, k: int, target_recall: float, seed: int, n_threads: int):
-    """Ray task body: build one index shard; returns ``(blob, info)`` (run with ``num_returns=2``)."""
+def index_task(fs, parts: list[FeaturePart], method: str, k: int, target_recall: float, seed: int, n_threads: int,
+               use_gpu: bool = False):
+    """Ray task body: build one index shard; returns ``(blob, info)`` (run with ``num_returns=2``).
+
+    With ``use_gpu`` (a task given a GPU) the index is built and tuned on GPU 0.
+    """
     set_num_threads(n_threads)
+    if use_gpu:
+        check_faiss_gpu()
     X = read_vectors(fs, parts)
-    blob, info = build_index_blob(X, method, k, target_recall, seed)
+    blob, info = build_index_blob(X, method, k, target_recall, seed, "cuda:0" if use_gpu else "cpu")
     info["peak_rss_mb"] = peak_rss_mb()
     return blob, info
 
@@ -239,19 +278,24 @@ def search_part(fs, part: FeaturePart, index_refs: list, k: int, use_gpu: bool) 
 
     ``index_refs`` holds ``(first_row, [blob_ref], info)`` per index shard; the
     ref is wrapped in a list so that Ray does not fetch it before the task runs.
+    The shards are fetched, loaded, searched and dropped one after the other, so
+    one index is resident at a time; the running top-k is merged as in
+    :func:`search_index_shards` (same result).
     """
     import ray
 
     queries = read_vectors(fs, [part])
     rows = np.arange(part.start, part.stop, dtype=np.int64)
-    indexes = []
+    best, device = None, "cpu"
     for offset, ref, info in index_refs:
-        blob = ray.get(ref[0])
-        indexes.append((offset, load_index(blob, info, use_gpu)))
-        del blob
+        index = load_index(ray.get(ref[0]), info, use_gpu)
+        device = index_device(index)
+        found = search_index_shard(offset, index, queries, rows, k)
+        del index
+        best = found if best is None else merge_topk([best, found], k)
     log.info("kNN: rows %d-%d searched on %s over %d index shard(s)", part.start, part.stop - 1,
-             index_device(indexes[0][1]), len(indexes))
-    return search_index_shards(indexes, queries, rows, k)
+             device, len(index_refs))
+    return best
 
 
 def index_device(index: faiss.Index) -> str:
@@ -267,16 +311,23 @@ def _search_task(fs, part: FeaturePart, index_refs: list, k: int, use_gpu: bool,
 def build_indexes(
     fs, parts: Sequence[FeaturePart], dim: int, k: int, method: str = "auto", target_recall: float = 0.95,
     seed: int = 0, max_index_bytes: int = DEFAULT_MAX_INDEX_BYTES, task_options: dict | None = None,
-    n_threads: int = 1,
+    n_threads: int = 1, use_gpu: bool = False,
 ) -> tuple[str, list[tuple[int, list, dict]]]:
-    """Build the index shards in Ray tasks; return the method and ``(first_row, [ref], info)`` each."""
+    """Build the index shards in Ray tasks; return the method and ``(first_row, [ref], info)`` each.
+
+    With ``use_gpu``, ``"auto"`` resolves by the GPU's threshold (:func:`method_for`)
+    and each IVF task asks for one GPU (``task_options`` may say otherwise) and
+    trains its index there; flat indexes are built on CPU.
+    """
     import ray
 
     n = sum(p.rows for p in parts)
-    method = method_for(method, n)
+    method = method_for(method, n, use_gpu)
     shards = plan_index_shards(parts, dim, max_index_bytes, min_rows=k + 1)
-    task = ray.remote(index_task).options(num_returns=2, **(task_options or {}))
-    out = [(s, *task.remote(fs, list(s.parts), method, k, target_recall, seed, n_threads)) for s in shards]
+    on_gpu = use_gpu and method == "ivf"
+    options = {"num_gpus": 1, **(task_options or {})} if on_gpu else dict(task_options or {})
+    task = ray.remote(index_task).options(num_returns=2, **options)
+    out = [(s, *task.remote(fs, list(s.parts), method, k, target_recall, seed, n_threads, on_gpu)) for s in shards]
     infos = ray.get([o[2] for o in out])
     return method, [(s.start, [blob], info) for (s, blob, _), info in zip(out, infos)]
 
@@ -284,15 +335,18 @@ def build_indexes(
 def distributed_knn(
     fs, parts: Sequence[FeaturePart], dim: int, k: int, method: str = "auto", target_recall: float = 0.95,
     seed: int = 0, max_index_bytes: int = DEFAULT_MAX_INDEX_BYTES, use_gpu: bool = False, n_threads: int = 1,
+    searches_per_gpu: int = DEFAULT_SEARCHES_PER_GPU,
 ) -> tuple[KNNGraph, list[dict]]:
     """The kNN graph of all rows of ``parts`` computed in Ray tasks, gathered (small data, tests).
 
-    Returns the graph (rows in row order) and the info of each index shard.
+    Returns the graph (rows in row order) and the info of each index shard. On a
+    GPU, ``searches_per_gpu`` search tasks share each GPU (:func:`gpu_share`).
     """
     import ray
 
-    _, refs = build_indexes(fs, parts, dim, k, method, target_recall, seed, max_index_bytes, n_threads=n_threads)
-    task = ray.remote(_search_task).options(num_gpus=1 if use_gpu else 0)
+    _, refs = build_indexes(fs, parts, dim, k, method, target_recall, seed, max_index_bytes, n_threads=n_threads,
+                            use_gpu=use_gpu)
+    task = ray.remote(_search_task).options(num_gpus=gpu_share(searches_per_gpu) if use_gpu else 0)
     graphs = ray.get([task.remote(fs, p, refs, k, use_gpu, n_threads) for p in parts])
     return (
         KNNGraph(np.concatenate([g.indices for g in graphs]), np.concatenate([g.distances for g in graphs])),

@@ -74,7 +74,7 @@ from pipeline import schema, storage
 from pipeline.affinity_dir import AffinityDir, AffinityManifest
 from pipeline.knn import peak_rss_mb
 from pipeline.session import start_ray
-from ptsne.device import resolve_precision, set_num_threads
+from ptsne.device import configure_matmul_precision, resolve_precision, set_num_threads
 from ptsne.estimator import ParametricTSNE, params_of
 from ptsne.loss import TSNELoss
 from ptsne.model import Mapper, ModelConfig, build_mapper
@@ -542,6 +542,7 @@ def _train_loop_per_worker(loop_config: dict) -> None:
         scheduler.load_state_dict(optimizer_state["scheduler"])
     loss_fn = TSNELoss(tc.dof)
     autocast_dtype = resolve_precision(tc.precision, device)
+    configure_matmul_precision(device, autocast_dtype)
     callbacks = loop_config.get("callbacks") or ()
     checkpoint_config = {key: loop_config[key] for key in ("train", "n", "dim", "num_workers")}
 

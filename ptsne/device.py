@@ -6,6 +6,7 @@ and CPU otherwise, so the same code runs in CPU-only tests.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -20,6 +21,8 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 #: ``PRECISIONS``; unset, empty or ``auto``: by the hardware), e.g. ``PTSNE_PRECISION=float32``
 #: to train in float32 on a machine with bfloat16 hardware. Explicit precisions are kept.
 PRECISION_ENV = "PTSNE_PRECISION"
+
+_TF32_LOGGED: list = []
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -102,3 +105,60 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "bfloat16" or (precision == "auto" and native_bfloat16(device)):
         return torch.bfloat16
     return None
+
+
+def gpu_index(device: str | torch.device) -> int:
+    """The CUDA ordinal of ``device``: N for ``"cuda:N"``, else torch's current device (0 without CUDA).
+
+    FAISS GPU indexes are placed on this GPU. Inside a Ray task that was given a
+    GPU, the only visible GPU is 0 (Ray sets ``CUDA_VISIBLE_DEVICES``).
+    """
+    if isinstance(device, str):
+        if device.startswith("cuda:"):
+            try:
+                device = torch.device(device)
+            except RuntimeError:
+                raise ValueError(f"device must be 'cuda' or 'cuda:N', got {device!r}") from None
+        else:
+            device = torch.device("cuda" if device == "auto" else device)
+    if device.type != "cuda":
+        raise ValueError(f"gpu_index: device must be a CUDA device, got {str(device)!r}")
+    if device.index is not None:
+        return int(device.index)
+    return int(torch.cuda.current_device()) if torch.cuda.is_available() else 0
+
+
+def current_gpu(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` torch's current GPU inside the block (so FAISS, via :func:`gpu_index`, uses it too).
+
+    A no-op for a CPU device or ``cuda`` without an ordinal.
+    """
+    if device.type == "cuda" and device.index is not None:
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def use_tf32(device: torch.device, autocast_dtype: torch.dtype | None) -> bool:
+    """Whether float32 matrix products may use TF32: on CUDA without autocast only, never on CPU.
+
+    TF32 keeps float32's range with a 10-bit mantissa on Ampere and later GPUs
+    (several times the float32 matmul rate); the t-SNE gradient is a sum of
+    many noisy terms, far coarser than that rounding.
+    """
+    return torch.device(device).type == "cuda" and autocast_dtype is None
+
+
+def configure_matmul_precision(device: torch.device, autocast_dtype: torch.dtype | None) -> bool:
+    """Allow TF32 float32 products on CUDA where :func:`use_tf32` says so; returns whether it did.
+
+    Sets ``torch.backends.cuda.matmul.allow_tf32`` (a CUDA-only switch: CPU
+    products are untouched) and logs it once per process.
+    """
+    if not use_tf32(device, autocast_dtype):
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    if not _TF32_LOGGED:
+        _TF32_LOGGED.append(True)
+        log.info("training: float32 on %s with TF32 matrix products", device)
+    return True

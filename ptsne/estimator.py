@@ -21,7 +21,7 @@ from torch import nn
 
 from ptsne import digest
 from ptsne.affinity import Edges, as_perplexities, default_k, joint_probabilities
-from ptsne.device import default_num_threads, resolve_device, set_num_threads
+from ptsne.device import current_gpu, default_num_threads, resolve_device, set_num_threads
 from ptsne.errors import ModelFileError, NotFittedError
 from ptsne.knn import KNNConfig, knn_graph, resolve_knn_device
 from ptsne.model import Mapper, ModelConfig, build_mapper
@@ -311,15 +311,16 @@ class ParametricTSNE(BaseEstimator):
         timings["pca"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        graph = knn_graph(
-            Z,
-            KNNConfig(
-                k=k,
-                method=self.knn_method,
-                device=search_on,
-                random_state=train_config.seed,
-            ),
-        )
+        with current_gpu(device):  # FAISS searches on the GPU the network trains on
+            graph = knn_graph(
+                Z,
+                KNNConfig(
+                    k=k,
+                    method=self.knn_method,
+                    device=search_on,
+                    random_state=train_config.seed,
+                ),
+            )
         timings["knn"] = time.perf_counter() - t
         t = time.perf_counter()
         edges = joint_probabilities(graph, self.perplexity)

@@ -7,7 +7,10 @@ distance, with each point's own row excluded even when it has exact duplicates.
 Small inputs use an exact flat index; large inputs use an IVF index whose
 ``nprobe`` is raised until a sampled recall against exact search reaches the
 requested target. A GPU index is used when FAISS sees a GPU and ``device`` asks
-for it (``"auto"`` or ``"cuda"``).
+for it (``"auto"`` or ``"cuda"``); there the IVF quantizer is also trained on the
+GPU, exact search reaches further (:data:`EXACT_MAX_POINTS_GPU`), the index lives
+on the device's GPU (:func:`ptsne.device.gpu_index`) and every index of the
+process shares one set of FAISS GPU resources (:func:`gpu_resources`).
 
 FAISS GPU selects at most :data:`GPU_MAX_SELECTION_K` candidates per query and
 probes at most as many IVF cells: on a GPU, ``k + 1`` above it is refused before
@@ -25,13 +28,15 @@ import faiss
 import numpy as np
 import torch
 
-from ptsne.device import faiss_gpu_count, set_num_threads
+from ptsne.device import faiss_gpu_count, gpu_index, set_num_threads
 
 log = logging.getLogger(__name__)
 
 METHODS = ("auto", "exact", "ivf")
-#: Above this many indexed points ``method="auto"`` switches from exact to IVF.
+#: Above this many indexed points ``method="auto"`` switches from exact to IVF on CPU.
 EXACT_MAX_POINTS = 200_000
+#: The same on a GPU: a flat search of 1M x 1M points of 50 dimensions takes seconds there.
+EXACT_MAX_POINTS_GPU = 2_000_000
 #: Largest k of a FAISS GPU search and largest nprobe of a FAISS GPU IVF index
 #: (``GPU_MAX_SELECTION_K`` in faiss gpu/utils/DeviceDefs.cuh, checked by
 #: ``validateKSelect`` / ``validateNProbe``; 2048 for builds without cuVS, as pip's faiss-gpu).
@@ -93,11 +98,20 @@ class KNNConfig:
             raise ValueError(f"KNNConfig: n_threads must be >= 1 or None, got {self.n_threads!r}")
 
 
-def resolve_method(method: str, n: int) -> str:
-    """Resolve ``"auto"`` to ``"exact"`` or ``"ivf"`` by the number of indexed points."""
+def exact_max_points(device: str = "cpu") -> int:
+    """The most indexed points ``method="auto"`` searches exactly on ``device`` (``"cpu"`` or ``"cuda[:N]"``)."""
+    return EXACT_MAX_POINTS_GPU if str(device).startswith("cuda") else EXACT_MAX_POINTS
+
+
+def resolve_method(method: str, n: int, device: str = "cpu") -> str:
+    """Resolve ``"auto"`` to ``"exact"`` or ``"ivf"`` by the number of indexed points and the search device.
+
+    ``device`` is where the search runs (as :func:`resolve_knn_device` returns it):
+    exact up to :func:`exact_max_points` points, IVF beyond.
+    """
     if method != "auto":
         return method
-    return "exact" if n <= EXACT_MAX_POINTS else "ivf"
+    return "exact" if n <= exact_max_points(device) else "ivf"
 
 
 def default_nlist(n: int) -> int:
@@ -152,12 +166,21 @@ def resolve_knn_device(device: str, k: int | None = None) -> str:
 _GPU_RESOURCES: list = []
 
 
-def _gpu_resources():
-    # One set of GPU resources per process, alive as long as the process: indexes
-    # moved to the GPU keep a raw pointer to it.
+def gpu_resources():
+    """The process's one ``faiss.StandardGpuResources`` (created on first use, for every GPU).
+
+    It lives as long as the process: GPU indexes keep a raw pointer to it, and
+    each set reserves its own scratch memory on the GPU, so every index of the
+    process (single-process search, Ray search tasks) is placed with this one.
+    """
     if not _GPU_RESOURCES:
         _GPU_RESOURCES.append(faiss.StandardGpuResources())
     return _GPU_RESOURCES[0]
+
+
+def to_gpu(index: faiss.Index, device: str = "cuda") -> faiss.Index:
+    """A copy of CPU ``index`` on the GPU of ``device`` (``"cuda"``: the current one), with :func:`gpu_resources`."""
+    return faiss.index_cpu_to_gpu(gpu_resources(), gpu_index(device), index)
 
 
 def _as_float32(X: np.ndarray, name: str = "X") -> np.ndarray:
@@ -170,25 +193,41 @@ def _as_float32(X: np.ndarray, name: str = "X") -> np.ndarray:
 def build_index(
     data: np.ndarray, method: str = "exact", device: str = "cpu", random_state: int = 0
 ) -> faiss.Index:
-    """Build a FAISS L2 index over ``data`` (float32 ``(n, dim)``)."""
+    """Build a FAISS L2 index over ``data`` (float32 ``(n, dim)``).
+
+    On a GPU (``device`` ``"auto"``, ``"cuda"`` or ``"cuda:N"`` with a FAISS GPU
+    build) the empty index is copied to the GPU first, so the IVF k-means runs
+    there too; ``faiss.index_gpu_to_cpu`` gives a CPU copy to serialise.
+    """
     data = _as_float32(data, "data")
     n, dim = data.shape
+    nlist = default_nlist(n)
     if method == "exact":
         index = faiss.IndexFlatL2(dim)
     elif method == "ivf":
-        nlist = default_nlist(n)
         index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist, faiss.METRIC_L2)
-        rng = np.random.default_rng(random_state)
-        n_train = min(n, 64 * nlist)
-        sample = data if n_train == n else data[np.sort(rng.choice(n, n_train, replace=False))]
         index.cp.seed = int(random_state)
-        index.train(sample)
     else:
         raise ValueError(f"build_index: method must be 'exact' or 'ivf', got {method!r}")
-    if resolve_knn_device(device) == "cuda":
-        index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
+    on_gpu = resolve_knn_device("cuda" if str(device).startswith("cuda:") else device) == "cuda"
+    if on_gpu:
+        index = to_gpu(index, device)
+    if method == "ivf":
+        if on_gpu and hasattr(index, "cp"):
+            index.cp.seed = int(random_state)
+        index.train(ivf_training_sample(data, nlist, random_state))
     index.add(data)
     return index
+
+
+def ivf_training_sample(data: np.ndarray, nlist: int, random_state: int = 0) -> np.ndarray:
+    """The rows an IVF quantizer of ``nlist`` cells is trained on: all, or a seeded sample of ``64 nlist``."""
+    n = data.shape[0]
+    n_train = min(n, 64 * nlist)
+    if n_train == n:
+        return data
+    rng = np.random.default_rng(random_state)
+    return data[np.sort(rng.choice(n, n_train, replace=False))]
 
 
 def ivf_nlist(index: faiss.Index) -> int | None:
@@ -328,8 +367,8 @@ def knn_graph(X: np.ndarray, config: KNNConfig | None = None, **kwargs) -> KNNGr
         raise ValueError(f"knn_graph: k={config.k} needs at least k + 1 points, got n={n}")
     if config.n_threads is not None:
         set_num_threads(config.n_threads)
-    method = resolve_method(config.method, n)
     device = resolve_knn_device(config.device, config.k)  # before any work: k may not fit a GPU
+    method = resolve_method(config.method, n, device)
     log.info("kNN: n=%d dim=%d k=%d method=%s device=%s", n, X.shape[1], config.k, method, device)
     index = build_index(X, method, device, config.random_state)
     if method == "ivf":

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ptsne.affinity import Edges
-from ptsne.device import PRECISIONS, resolve_precision
+from ptsne.device import PRECISIONS, configure_matmul_precision, resolve_precision
 from ptsne.loss import TSNELoss
 from ptsne.settings import setting, validate
 
@@ -77,7 +77,9 @@ class TrainConfig:
     precision : str
         Forward pass of training: ``"auto"`` (bfloat16 autocast where the device
         has it in hardware, else float32), ``"float32"`` or ``"bfloat16"``. The
-        loss, the optimiser state and ``transform`` stay in float32.
+        loss, the optimiser state and ``transform`` stay in float32. float32 on
+        a CUDA GPU multiplies matrices in TF32
+        (:func:`ptsne.device.configure_matmul_precision`); never on CPU.
     """
 
     n_epochs: int = setting(
@@ -387,6 +389,7 @@ def fit_mapper(
     loss_fn = TSNELoss(config.dof)
     optimizer = make_optimizer(model, config)
     autocast_dtype = resolve_precision(config.precision, device)
+    configure_matmul_precision(device, autocast_dtype)
     batch = min(config.batch_size, n)
     m = config.positives_per_anchor
     steps = n // batch  # the partial last batch is dropped: Z needs full batches

@@ -18,7 +18,9 @@ def test_gpu_check_dry_run_passes_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert {"torch", "torch_cuda", "bf16_native", "faiss", "faiss_gpus"} <= set(report["environment"])
-    assert len(report["probes"]) == 6
+    assert len(report["probes"]) == 11
+    assert "skipped" in report["probes"]["embedding actors by gpus_per_actor"]
+    assert report["probes"]["TF32 for float32 training on CUDA only"]["tf32"] is False
     assert all(p["status"] == "PASS" for p in report["probes"].values()), report["probes"]
     assert report["probes"]["training and embedding on device vs CPU"]["cpu"]["steps_per_s"] > 0
     assert not list(tmp_path.glob(".gpu-check.json.tmp-*"))

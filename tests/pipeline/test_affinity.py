@@ -14,10 +14,14 @@ import pytest
 from pipeline import schema
 from pipeline.affinity import (
     AffinityJobConfig,
+    KnnTaskPlan,
     build_affinities,
+    config_hash,
     load_edges,
     load_features,
     load_pca_of,
+    max_concurrent,
+    plan_knn_tasks,
     read_manifest,
 )
 from pipeline import storage
@@ -213,6 +217,46 @@ def test_interrupted_run_leaves_no_output_and_resumes(ray_local, tmp_path, data,
     build_affinities(config(tmp_path, inp))
     assert_same_edges(tmp_path / "out", ref)
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".out.partial-")]
+
+
+def test_knn_task_plan_splits_search_and_calibration_on_a_gpu_only():
+    assert plan_knn_tasks(False, 2) == KnnTaskPlan(split=False, search={"num_cpus": 2})
+    assert plan_knn_tasks(True, 2) == KnnTaskPlan(split=True, search={"num_cpus": 2, "num_gpus": 0.25},
+                                                  calibrate={"num_cpus": 2})
+    assert plan_knn_tasks(True, 1, 1).search == {"num_cpus": 1, "num_gpus": 1.0}
+    assert plan_knn_tasks(True, 1, 3).search["num_gpus"] == 0.3333
+    with pytest.raises(ValueError, match="task_cpus must be an integer >= 1, got 0"):
+        plan_knn_tasks(True, 0)
+
+
+def test_max_concurrent_counts_overlapping_intervals():
+    assert max_concurrent([]) == 0
+    assert max_concurrent([(0, 1), (1, 2)]) == 1  # one ends as the next starts
+    assert max_concurrent([(0, 3), (1, 2), (1.5, 4), (3.5, 5)]) == 3
+
+
+def test_split_search_and_calibration_give_the_same_edges(ray_local, tmp_path, data, ref, monkeypatch):
+    # The GPU plan's two tasks, on the CPUs of the test cluster.
+    import pipeline.affinity as paff
+
+    X, _ = data
+    inp = write_shards(tmp_path / "in", X)
+    split = KnnTaskPlan(split=True, search={"num_cpus": 1}, calibrate={"num_cpus": 1})
+    monkeypatch.setattr(paff, "plan_knn_tasks", lambda use_gpu, task_cpus, per_gpu: split)
+    marker = tmp_path / "failed-once"
+    build_affinities(config(tmp_path, inp, inject_failure=str(marker)))
+    assert marker.exists(), "the search task failed once and was retried"
+    assert_same_edges(tmp_path / "out", ref)
+    assert_contract(tmp_path / "out")
+
+
+def test_knn_searches_per_gpu_is_validated_and_leaves_the_config_hash_alone():
+    base = dict(input="in", output="out")
+    with pytest.raises(ValueError, match="AffinityJobConfig: knn_searches_per_gpu must be an integer >= 1, got 0"):
+        AffinityJobConfig(**base, knn_searches_per_gpu=0)
+    assert AffinityJobConfig(**base).knn_searches_per_gpu == 4
+    assert "knn_searches_per_gpu" not in AffinityJobConfig(**base).hash_fields()
+    assert config_hash(AffinityJobConfig(**base), []) == config_hash(AffinityJobConfig(**base, knn_searches_per_gpu=2), [])
 
 
 @pytest.mark.gpu

@@ -24,6 +24,7 @@ from pipeline.embed import (
     embed_shards,
     load_output,
     output_name,
+    plan_actors,
     read_current,
 )
 from ptsne import ParametricTSNE
@@ -363,6 +364,27 @@ def test_config_validation():
         EmbedConfig(vector_col="v", feature_cols=("a",))
     with pytest.raises(TypeError, match="passthrough must be a list"):
         EmbedConfig(passthrough="label")
+
+
+@pytest.mark.parametrize("resources, config, want", [
+    ({"CPU": 16.0}, {}, (16, 1.0, 0.0)),  # CPU cluster: one actor per CPU
+    ({"CPU": 16.0, "GPU": 1.0}, {}, (4, 1.0, 0.25)),  # four actors share the GPU
+    ({"CPU": 16.0, "GPU": 2.0}, {}, (8, 1.0, 0.25)),
+    ({"CPU": 2.0, "GPU": 1.0}, {}, (2, 1.0, 0.25)),  # capped by the CPUs
+    ({"CPU": 16.0, "GPU": 1.0}, {"cpus_per_actor": 8.0}, (2, 8.0, 0.25)),
+    ({"CPU": 16.0, "GPU": 2.0}, {"gpus_per_actor": 1.0}, (2, 1.0, 1.0)),
+    ({"CPU": 16.0, "GPU": 1.0}, {"gpus_per_actor": 0.0}, (16, 1.0, 0.0)),  # GPUs declined
+    ({"CPU": 16.0, "GPU": 0.5}, {}, (16, 1.0, 0.0)),  # less than a whole GPU: CPU actors as before
+    ({"CPU": 16.0, "GPU": 1.0}, {"num_actors": 2}, (2, 1.0, 0.25)),
+])
+def test_actor_plan_shares_each_gpu_between_four_actors(resources, config, want):
+    assert plan_actors(EmbedConfig(**config), 100, resources) == want
+    assert plan_actors(EmbedConfig(**config), 1, resources)[0] == 1  # never more actors than shards
+
+
+def test_actor_plan_refuses_more_gpus_than_the_cluster_has():
+    with pytest.raises(ValueError, match=r"5 actor\(s\) x gpus_per_actor=0.25 reserve 1.25 GPUs, the cluster has 1"):
+        plan_actors(EmbedConfig(num_actors=5), 100, {"CPU": 16.0, "GPU": 1.0})
 
 
 def test_actors_may_use_every_cpu_but_no_more(ray_local, model_dir, tmp_path):

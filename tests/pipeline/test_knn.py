@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline import schema
 from pipeline.knn import FeaturePart, distributed_knn, merge_topk, plan_index_shards, search_index_shards
@@ -131,8 +132,6 @@ def test_rows_short_after_the_gpu_cap_of_cells_are_searched_over_all_cells_on_cp
 
 
 def test_a_gpu_knn_task_without_a_faiss_gpu_raises_instead_of_searching_on_cpu(monkeypatch, rng):
-    import pytest
-
     import pipeline.knn as pknn
 
     monkeypatch.setattr(pknn, "faiss_gpu_count", lambda: 0)
@@ -142,3 +141,63 @@ def test_a_gpu_knn_task_without_a_faiss_gpu_raises_instead_of_searching_on_cpu(m
         pknn.load_index(blob, info, use_gpu=True)
     index = pknn.load_index(blob, info, use_gpu=False)
     assert pknn.index_device(index) == "cpu"
+
+
+def test_gpu_share_fits_that_many_tasks_on_one_gpu():
+    from pipeline.knn import gpu_share
+
+    assert gpu_share(1) == 1.0 and gpu_share(4) == 0.25 and gpu_share(3) == 0.3333
+    assert all(n * gpu_share(n) <= 1.0 for n in range(1, 40))
+    with pytest.raises(ValueError, match="per_gpu must be an integer >= 1, got 0"):
+        gpu_share(0)
+
+
+def test_method_for_a_gpu_search_reaches_further():
+    from pipeline.knn import method_for
+
+    assert method_for("auto", 1_000_000) == "ivf"
+    assert method_for("auto", 1_000_000, use_gpu=True) == "exact"
+
+
+def test_index_shards_are_loaded_and_searched_one_at_a_time(ray_local, tmp_path, monkeypatch):
+    import weakref
+
+    import pipeline.knn as pknn
+
+    X, _ = gaussian_blobs(300, 6, 3, seed=4)
+    parts = write_parts(tmp_path / "f", X, 60)
+    fs, _ = resolve(str(tmp_path))
+    shards = plan_index_shards(parts, 6, max_index_bytes=60 * 6 * 4, min_rows=11)
+    assert len(shards) == 5
+    refs = []
+    for s in shards:
+        blob, info = pknn.build_index_blob(pknn.read_vectors(fs, list(s.parts)), "exact", 10, 0.9, 0)
+        refs.append((s.start, [ray_local.put(blob)], info))
+    live, most = [], []
+    load = pknn.load_index
+
+    def counting_load(blob, info, use_gpu):
+        most.append(sum(r() is not None for r in live) + 1)  # indexes resident while this one loads
+        index = load(blob, info, use_gpu)
+        live.append(weakref.ref(index))
+        return index
+
+    monkeypatch.setattr(pknn, "load_index", counting_load)
+    g = pknn.search_part(fs, parts[2], refs, 10, use_gpu=False)
+    assert max(most) == 1, "a shard's index was still resident when the next was loaded"
+    rows = np.arange(parts[2].start, parts[2].stop)
+    np.testing.assert_array_equal(g.indices, exact_neighbors(X, X[rows], 10, rows))
+
+
+@pytest.mark.gpu
+def test_gpu_search_tasks_share_a_gpu_and_match_the_exact_graph(ray_local, tmp_path):
+    from ptsne.device import faiss_gpu_count
+
+    if faiss_gpu_count() == 0 or ray_local.cluster_resources().get("GPU", 0) < 1:
+        pytest.skip("needs FAISS GPU and a GPU in Ray")
+    X, _ = gaussian_blobs(2000, 16, 4, seed=5)
+    parts = write_parts(tmp_path / "f", X, 250)
+    fs, _ = resolve(str(tmp_path))
+    g, _ = distributed_knn(fs, parts, 16, 20, method="exact", use_gpu=True, searches_per_gpu=4)
+    ref = knn_graph(X, k=20, method="exact", device="cpu")
+    assert (g.indices == ref.indices).mean() > 0.999

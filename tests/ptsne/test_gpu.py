@@ -69,14 +69,14 @@ def test_gpu_ivf_nprobe_is_capped_at_the_selection_limit(rng):
     # nlist 4096 > 2048: nprobe = nlist would crash FAISS GPU.
     import faiss
 
-    from ptsne.knn import GPU_MAX_SELECTION_K, _gpu_resources, max_nprobe, set_nprobe, tune_nprobe
+    from ptsne.knn import GPU_MAX_SELECTION_K, gpu_resources, max_nprobe, set_nprobe, tune_nprobe
 
     _needs_faiss_gpu()
     X = rng.normal(size=(4096 * 40, 8)).astype(np.float32)
     cpu = faiss.IndexIVFFlat(faiss.IndexFlatL2(8), 8, 4096)
     cpu.train(X)
     cpu.nprobe = 4096  # a CPU-tuned value, copied to the GPU as is
-    index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, cpu)
+    index = faiss.index_cpu_to_gpu(gpu_resources(), 0, cpu)
     index.add(X)
     assert max_nprobe(index) == GPU_MAX_SELECTION_K
     assert set_nprobe(index, 4096) == GPU_MAX_SELECTION_K
@@ -90,7 +90,7 @@ def test_gpu_short_rows_are_filled_beyond_the_cap(rng):
     import faiss
 
     from pipeline.knn import search_index_shards
-    from ptsne.knn import _gpu_resources, exact_neighbors, set_nprobe
+    from ptsne.knn import exact_neighbors, gpu_resources, set_nprobe
 
     _needs_faiss_gpu()
     centers = np.zeros((4096, 4), np.float32)
@@ -98,7 +98,7 @@ def test_gpu_short_rows_are_filled_beyond_the_cap(rng):
     cpu = faiss.IndexIVFFlat(faiss.IndexFlatL2(4), 4, 4096)
     cpu.train((centers.repeat(40, axis=0) + rng.normal(size=(4096 * 40, 4))).astype(np.float32))
     X = np.concatenate([centers[0] + rng.normal(size=(20, 4)), centers[-1] + rng.normal(size=(20, 4))]).astype(np.float32)
-    index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, cpu)
+    index = faiss.index_cpu_to_gpu(gpu_resources(), 0, cpu)
     index.add(X)
     set_nprobe(index, 1)
     g = search_index_shards([(0, index)], X, np.arange(len(X)), 30)
@@ -138,3 +138,57 @@ def test_gpu_checkpoint_resumes_on_cpu(tmp_path):
     state = load_optimizer_state(tmp_path)
     assert all(v.device.type == "cpu" for s in state["optimizer"]["state"].values() for v in s.values())
     torch.optim.Adam(torch.nn.Linear(4, 2).parameters()).load_state_dict(state["optimizer"])
+
+
+def test_gpu_ivf_is_trained_on_the_gpu_and_serialised_from_a_cpu_copy(rng):
+    import faiss
+
+    from pipeline.knn import build_index_blob, index_device, load_index
+    from ptsne.knn import build_index, exact_neighbors, is_gpu_index, recall_at_k, search, tune_nprobe
+
+    _needs_faiss_gpu()
+    X = rng.normal(size=(20000, 16)).astype(np.float32)
+    index = build_index(X, "ivf", "cuda", random_state=0)
+    assert is_gpu_index(index) and index.is_trained and index.ntotal == len(X)
+    tune_nprobe(index, X, 10, 0.9)
+    q = np.arange(500)
+    assert recall_at_k(exact_neighbors(X, X[q], 10, q), search(index, X[q], 10, query_ids=q).indices) >= 0.85
+    blob, info = build_index_blob(X, "ivf", 10, 0.9, 0, device="cuda:0")
+    cpu = faiss.deserialize_index(blob)
+    assert not is_gpu_index(cpu) and cpu.ntotal == len(X) and info["recall"] >= 0.9
+    assert index_device(load_index(blob, info, use_gpu=True)) == "cuda"
+
+
+def test_gpu_index_is_placed_on_the_devices_gpu_with_one_set_of_resources(rng):
+    from pipeline.knn import build_index_blob, load_index
+    from ptsne import knn
+
+    _needs_faiss_gpu()
+    X = rng.normal(size=(1000, 8)).astype(np.float32)
+    assert knn.build_index(X, "exact", "cuda:0").getDevice() == 0
+    blob, info = build_index_blob(X, "exact", 5, 0.9, 0)
+    load_index(blob, info, use_gpu=True)
+    load_index(blob, info, use_gpu=True)
+    assert len(knn._GPU_RESOURCES) == 1
+
+
+def test_gpu_auto_searches_a_million_points_exactly():
+    from ptsne.knn import resolve_knn_device, resolve_method
+
+    _needs_faiss_gpu()
+    assert resolve_method("auto", 1_000_000, resolve_knn_device("auto", 90)) == "exact"
+
+
+def test_float32_training_on_cuda_uses_tf32(blobs):
+    import torch
+
+    from ptsne.affinity import joint_probabilities
+    from ptsne.model import ModelConfig, build_mapper
+    from ptsne.train import TrainConfig, fit_mapper
+
+    X, _ = blobs
+    edges = joint_probabilities(knn_graph(X, k=15, method="exact", device="cpu"), 5.0)
+    mapper = build_mapper(ModelConfig(X.shape[1], 2))
+    mapper.standardize.fit(X)
+    fit_mapper(mapper, X, edges, TrainConfig(n_epochs=1, batch_size=64, precision="float32"), torch.device("cuda"))
+    assert torch.backends.cuda.matmul.allow_tf32 is True

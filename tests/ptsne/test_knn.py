@@ -153,3 +153,77 @@ def faiss_nprobe(index) -> int:
     import faiss
 
     return int(faiss.extract_index_ivf(index).nprobe)
+
+
+# -- the GPU decisions, taken on CPU ------------------------------------------
+
+
+def test_exact_threshold_depends_on_the_search_device():
+    from ptsne.knn import EXACT_MAX_POINTS, EXACT_MAX_POINTS_GPU, exact_max_points, resolve_method
+
+    assert exact_max_points("cpu") == EXACT_MAX_POINTS == 200_000
+    assert exact_max_points("cuda") == exact_max_points("cuda:1") == EXACT_MAX_POINTS_GPU == 2_000_000
+    assert resolve_method("auto", 1_000_000) == "ivf"
+    assert resolve_method("auto", 1_000_000, "cuda") == "exact"
+    assert resolve_method("auto", 3_000_000, "cuda") == "ivf"
+    assert resolve_method("exact", 3_000_000, "cuda") == "exact"
+
+
+def test_knn_graph_resolves_the_method_for_the_device_it_searches_on(monkeypatch):
+    from ptsne import knn
+
+    class Stop(Exception):
+        pass
+
+    def record(data, method, device, random_state):
+        seen.append((method, device))
+        raise Stop
+
+    monkeypatch.setattr(knn, "EXACT_MAX_POINTS", 10)
+    monkeypatch.setattr(knn, "EXACT_MAX_POINTS_GPU", 1000)
+    monkeypatch.setattr(knn, "build_index", record)
+    X = np.zeros((200, 2), np.float32)
+    seen = []
+    for gpus in (0, 1):
+        monkeypatch.setattr(knn, "faiss_gpu_count", lambda: gpus)
+        with pytest.raises(Stop):
+            knn_graph(X, k=5, device="auto")
+    assert seen == [("ivf", "cpu"), ("exact", "cuda")]
+
+
+def test_gpu_index_is_the_ordinal_of_the_device(monkeypatch):
+    import torch
+
+    from ptsne.device import gpu_index
+
+    assert gpu_index("cuda:3") == 3
+    assert gpu_index(torch.device("cuda", 2)) == 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_index("cuda") == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert gpu_index("cuda") == 1 and gpu_index("auto") == 1
+    with pytest.raises(ValueError, match="must be a CUDA device, got 'cpu'"):
+        gpu_index("cpu")
+
+
+def test_ivf_training_sample_is_seeded_and_sized_by_nlist(rng):
+    from ptsne.knn import ivf_training_sample
+
+    X = rng.normal(size=(1000, 3)).astype(np.float32)
+    assert ivf_training_sample(X, 20) is X  # 64 * 20 >= 1000
+    a, b = ivf_training_sample(X, 5, 7), ivf_training_sample(X, 5, 7)
+    assert a.shape == (320, 3)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_one_set_of_gpu_resources_per_process(monkeypatch):
+    import faiss
+
+    from ptsne import knn
+
+    made = []
+    monkeypatch.setattr(knn, "_GPU_RESOURCES", [])
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: made.append(object()) or made[-1], raising=False)
+    assert knn.gpu_resources() is knn.gpu_resources()
+    assert len(made) == 1

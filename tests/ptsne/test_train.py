@@ -240,3 +240,23 @@ def test_sampler_from_csr_is_the_sampler_of_the_same_rows_in_12_bytes_an_edge(bl
         NeighborSampler.from_csr(indptr, edges.tail[order], edges.weight[order])
     with pytest.raises(ValueError, match="disagree"):
         NeighborSampler.from_csr(indptr[:-1], edges.tail[order], edges.weight[order].astype(np.float64))
+
+
+def test_precision_float32_on_cuda_uses_tf32_never_on_cpu(monkeypatch):
+    from ptsne import device as dev
+
+    assert dev.use_tf32(torch.device("cuda"), None) is True
+    assert dev.use_tf32(torch.device("cuda:1"), None) is True
+    assert dev.use_tf32(torch.device("cuda"), torch.bfloat16) is False  # autocast: not float32
+    assert dev.use_tf32(torch.device("cpu"), None) is False
+    before = torch.backends.cuda.matmul.allow_tf32
+    assert dev.configure_matmul_precision(torch.device("cpu"), None) is False
+    assert torch.backends.cuda.matmul.allow_tf32 is before
+
+
+def test_precision_float32_fit_on_cpu_leaves_tf32_off(blobs):
+    X, _ = blobs
+    before = torch.backends.cuda.matmul.allow_tf32
+    _train(X[:300], joint_probabilities(knn_graph(X[:300], k=30, method="exact"), 10.0), seed=0, epochs=1,
+           precision="float32")
+    assert torch.backends.cuda.matmul.allow_tf32 is before
