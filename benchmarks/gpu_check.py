@@ -154,7 +154,7 @@ def probe_knn_p(device: torch.device, n: int) -> dict:
     searches = ["cpu"] + (["cuda"] if device.type == "cuda" and faiss_gpu_count() else [])
     for name in searches:
         t = time.perf_counter()
-        g = knn_graph(X, k=90, device=name)
+        g = knn_graph(X, n_neighbors=90, device=name)
         t_knn = time.perf_counter() - t
         edges = joint_probabilities(g, 30.0)
         graphs[name] = g
