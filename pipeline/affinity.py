@@ -46,7 +46,6 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import ray
 from tqdm.auto import tqdm
 
 from pipeline import schema
@@ -223,6 +222,8 @@ def config_hash(config: AffinityJobConfig, input_fingerprint: list) -> str:
 
 def _wait(refs: Sequence, desc: str) -> None:
     """Wait for ``refs`` with a progress bar."""
+    import ray
+
     pending = list(refs)
     with tqdm(total=len(pending), desc=desc, unit="task", leave=False) as bar:
         while pending:
@@ -378,6 +379,8 @@ def _reduce_task(fs, path: str, lo: int, hi: int, n: int, *blocks) -> dict:
 
 
 def _validate(config: AffinityJobConfig, fs, files: list[str], timings: dict, memory: dict) -> dict:
+    import ray
+
     stage = _Stage("validate")
     spec = config.spec
     task = ray.remote(_check_task).options(
@@ -448,6 +451,8 @@ def _resolve_k(config: AffinityJobConfig, n: int) -> int:
 
 def _max_index_bytes(config: AffinityJobConfig) -> int:
     """The configured limit, or min(2 GiB, 1/4 of the smallest alive node's object store)."""
+    import ray
+
     if config.max_index_bytes is not None:
         return int(config.max_index_bytes)
     stores = [n["Resources"].get("object_store_memory", 0) for n in ray.nodes() if n.get("Alive")]
@@ -458,6 +463,7 @@ def _max_index_bytes(config: AffinityJobConfig) -> int:
 def _use_gpu(config: AffinityJobConfig) -> bool:
     """Whether kNN tasks request a GPU: the cluster has one and FAISS is a GPU build."""
     import faiss
+    import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
     # A GPU build of FAISS has the GPU classes even on a driver without a GPU.
@@ -493,6 +499,8 @@ def build_affinities(config: AffinityJobConfig) -> dict:
     FileExistsError
         The output holds something else and ``overwrite`` is false.
     """
+    import ray
+
     if not isinstance(config, AffinityJobConfig):
         raise TypeError(f"build_affinities: config must be an AffinityJobConfig, got {type(config).__name__}")
     t_start = time.perf_counter()
@@ -654,6 +662,8 @@ def _remove_stale_partials(fs: pafs.FileSystem, out: str) -> None:
 
 
 def _features_stage(config, fs_in, files, v, fs, stage_dir, opts, timings, memory) -> dict:
+    import ray
+
     spec = config.spec
     checks, offsets = v["checks"], v["offsets"]
     pca_state = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -107,3 +109,9 @@ def test_a_bad_value_is_one_line_naming_class_setting_allowed_and_value(tmp_path
     (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert line.startswith("ptsne affinities: ") and re.search(f"{message}$", line), line
     assert not (tmp_path / "out").exists()
+
+
+def test_the_command_line_is_built_without_importing_ray():
+    code = "import sys; from jobs.cli import build_parser; build_parser(); print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
