@@ -159,7 +159,7 @@ def probe_knn_p(device: torch.device, n: int) -> dict:
     searches = ["cpu"] + (["cuda"] if device.type == "cuda" and faiss_gpu_count() else [])
     for name in searches:
         t = time.perf_counter()
-        g = knn_graph(X, k=90, device=name)
+        g = knn_graph(X, n_neighbors=90, device=name)
         t_knn = time.perf_counter() - t
         edges = joint_probabilities(g, 30.0)
         graphs[name] = g
@@ -215,7 +215,7 @@ def probe_ivf_training(device: torch.device, n: int) -> dict:
     out = {"n": n, "nlist": default_nlist(n)}
     for name in ["cpu"] + (["cuda"] if device.type == "cuda" and faiss_gpu_count() else []):
         t = time.perf_counter()
-        index = build_index(X, "ivf", name, random_state=0)
+        index = build_index(X, "ivf", name, seed=0)
         out[f"{name}_build_s"] = round(time.perf_counter() - t, 3)
         if is_gpu_index(index) != (name == "cuda"):
             raise AssertionError(f"IVF built for {name} is {'a GPU' if is_gpu_index(index) else 'a CPU'} index")

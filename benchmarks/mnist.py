@@ -133,7 +133,7 @@ def train_map_figures(Xtr, results: dict) -> None:
     from ptsne.knn import exact_neighbors, knn_graph, recall_at_k
     from ptsne.metrics import kl_divergence
 
-    edges = joint_probabilities(knn_graph(Xtr, k=90, method="exact"), 30.0)
+    edges = joint_probabilities(knn_graph(Xtr, n_neighbors=90, method="exact"), 30.0)
     ids = np.arange(len(Xtr))
     true = exact_neighbors(Xtr, Xtr, 10, ids)
     for r in results.values():

@@ -14,39 +14,13 @@ log = logging.getLogger(__name__)
 REPORT = Report("affinities", output="--output", overwrite="--overwrite")
 
 
-def _n_neighbors(value: str):
-    return value if value == "auto" else int(value)
+def add_affinity_arguments(p) -> None:
+    """Options of the affinity stage, one per setting of :class:`pipeline.affinity.AffinityJobConfig`
+    (also the "kNN and affinities" group of ``ptsne train``)."""
+    from jobs.settings import add_setting_arguments
+    from pipeline.affinity import AffinityJobConfig
 
-
-def add_input_arguments(p: argparse.ArgumentParser) -> None:
-    """Options naming the input columns (shared with other subcommands that read shards)."""
-    p.add_argument("--vector-col", default="vector", help="column of fixed-size lists or lists of numbers (default: vector)")
-    p.add_argument("--feature-cols", default=None,
-                   help="comma-separated numeric columns that form the vectors (instead of --vector-col)")
-    p.add_argument("--id-col", default=None, help="int or string id column (default: row position in the input)")
-    p.add_argument("--label-col", default=None, help="column copied to the features as 'label'")
-
-
-def add_affinity_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of the affinity stage (also usable by ``ptsne train``)."""
-    add_input_arguments(p)
-    p.add_argument("--perplexity", type=float, nargs="+", default=[30.0],
-                   help="perplexity, or several for multiscale affinities (default: 30)")
-    p.add_argument("--n-neighbors", type=_n_neighbors, default="auto", help="neighbours per point (default: auto = 3 x perplexity)")
-    p.add_argument("--pca", dest="pca_components", type=int, default=None, help="project to this many dimensions first")
-    p.add_argument("--pca-samples", type=int, default=100_000, help="rows sampled to fit the PCA (default: 100000)")
-    p.add_argument("--knn-method", choices=("auto", "exact", "ivf"), default="auto")
-    p.add_argument("--target-recall", type=float, default=0.95, help="IVF recall@k target (default: 0.95)")
-    p.add_argument("--batch-rows", type=int, default=50_000, help="rows per kNN task (default: 50000)")
-    p.add_argument("--edge-partitions", type=int, default=None, help="edges output parts (default: from the edge count)")
-    p.add_argument("--max-index-bytes", type=int, default=None,
-                   help="largest index shipped whole through the object store; larger ones are sharded "
-                   "(default: min(2 GiB, 1/4 of the smallest node's object store))")
-    p.add_argument("--drop-invalid", action="store_true",
-                   help="drop NaN/Inf/missing vectors into rejects.parquet instead of rejecting the input")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--task-cpus", type=int, default=1, help="CPUs per Ray task (default: 1)")
-    p.add_argument("--seed", type=int, default=0)
+    add_setting_arguments(p, AffinityJobConfig)
 
 
 def add_parser(subparsers) -> None:
@@ -67,29 +41,13 @@ def add_parser(subparsers) -> None:
 
 def config_from_args(args: argparse.Namespace, **overrides):
     """An :class:`pipeline.affinity.AffinityJobConfig` from parsed arguments; ``overrides`` replace fields."""
+    from jobs.settings import settings_from_args
     from pipeline.affinity import AffinityJobConfig
 
-    perp = args.perplexity
     fields = dict(
         input=args.input,
         output=getattr(args, "output", None),  # `ptsne train` passes its own (WORKDIR/affinities)
-        vector_col=args.vector_col,
-        feature_cols=tuple(c.strip() for c in args.feature_cols.split(",") if c.strip()) if args.feature_cols else None,
-        id_col=args.id_col,
-        label_col=args.label_col,
-        perplexity=perp[0] if len(perp) == 1 else tuple(perp),
-        n_neighbors=args.n_neighbors,
-        pca_components=args.pca_components,
-        pca_samples=args.pca_samples,
-        knn_method=args.knn_method,
-        target_recall=args.target_recall,
-        batch_rows=args.batch_rows,
-        edge_partitions=args.edge_partitions,
-        max_index_bytes=args.max_index_bytes,
-        drop_invalid=args.drop_invalid,
-        device=args.device,
-        task_cpus=args.task_cpus,
-        seed=args.seed,
+        **settings_from_args(args, AffinityJobConfig),
         overwrite=getattr(args, "overwrite", False),
         ray_address=getattr(args, "ray_address", None),
     )

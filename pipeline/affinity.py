@@ -50,7 +50,6 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import ray
 from tqdm.auto import tqdm
 
 from pipeline import schema
@@ -83,8 +82,8 @@ from pipeline.storage import (
     write_parquet_atomic,
 )
 from ptsne.affinity import as_perplexities, conditional_probabilities, default_k
-from ptsne.device import set_num_threads
-from ptsne.knn import METHODS, check_gpu_k
+from ptsne.device import DEVICES, set_num_threads
+from ptsne.knn import EXACT_MAX_POINTS, METHODS, check_gpu_k
 from ptsne.pca import PCA
 from ptsne.settings import setting, validate
 
@@ -107,50 +106,20 @@ RETRY_EXCEPTIONS = [OSError, TransientTaskError]
 class AffinityJobConfig:
     """Settings of :func:`build_affinities`.
 
+    The user's settings (columns, perplexity, kNN, PCA, task sizes, device, seed) are
+    declared below with :func:`ptsne.settings.setting`: their defaults, bounds and help
+    are those of ``ptsne affinities``' options (:mod:`jobs.affinities`). ``n_neighbors``
+    may stay ``"auto"`` (:func:`ptsne.affinity.default_k`); a list of perplexities
+    averages the conditional rows (multiscale); ``feature_cols`` replaces ``vector_col``.
+
     Parameters
     ----------
     input : str
         Directory, file or URI (``s3://``, ``gs://``, ...) of Parquet shards.
     output : str
         Affinity directory to create (local path or URI).
-    vector_col : str or None
-        Column of fixed-size lists or lists of numbers; ignored when
-        ``feature_cols`` is given.
-    feature_cols : sequence of str, optional
-        Numeric columns that form the vectors instead of ``vector_col``.
-    id_col : str, optional
-        int or string ids; without it rows are numbered by input position.
-    label_col : str, optional
-        Copied to the ``label`` column of the features.
-    perplexity : float or list of float
-        A list averages the conditional rows (multiscale).
-    n_neighbors : int or "auto"
-        ``"auto"`` is :func:`ptsne.affinity.default_k`.
-    pca_components : int, optional
-        Project to this many dimensions before the kNN search.
-    pca_samples : int
-        About this many rows (sampled over all shards) fit the PCA.
-    knn_method : {"auto", "exact", "ivf"}
-    target_recall : float
-        IVF: ``nprobe`` is raised until sampled recall@k reaches it.
-    batch_rows : int
-        Rows per features part, i.e. per kNN task.
-    edge_partitions : int, optional
-        Head ranges (edges parts) of the symmetrisation; default from the edge count.
-    max_index_bytes : int, optional
-        Largest index (bytes of float32 vectors) shipped whole through the
-        object store; larger ones are sharded. Default: the smaller of 2 GiB and
-        a quarter of the smallest node's object store.
-    drop_invalid : bool
-        Drop NaN/Inf/null vectors into ``rejects.parquet`` instead of rejecting the input.
-    device : {"auto", "cpu", "cuda"}
-        ``"auto"`` requests GPUs for kNN tasks when the Ray cluster has them.
-    task_cpus : int
-        CPUs per Ray task (and FAISS/torch threads inside it).
     max_retries : int
         Ray retries of a failed task.
-    seed : int
-        Seeds PCA sampling and the IVF index.
     overwrite : bool
         Replace an existing, non-empty output that was built with other settings.
     ray_address : str, optional
@@ -169,24 +138,36 @@ class AffinityJobConfig:
 
     input: str
     output: str
-    vector_col: str | None = "vector"
-    feature_cols: tuple[str, ...] | None = None
-    id_col: str | None = None
-    label_col: str | None = None
-    perplexity: float | tuple[float, ...] = 30.0
-    n_neighbors: int | str = "auto"
-    pca_components: int | None = None
-    pca_samples: int = 100_000
-    knn_method: str = "auto"
-    target_recall: float = 0.95
-    batch_rows: int = 50_000
-    edge_partitions: int | None = None
-    max_index_bytes: int | None = None
-    drop_invalid: bool = False
-    device: str = "auto"
-    task_cpus: int = 1
+    vector_col: str | None = setting(
+        "vector", "column of fixed-size lists or lists of numbers holding the vectors")
+    feature_cols: tuple[str, ...] | None = setting(
+        None, "comma-separated numeric columns that form the vectors (instead of --vector-col)")
+    id_col: str | None = setting(None, "int or string id column; without it, rows are numbered by input position")
+    label_col: str | None = setting(None, "column copied to the features as 'label'")
+    perplexity: float | tuple[float, ...] = setting(
+        30.0, "perplexity, or several for multiscale affinities", gt=1)
+    n_neighbors: int | str = setting("auto", "neighbours per point", ge=1, auto="3 x the largest perplexity")
+    pca_components: int | None = setting(
+        None, "project to this many dimensions before the kNN search; without it, no PCA",
+        ge=1, flag="--pca", dest="pca_components")
+    pca_samples: int = setting(100_000, "rows sampled (over all shards) to fit the PCA", ge=2)
+    knn_method: str = setting(
+        "auto", f"kNN index: 'auto' is exact up to {EXACT_MAX_POINTS} points, IVF beyond", choices=METHODS)
+    target_recall: float = setting(0.95, "IVF recall@k target; nprobe is raised until a sample reaches it",
+                                   gt=0, le=1)
+    batch_rows: int = setting(50_000, "rows per features part, i.e. per kNN task", ge=1)
+    edge_partitions: int | None = setting(
+        None, "edges output parts (head ranges); without it, from the edge count", ge=1)
+    max_index_bytes: int | None = setting(
+        None, "largest index shipped whole through the object store; larger ones are sharded; without it, "
+        "min(2 GiB, 1/4 of the smallest node's object store)", ge=1)
+    drop_invalid: bool = setting(
+        False, "drop NaN/Inf/missing vectors into rejects.parquet instead of rejecting the input")
+    device: str = setting("auto", "where kNN tasks search: 'auto' requests GPUs when the Ray cluster has them",
+                          choices=DEVICES)
+    task_cpus: int = setting(1, "CPUs per Ray task (and FAISS/torch threads inside it)", ge=1)
     max_retries: int = 3
-    seed: int = 0
+    seed: int = setting(0, "seed of the PCA sample and the IVF index (in ptsne train, of training too)")
     overwrite: bool = False
     ray_address: str | None = None
     inject_failure: str | None = None
@@ -205,34 +186,16 @@ class AffinityJobConfig:
             object.__setattr__(self, "vector_col", None)
         # Validates the column names (raises with the parameter named).
         object.__setattr__(self, "feature_cols", self.spec.feature_cols)
+        validate(self)
         perps = as_perplexities(self.perplexity)
         object.__setattr__(self, "perplexity", perps[0] if len(perps) == 1 else perps)
-        k = self.n_neighbors
-        if k != "auto" and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
-            raise ValueError(f"AffinityJobConfig: n_neighbors must be 'auto' or an integer >= 1, got {k!r}")
-        p = self.pca_components
-        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, np.integer)) or p < 1):
-            raise ValueError(f"AffinityJobConfig: pca_components must be a positive integer or None, got {p!r}")
-        if self.knn_method not in METHODS:
-            raise ValueError(f"AffinityJobConfig: knn_method must be one of {METHODS}, got {self.knn_method!r}")
-        if not 0.0 < float(self.target_recall) <= 1.0:
-            raise ValueError(f"AffinityJobConfig: target_recall must be in (0, 1], got {self.target_recall!r}")
-        for name, low in (("pca_samples", 2), ("batch_rows", 1), ("task_cpus", 1), ("max_retries", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-                raise ValueError(f"AffinityJobConfig: {name} must be an integer >= {low}, got {v!r}")
-        b = self.max_index_bytes
-        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1):
-            raise ValueError(f"AffinityJobConfig: max_index_bytes must be an integer >= 1 or None, got {b!r}")
-        e = self.edge_partitions
-        if e is not None and (isinstance(e, bool) or not isinstance(e, (int, np.integer)) or e < 1):
-            raise ValueError(f"AffinityJobConfig: edge_partitions must be an integer >= 1 or None, got {e!r}")
+        r = self.max_retries
+        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0:
+            raise ValueError(f"AffinityJobConfig: max_retries must be an integer >= 0, got {r!r}")
         if self.inject_failure_mode not in ("raise", "crash"):
             raise ValueError(
                 f"AffinityJobConfig: inject_failure_mode must be 'raise' or 'crash', got {self.inject_failure_mode!r}"
             )
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"AffinityJobConfig: device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         try:
             check_disjoint(self.input, self.output)
         except ValueError as exc:
@@ -272,6 +235,8 @@ def config_hash(config: AffinityJobConfig, input_fingerprint: list) -> str:
 
 def _wait(refs: Sequence, desc: str) -> None:
     """Wait for ``refs`` with a progress bar."""
+    import ray
+
     pending = list(refs)
     with tqdm(total=len(pending), desc=desc, unit="task", leave=False) as bar:
         while pending:
@@ -501,6 +466,8 @@ def _reduce_task(fs, path: str, lo: int, hi: int, n: int, *blocks) -> dict:
 
 
 def _validate(config: AffinityJobConfig, fs, files: list[str], timings: dict, memory: dict) -> dict:
+    import ray
+
     stage = _Stage("validate")
     spec = config.spec
     task = ray.remote(_check_task).options(
@@ -571,6 +538,8 @@ def _resolve_k(config: AffinityJobConfig, n: int) -> int:
 
 def _max_index_bytes(config: AffinityJobConfig) -> int:
     """The configured limit, or min(2 GiB, 1/4 of the smallest alive node's object store)."""
+    import ray
+
     if config.max_index_bytes is not None:
         return int(config.max_index_bytes)
     stores = [n["Resources"].get("object_store_memory", 0) for n in ray.nodes() if n.get("Alive")]
@@ -581,6 +550,7 @@ def _max_index_bytes(config: AffinityJobConfig) -> int:
 def _use_gpu(config: AffinityJobConfig) -> bool:
     """Whether kNN tasks request a GPU: the cluster has one and FAISS is a GPU build."""
     import faiss
+    import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
     # A GPU build of FAISS has the GPU classes even on a driver without a GPU.
@@ -616,6 +586,8 @@ def build_affinities(config: AffinityJobConfig) -> dict:
     FileExistsError
         The output holds something else and ``overwrite`` is false.
     """
+    import ray
+
     if not isinstance(config, AffinityJobConfig):
         raise TypeError(f"build_affinities: config must be an AffinityJobConfig, got {type(config).__name__}")
     t_start = time.perf_counter()
@@ -789,6 +761,8 @@ def _remove_stale_partials(fs: pafs.FileSystem, out: str) -> None:
 
 
 def _features_stage(config, fs_in, files, v, fs, stage_dir, opts, timings, memory) -> dict:
+    import ray
+
     spec = config.spec
     checks, offsets = v["checks"], v["offsets"]
     pca_state = None

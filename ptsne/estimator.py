@@ -315,10 +315,10 @@ class ParametricTSNE(BaseEstimator):
             graph = knn_graph(
                 Z,
                 KNNConfig(
-                    k=k,
+                    n_neighbors=k,
                     method=self.knn_method,
                     device=search_on,
-                    random_state=train_config.seed,
+                    seed=train_config.seed,
                 ),
             )
         timings["knn"] = time.perf_counter() - t
@@ -380,8 +380,8 @@ class ParametricTSNE(BaseEstimator):
         seed = self._seed() if random_state is None else int(random_state)
         if edges is None:
             k = min(int(self.n_neighbors_), len(Z) - 1)
-            graph = knn_graph(Z, KNNConfig(k=k, method=self.knn_method, device=knn_device(self.device, self.device_),
-                                           random_state=seed))
+            graph = knn_graph(Z, KNNConfig(n_neighbors=k, method=self.knn_method,
+                                           device=knn_device(self.device, self.device_), seed=seed))
             edges = joint_probabilities(graph, self.perplexity)
         init = self._forward(Z)
         threads = self.n_threads or default_num_threads()

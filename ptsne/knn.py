@@ -28,7 +28,8 @@ import faiss
 import numpy as np
 import torch
 
-from ptsne.device import faiss_gpu_count, gpu_index, set_num_threads
+from ptsne.device import DEVICES, faiss_gpu_count, gpu_index, set_num_threads
+from ptsne.settings import setting, validate
 
 log = logging.getLogger(__name__)
 
@@ -56,46 +57,22 @@ class KNNGraph(NamedTuple):
 
 @dataclass(frozen=True)
 class KNNConfig:
-    """Settings of the kNN stage.
+    """Settings of the kNN stage, declared with :func:`ptsne.settings.setting`.
 
-    Parameters
-    ----------
-    k : int
-        Neighbours per point, self excluded.
-    method : {"auto", "exact", "ivf"}
-        ``"auto"`` is exact up to :data:`EXACT_MAX_POINTS` points, IVF beyond.
-    target_recall : float
-        IVF only: ``nprobe`` is raised until sampled recall@k reaches this.
-    device : {"auto", "cpu", "cuda"}
-        Where FAISS searches; ``"auto"`` takes a GPU when FAISS sees one.
-    n_threads : int or None
-        OpenMP threads for FAISS on CPU; ``None`` keeps the current setting.
-    random_state : int
-        Seed of the IVF training sample and of the recall probe.
+    ``method="auto"`` is exact up to :data:`EXACT_MAX_POINTS` points, IVF beyond;
+    ``device="auto"`` takes a GPU when FAISS sees one (:func:`resolve_knn_device`).
     """
 
-    k: int = 90
-    method: str = "auto"
-    target_recall: float = 0.95
-    device: str = "auto"
-    n_threads: int | None = None
-    random_state: int = 0
+    n_neighbors: int = setting(90, "neighbours per point, self excluded", ge=1)
+    method: str = setting("auto", "FAISS index: exact, IVF, or 'auto' by the number of points", choices=METHODS)
+    target_recall: float = setting(0.95, "IVF only: nprobe is raised until sampled recall@k reaches this",
+                                   gt=0, le=1)
+    device: str = setting("auto", "where FAISS searches", choices=DEVICES)
+    n_threads: int | None = setting(None, "OpenMP threads of FAISS on CPU; without it, the current setting", ge=1)
+    seed: int = setting(0, "seed of the IVF training sample and of the recall probe")
 
     def __post_init__(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)) or self.k < 1:
-            raise ValueError(f"KNNConfig: k must be an integer >= 1, got {self.k!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"KNNConfig: method must be one of {METHODS}, got {self.method!r}")
-        if not 0.0 < float(self.target_recall) <= 1.0:
-            raise ValueError(
-                f"KNNConfig: target_recall must be in (0, 1], got {self.target_recall!r}"
-            )
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(
-                f"KNNConfig: device must be 'auto', 'cpu' or 'cuda', got {self.device!r}"
-            )
-        if self.n_threads is not None and int(self.n_threads) < 1:
-            raise ValueError(f"KNNConfig: n_threads must be >= 1 or None, got {self.n_threads!r}")
+        validate(self)
 
 
 def exact_max_points(device: str = "cpu") -> int:
@@ -191,7 +168,7 @@ def _as_float32(X: np.ndarray, name: str = "X") -> np.ndarray:
 
 
 def build_index(
-    data: np.ndarray, method: str = "exact", device: str = "cpu", random_state: int = 0
+    data: np.ndarray, method: str = "exact", device: str = "cpu", seed: int = 0
 ) -> faiss.Index:
     """Build a FAISS L2 index over ``data`` (float32 ``(n, dim)``).
 
@@ -206,7 +183,7 @@ def build_index(
         index = faiss.IndexFlatL2(dim)
     elif method == "ivf":
         index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist, faiss.METRIC_L2)
-        index.cp.seed = int(random_state)
+        index.cp.seed = int(seed)
     else:
         raise ValueError(f"build_index: method must be 'exact' or 'ivf', got {method!r}")
     on_gpu = resolve_knn_device("cuda" if str(device).startswith("cuda:") else device) == "cuda"
@@ -214,19 +191,19 @@ def build_index(
         index = to_gpu(index, device)
     if method == "ivf":
         if on_gpu and hasattr(index, "cp"):
-            index.cp.seed = int(random_state)
-        index.train(ivf_training_sample(data, nlist, random_state))
+            index.cp.seed = int(seed)
+        index.train(ivf_training_sample(data, nlist, seed))
     index.add(data)
     return index
 
 
-def ivf_training_sample(data: np.ndarray, nlist: int, random_state: int = 0) -> np.ndarray:
+def ivf_training_sample(data: np.ndarray, nlist: int, seed: int = 0) -> np.ndarray:
     """The rows an IVF quantizer of ``nlist`` cells is trained on: all, or a seeded sample of ``64 nlist``."""
     n = data.shape[0]
     n_train = min(n, 64 * nlist)
     if n_train == n:
         return data
-    rng = np.random.default_rng(random_state)
+    rng = np.random.default_rng(seed)
     return data[np.sort(rng.choice(n, n_train, replace=False))]
 
 
@@ -363,17 +340,18 @@ def knn_graph(X: np.ndarray, config: KNNConfig | None = None, **kwargs) -> KNNGr
         raise TypeError("knn_graph: pass either config or keyword settings, not both")
     X = _as_float32(X)
     n = X.shape[0]
-    if config.k > n - 1:
-        raise ValueError(f"knn_graph: k={config.k} needs at least k + 1 points, got n={n}")
+    k = config.n_neighbors
+    if k > n - 1:
+        raise ValueError(f"knn_graph: n_neighbors={k} needs at least n_neighbors + 1 points, got n={n}")
     if config.n_threads is not None:
         set_num_threads(config.n_threads)
-    device = resolve_knn_device(config.device, config.k)  # before any work: k may not fit a GPU
+    device = resolve_knn_device(config.device, k)  # before any work: k may not fit a GPU
     method = resolve_method(config.method, n, device)
-    log.info("kNN: n=%d dim=%d k=%d method=%s device=%s", n, X.shape[1], config.k, method, device)
-    index = build_index(X, method, device, config.random_state)
+    log.info("kNN: n=%d dim=%d k=%d method=%s device=%s", n, X.shape[1], k, method, device)
+    index = build_index(X, method, device, config.seed)
     if method == "ivf":
-        tune_nprobe(index, X, config.k, config.target_recall, config.random_state)
-    return search(index, X, config.k, query_ids=np.arange(n, dtype=np.int64), fallback_data=X)
+        tune_nprobe(index, X, k, config.target_recall, config.seed)
+    return search(index, X, k, query_ids=np.arange(n, dtype=np.int64), fallback_data=X)
 
 
 def tune_nprobe(
@@ -381,7 +359,7 @@ def tune_nprobe(
     X: np.ndarray,
     k: int,
     target_recall: float = 0.95,
-    random_state: int = 0,
+    seed: int = 0,
     n_probe_queries: int = 1000,
 ) -> tuple[int, float]:
     """Raise ``nprobe`` (doubling) until sampled recall@k reaches ``target_recall``.
@@ -391,7 +369,7 @@ def tune_nprobe(
     ``nprobe`` stops at :func:`max_nprobe` (``nlist``; at most 2048 on a GPU).
     """
     n = X.shape[0]
-    rng = np.random.default_rng(random_state + 1)
+    rng = np.random.default_rng(seed + 1)
     q_ids = np.sort(rng.choice(n, min(n_probe_queries, n), replace=False)).astype(np.int64)
     exact = exact_neighbors(X, X[q_ids], k, q_ids)
     nprobe, recall = 1, 0.0

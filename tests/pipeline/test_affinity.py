@@ -56,7 +56,7 @@ def write_shards(directory: Path, X, y=None, ids=None, sizes=(150, 0, 130, 120),
 
 
 def reference_edges(X, k, perplexity=PERPLEXITY):
-    return joint_probabilities(knn_graph(X, k=k, method="exact"), perplexity)
+    return joint_probabilities(knn_graph(X, n_neighbors=k, method="exact"), perplexity)
 
 
 def assert_same_edges(output, ref, atol=1e-6):
@@ -164,7 +164,7 @@ def test_multiscale_list_columns_and_string_ids(ray_local, tmp_path, data):
     ids = np.array([f"pt-{i}" for i in range(400)])
     inp = write_shards(tmp_path / "in", X, ids=ids, vector="list")
     build_affinities(config(tmp_path, inp, perplexity=(5.0, 8.0), id_col="key"))
-    assert_same_edges(tmp_path / "out", joint_probabilities(knn_graph(X, k=24, method="exact"), [5.0, 8.0]))
+    assert_same_edges(tmp_path / "out", joint_probabilities(knn_graph(X, n_neighbors=24, method="exact"), [5.0, 8.0]))
     feats = load_features(str(tmp_path / "out"))
     assert feats.column("id").to_pylist() == ids.tolist()
 
@@ -367,6 +367,67 @@ def test_config_is_validated():
         AffinityJobConfig(input=3, output="out")
     cfg = AffinityJobConfig(**base, feature_cols=["a", "b"], perplexity=[10, 20])
     assert cfg.vector_col is None and cfg.feature_cols == ("a", "b") and cfg.perplexities == (10.0, 20.0)
+
+
+def test_declared_settings_check_their_values():
+    base = dict(input="in", output="out")
+    for kw, message in [
+        (dict(pca_components=0), "pca_components must be an integer >= 1 or None, got 0"),
+        (dict(max_index_bytes=0), "max_index_bytes must be an integer >= 1 or None, got 0"),
+        (dict(edge_partitions=True), "edge_partitions must be an integer >= 1 or None, got True"),
+        (dict(target_recall=0.0), r"target_recall must be a finite number in \(0, 1\], got 0.0"),
+        (dict(device="tpu"), r"device must be one of \('auto', 'cpu', 'cuda'\), got 'tpu'"),
+        (dict(drop_invalid="yes"), "drop_invalid must be true or false, got 'yes'"),
+        (dict(perplexity=0.5), "perplexity must be a finite number > 1 or a non-empty list of them, got 0.5"),
+        (dict(max_retries=-1), "max_retries must be an integer >= 0, got -1"),
+    ]:
+        with pytest.raises(ValueError, match=f"^AffinityJobConfig: {message}$"):
+            AffinityJobConfig(**base, **kw)
+
+
+def test_user_settings_are_declared_and_the_others_plain_fields():
+    from ptsne.settings import settings_of, spec
+
+    plain = {"input", "output", "max_retries", "overwrite", "ray_address", "inject_failure", "inject_failure_mode"}
+    declared = {f.name for f in settings_of(AffinityJobConfig)}
+    assert declared.isdisjoint(plain) and declared | plain == set(AffinityJobConfig.__dataclass_fields__)
+    assert all(spec(f)["help"] for f in settings_of(AffinityJobConfig))
+
+
+def _old_hash_fields(vector_col="vector", feature_cols=None, id_col=None, label_col=None, perplexity=(30.0,),
+                     n_neighbors="auto", pca_components=None, pca_samples=100_000, knn_method="auto",
+                     target_recall=0.95, max_index_bytes=None, drop_invalid=False, seed=0):
+    """The result-defining settings as affinity directories written so far hold them in their hash."""
+    return dict(vector_col=None if feature_cols else vector_col, feature_cols=list(feature_cols) if feature_cols else None,
+                id_col=id_col, label_col=label_col, perplexity=[float(p) for p in perplexity], n_neighbors=n_neighbors,
+                pca_components=pca_components, pca_samples=pca_samples, knn_method=knn_method,
+                target_recall=target_recall, max_index_bytes=max_index_bytes, drop_invalid=drop_invalid, seed=seed)
+
+
+@pytest.mark.parametrize(
+    "settings, old",
+    [
+        ({}, {}),
+        (dict(perplexity=[10, 20], feature_cols=["a", "b"], id_col="id", label_col="y", n_neighbors=40,
+              pca_components=5, pca_samples=900, knn_method="ivf", target_recall=0.9, max_index_bytes=1000,
+              drop_invalid=True, seed=4, batch_rows=7, edge_partitions=3, device="cpu", task_cpus=2),
+         dict(perplexity=(10, 20), feature_cols=("a", "b"), id_col="id", label_col="y", n_neighbors=40,
+              pca_components=5, pca_samples=900, knn_method="ivf", target_recall=0.9, max_index_bytes=1000,
+              drop_invalid=True, seed=4)),
+        (dict(vector_col="vec", perplexity=[12.5]), dict(vector_col="vec", perplexity=(12.5,))),
+    ],
+)
+def test_existing_affinity_directories_stay_current(settings, old):
+    import hashlib
+
+    from pipeline.affinity import config_hash
+
+    config = AffinityJobConfig(input="in", output="out", **settings)
+    assert config.hash_fields() == _old_hash_fields(**old)
+    fingerprint = [["part-00000.parquet", 123, "etag"]]
+    payload = {"format_version": schema.FORMAT_VERSION, "config": _old_hash_fields(**old), "input": fingerprint}
+    want = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    assert config_hash(config, fingerprint) == want
 
 
 def test_settings_that_cannot_work_on_the_data_write_nothing(ray_local, tmp_path, data):

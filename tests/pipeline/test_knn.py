@@ -39,7 +39,7 @@ def test_plan_groups_parts_by_size():
 def test_sharded_search_merges_to_the_exact_graph(blobs):
     X, _ = blobs
     k = 15
-    ref = knn_graph(X, k=k, method="exact")
+    ref = knn_graph(X, n_neighbors=k, method="exact")
     bounds = [0, 100, 350, len(X)]
     indexes = [(lo, build_index(X[lo:hi], "exact", "cpu")) for lo, hi in zip(bounds[:-1], bounds[1:])]
     rows = np.arange(len(X))
@@ -61,7 +61,7 @@ def test_distributed_exact_graph_equals_single_process(ray_local, tmp_path):
     fs, _ = resolve(str(tmp_path))
     for max_bytes in (10**9, 200 * 6 * 4):
         graph, infos = distributed_knn(fs, parts, 6, 20, method="exact", max_index_bytes=max_bytes)
-        ref = knn_graph(X, k=20, method="exact")
+        ref = knn_graph(X, n_neighbors=20, method="exact")
         np.testing.assert_array_equal(graph.indices, ref.indices)
         assert len(infos) == (1 if max_bytes > 10**6 else 3)
 

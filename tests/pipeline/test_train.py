@@ -54,7 +54,7 @@ def write_affinity_dir(location, X: np.ndarray, labels=None, perplexity: float =
     """An affinity directory per the contract (local path or URI), from the core kNN and affinity stages."""
     n, dim = X.shape
     k = min(n - 1, int(3 * perplexity))
-    edges = joint_probabilities(knn_graph(X, KNNConfig(k=k, method="exact", device="cpu")), perplexity)
+    edges = joint_probabilities(knn_graph(X, KNNConfig(n_neighbors=k, method="exact", device="cpu")), perplexity)
     order = np.lexsort((edges.tail, edges.head))
     head, tail, weight = edges.head[order], edges.tail[order], edges.weight[order]
     fs, root = storage.resolve(location)
@@ -478,7 +478,7 @@ def test_reference_of_every_row_uses_the_affinity_directory_p(two_worker_run, af
     X = digits_split[0]
     aff = AffinityDir(affinity_dir)
     edges = aff.read_edges()
-    want = joint_probabilities(knn_graph(X, KNNConfig(k=aff.manifest.k, method="exact", device="cpu")), 10.0)
+    want = joint_probabilities(knn_graph(X, KNNConfig(n_neighbors=aff.manifest.k, method="exact", device="cpu")), 10.0)
     np.testing.assert_allclose(edges.to_csr(len(X)).toarray(), want.to_csr(len(X)).toarray(), rtol=1e-6)
     whole = config.with_settings(reference_size=len(X), reference_iter=50)
     est = fit_reference(copy.deepcopy(clean.estimator), affinity_dir, whole)

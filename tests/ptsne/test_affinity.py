@@ -43,7 +43,7 @@ def dense_reference_p(X, perplexity, k):
 def test_joint_matches_dense_reference(rng):
     X = rng.normal(size=(120, 5))
     k = 30
-    edges = joint_probabilities(knn_graph(X, k=k, method="exact"), 10.0)
+    edges = joint_probabilities(knn_graph(X, n_neighbors=k, method="exact"), 10.0)
     P = edges.to_csr(120).toarray()
     ref = dense_reference_p(X, 10.0, k)
     np.testing.assert_allclose(P, ref, atol=1e-6, rtol=1e-4)
@@ -51,7 +51,7 @@ def test_joint_matches_dense_reference(rng):
 
 def test_joint_is_normalised_symmetric_without_self(rng):
     X = rng.normal(size=(200, 6))
-    edges = joint_probabilities(knn_graph(X, k=45, method="exact"), 15.0)
+    edges = joint_probabilities(knn_graph(X, n_neighbors=45, method="exact"), 15.0)
     P = edges.to_csr(200)
     assert P.sum() == pytest.approx(1.0, abs=1e-6)
     assert abs(P - P.T).max() < 1e-9

@@ -16,8 +16,8 @@ def test_faiss_gpu_search_matches_cpu(rng):
     if faiss_gpu_count() == 0:
         pytest.skip("FAISS CPU build: install faiss-gpu (pip install 'ptsne[gpu]')")
     X = rng.normal(size=(2000, 16)).astype(np.float32)
-    cpu = knn_graph(X, k=15, method="exact", device="cpu")
-    gpu = knn_graph(X, k=15, method="exact", device="cuda")
+    cpu = knn_graph(X, n_neighbors=15, method="exact", device="cpu")
+    gpu = knn_graph(X, n_neighbors=15, method="exact", device="cuda")
     assert (cpu.indices == gpu.indices).mean() > 0.999
     np.testing.assert_allclose(cpu.distances, gpu.distances, rtol=1e-3, atol=1e-3)
 
@@ -111,8 +111,8 @@ def test_gpu_k_above_the_selection_limit_is_refused(rng):
     _needs_faiss_gpu()
     X = rng.normal(size=(GPU_MAX_SELECTION_K + 100, 4)).astype(np.float32)
     with pytest.raises(ValueError, match="at most 2048"):
-        knn_graph(X, k=GPU_MAX_SELECTION_K, method="exact", device="cuda")
-    g = knn_graph(X, k=GPU_MAX_SELECTION_K, method="exact", device="auto")  # searched on CPU instead
+        knn_graph(X, n_neighbors=GPU_MAX_SELECTION_K, method="exact", device="cuda")
+    g = knn_graph(X, n_neighbors=GPU_MAX_SELECTION_K, method="exact", device="auto")  # searched on CPU instead
     assert g.indices.shape == (len(X), GPU_MAX_SELECTION_K)
 
 
@@ -148,7 +148,7 @@ def test_gpu_ivf_is_trained_on_the_gpu_and_serialised_from_a_cpu_copy(rng):
 
     _needs_faiss_gpu()
     X = rng.normal(size=(20000, 16)).astype(np.float32)
-    index = build_index(X, "ivf", "cuda", random_state=0)
+    index = build_index(X, "ivf", "cuda", seed=0)
     assert is_gpu_index(index) and index.is_trained and index.ntotal == len(X)
     tune_nprobe(index, X, 10, 0.9)
     q = np.arange(500)

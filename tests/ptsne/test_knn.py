@@ -13,7 +13,7 @@ def brute_force(X, k):
 
 def test_exact_matches_brute_force(rng):
     X = rng.normal(size=(300, 8)).astype(np.float32)
-    g = knn_graph(X, k=10, method="exact")
+    g = knn_graph(X, n_neighbors=10, method="exact")
     idx, dist = brute_force(X, 10)
     assert g.indices.dtype == np.int64 and g.distances.dtype == np.float32
     assert g.indices.shape == (300, 10)
@@ -24,7 +24,7 @@ def test_exact_matches_brute_force(rng):
 def test_self_excluded_with_duplicates(rng):
     X = rng.normal(size=(50, 4)).astype(np.float32)
     X = np.concatenate([X, X, X])  # every point has two exact duplicates
-    g = knn_graph(X, k=5, method="exact")
+    g = knn_graph(X, n_neighbors=5, method="exact")
     assert not (g.indices == np.arange(len(X))[:, None]).any()
     # The two duplicates are the nearest neighbours, at distance 0.
     np.testing.assert_allclose(g.distances[:, :2], 0.0, atol=1e-3)
@@ -35,10 +35,10 @@ def test_ivf_reaches_target_recall(mnist_small):
     from ptsne.pca import PCA
 
     X = PCA(30).fit(mnist_small[0]).transform(mnist_small[0])
-    index = build_index(X, "ivf", "cpu", random_state=0)
+    index = build_index(X, "ivf", "cpu", seed=0)
     nprobe, recall = tune_nprobe(index, X, 15, target_recall=0.95)
     approx = search(index, X, 15, query_ids=np.arange(len(X)), fallback_data=X)
-    exact = knn_graph(X, k=15, method="exact")
+    exact = knn_graph(X, n_neighbors=15, method="exact")
     measured = recall_at_k(exact.indices, approx.indices)
     assert measured >= 0.95
     assert nprobe >= 1 and recall >= 0.95
@@ -66,12 +66,14 @@ def test_recall_at_k_equals_the_elementwise_count_with_missing_neighbours():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"k": 0}, "k must be"),
-        ({"k": 2.5}, "k must be"),
-        ({"method": "hnsw"}, "method must be"),
-        ({"target_recall": 1.5}, "target_recall"),
-        ({"device": "tpu"}, "device must be"),
-        ({"n_threads": 0}, "n_threads"),
+        ({"n_neighbors": 0}, r"^KNNConfig: n_neighbors must be an integer >= 1, got 0$"),
+        ({"n_neighbors": 2.5}, r"^KNNConfig: n_neighbors must be an integer >= 1, got 2.5$"),
+        ({"method": "hnsw"}, r"^KNNConfig: method must be one of \('auto', 'exact', 'ivf'\), got 'hnsw'$"),
+        ({"target_recall": 1.5}, r"^KNNConfig: target_recall must be a finite number in \(0, 1\], got 1.5$"),
+        ({"target_recall": 0.0}, r"^KNNConfig: target_recall must be a finite number in \(0, 1\], got 0.0$"),
+        ({"device": "tpu"}, r"^KNNConfig: device must be one of \('auto', 'cpu', 'cuda'\), got 'tpu'$"),
+        ({"n_threads": 0}, r"^KNNConfig: n_threads must be an integer >= 1 or None, got 0$"),
+        ({"seed": 1.5}, r"^KNNConfig: seed must be an integer, got 1.5$"),
     ],
 )
 def test_config_validation(kwargs, match):
@@ -80,8 +82,38 @@ def test_config_validation(kwargs, match):
 
 
 def test_too_few_points():
-    with pytest.raises(ValueError, match="k=10 needs at least"):
-        knn_graph(np.zeros((5, 2), np.float32), k=10)
+    with pytest.raises(ValueError, match="n_neighbors=10 needs at least n_neighbors \\+ 1 points, got n=5"):
+        knn_graph(np.zeros((5, 2), np.float32), n_neighbors=10)
+
+
+def test_config_names_its_settings_like_the_rest_of_the_project():
+    config = KNNConfig(n_neighbors=7, seed=3, n_threads=None)
+    assert (config.n_neighbors, config.seed, config.n_threads) == (7, 3, None)
+    with pytest.raises(TypeError):
+        KNNConfig(k=7)
+    with pytest.raises(TypeError):
+        KNNConfig(random_state=3)
+
+
+def test_the_seed_seeds_the_index_and_the_recall_probe(monkeypatch, rng):
+    import ptsne.knn as knn
+
+    seen = {}
+    real_build, real_tune = knn.build_index, knn.tune_nprobe
+
+    def build_index(data, method, device, seed):
+        seen["index"] = seed
+        return real_build(data, method, device, seed)
+
+    def tune_nprobe(index, X, k, target_recall, seed):
+        seen["probe"] = seed
+        return real_tune(index, X, k, target_recall, seed)
+
+    monkeypatch.setattr(knn, "build_index", build_index)
+    monkeypatch.setattr(knn, "tune_nprobe", tune_nprobe)
+    X = rng.normal(size=(400, 4)).astype(np.float32)
+    g = knn_graph(X, KNNConfig(n_neighbors=5, method="ivf", device="cpu", seed=7))
+    assert g.k == 5 and seen == {"index": 7, "probe": 7}
 
 
 # -- GPU limits and fallbacks, against a faked FAISS GPU -------------------------------------
@@ -97,7 +129,7 @@ def test_gpu_k_above_the_selection_limit_is_refused_before_any_work(monkeypatch,
     monkeypatch.setattr(knn, "build_index", no_index)
     X = rng.normal(size=(knn.GPU_MAX_SELECTION_K + 10, 2)).astype(np.float32)
     with pytest.raises(ValueError, match=r"k=2048 needs 2049 candidates .* at most 2048 .*perplexity below 682\.7"):
-        knn_graph(X, k=knn.GPU_MAX_SELECTION_K, device="cuda")
+        knn_graph(X, n_neighbors=knn.GPU_MAX_SELECTION_K, device="cuda")
     knn.check_gpu_k(knn.GPU_MAX_SELECTION_K - 1)  # k + 1 = 2048 fits
     knn.check_gpu_k(knn.GPU_MAX_SELECTION_K, extra=0)
 
@@ -121,11 +153,11 @@ def test_auto_falls_back_to_cpu_faiss_next_to_cuda_torch(monkeypatch, caplog, rn
     monkeypatch.setattr(knn.torch.cuda, "is_available", lambda: True)
     X = rng.normal(size=(200, 4)).astype(np.float32)
     with caplog.at_level("WARNING", logger="ptsne.knn"):
-        g = knn_graph(X, k=10, method="exact", device="auto")
+        g = knn_graph(X, n_neighbors=10, method="exact", device="auto")
     assert "FAISS is a CPU build" in caplog.text
     np.testing.assert_array_equal(g.indices, brute_force(X, 10)[0])
     with pytest.raises(ValueError, match="device='cuda' was asked for but FAISS sees no GPU"):
-        knn_graph(X, k=10, method="exact", device="cuda")
+        knn_graph(X, n_neighbors=10, method="exact", device="cuda")
 
 
 def test_nprobe_is_capped_on_a_gpu_index(monkeypatch, caplog, rng):
@@ -133,7 +165,7 @@ def test_nprobe_is_capped_on_a_gpu_index(monkeypatch, caplog, rng):
     import ptsne.knn as knn
 
     X = rng.normal(size=(2000, 8)).astype(np.float32)
-    index = build_index(X, "ivf", "cpu", random_state=0)
+    index = build_index(X, "ivf", "cpu", seed=0)
     nlist = knn.ivf_nlist(index)
     assert nlist > 8 and knn.max_nprobe(index) == nlist
     monkeypatch.setattr(knn, "is_gpu_index", lambda index: True)

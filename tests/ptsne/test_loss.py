@@ -10,7 +10,7 @@ from ptsne.loss import TSNELoss, exact_kl, exact_kl_gradient
 def small_problem(seed=0, n=60):
     r = np.random.default_rng(seed)
     X = r.normal(size=(n, 5))
-    edges = joint_probabilities(knn_graph(X, k=20, method="exact"), 6.0)
+    edges = joint_probabilities(knn_graph(X, n_neighbors=20, method="exact"), 6.0)
     P = torch.tensor(edges.to_csr(n).toarray(), dtype=torch.float64)
     P /= P.sum()  # exactly 1 in float64 (the edges store float32 weights)
     Y = torch.tensor(r.normal(scale=2.0, size=(n, 2)), dtype=torch.float64, requires_grad=True)

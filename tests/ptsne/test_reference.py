@@ -89,7 +89,7 @@ def test_refine_lowers_the_exact_objective_and_reaches_its_stationary_point():
 
 def _small_problem(n=400, seed=0):
     X, y = gaussian_blobs(n, 8, 4, seed=seed)
-    edges = joint_probabilities(knn_graph(X, k=30, method="exact"), 10.0)
+    edges = joint_probabilities(knn_graph(X, n_neighbors=30, method="exact"), 10.0)
     return X, y, edges
 
 
@@ -172,7 +172,7 @@ def test_fit_builds_a_reference_map_better_than_the_network_map(with_reference):
     assert len(ref) == 600 and ref.embedding.shape == (600, 2)
     np.testing.assert_array_equal(est.embedding_, ref.embedding)
     assert "reference" in est.timings_
-    edges = joint_probabilities(knn_graph(X[:600], k=est.n_neighbors_, method="exact"), 10.0)
+    edges = joint_probabilities(knn_graph(X[:600], n_neighbors=est.n_neighbors_, method="exact"), 10.0)
     network = est.transform(X[:600], method="network")
     assert kl_divergence(edges, est.embedding_) < kl_divergence(edges, network) - 0.05
 

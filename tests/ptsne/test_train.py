@@ -13,7 +13,7 @@ from ptsne.train import MIN_STEPS, TARGET_STEPS, NeighborSampler, TrainConfig, d
 
 def problem(blobs):
     X, y = blobs
-    edges = joint_probabilities(knn_graph(X, k=30, method="exact"), 10.0)
+    edges = joint_probabilities(knn_graph(X, n_neighbors=30, method="exact"), 10.0)
     return X, y, edges
 
 
