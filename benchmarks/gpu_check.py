@@ -231,7 +231,7 @@ def probe_exact_threshold(device: torch.device, n: int) -> dict:
         raise AssertionError(f"method='auto' for 1M points searched on {on} is not {want}")
     X = blobs(n)
     t = time.perf_counter()
-    knn_graph(X, k=90, method="exact", device=on)
+    knn_graph(X, n_neighbors=90, method="exact", device=on)
     return {"search_device": on, "auto_at_1M": want, "gpu_threshold": EXACT_MAX_POINTS_GPU,
             "exact_s": round(time.perf_counter() - t, 3), "n": n}
 
@@ -242,7 +242,7 @@ def probe_tf32(device: torch.device, n: int) -> dict:
     from ptsne.train import TrainConfig, fit_mapper
 
     X = blobs(min(n, 5000), dim=10)
-    edges = joint_probabilities(knn_graph(X, k=30, method="exact", device="cpu"), 10.0)
+    edges = joint_probabilities(knn_graph(X, n_neighbors=30, method="exact", device="cpu"), 10.0)
     mapper = build_mapper(ModelConfig(X.shape[1], 2))
     mapper.standardize.fit(X)
     fit_mapper(mapper, X, edges, TrainConfig(n_epochs=1, precision="float32"), device)

@@ -36,6 +36,8 @@ OPTIONS = {
     "--device": ("device", "auto", ("auto", "cpu", "cuda"), None, "store"),
     "--task-cpus": ("task_cpus", 1, None, None, "store"),
     "--seed": ("seed", 0, None, None, "store"),
+    # Added after: how many kNN searches share one GPU (does not change the result).
+    "--knn-searches-per-gpu": ("knn_searches_per_gpu", 4, None, None, "store"),
 }
 ACTIONS = {argparse._StoreAction: "store", argparse._StoreTrueAction: "store_true"}
 

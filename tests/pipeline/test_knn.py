@@ -199,5 +199,5 @@ def test_gpu_search_tasks_share_a_gpu_and_match_the_exact_graph(ray_local, tmp_p
     parts = write_parts(tmp_path / "f", X, 250)
     fs, _ = resolve(str(tmp_path))
     g, _ = distributed_knn(fs, parts, 16, 20, method="exact", use_gpu=True, searches_per_gpu=4)
-    ref = knn_graph(X, k=20, method="exact", device="cpu")
+    ref = knn_graph(X, n_neighbors=20, method="exact", device="cpu")
     assert (g.indices == ref.indices).mean() > 0.999

@@ -187,7 +187,7 @@ def test_float32_training_on_cuda_uses_tf32(blobs):
     from ptsne.train import TrainConfig, fit_mapper
 
     X, _ = blobs
-    edges = joint_probabilities(knn_graph(X, k=15, method="exact", device="cpu"), 5.0)
+    edges = joint_probabilities(knn_graph(X, n_neighbors=15, method="exact", device="cpu"), 5.0)
     mapper = build_mapper(ModelConfig(X.shape[1], 2))
     mapper.standardize.fit(X)
     fit_mapper(mapper, X, edges, TrainConfig(n_epochs=1, batch_size=64, precision="float32"), torch.device("cuda"))

@@ -219,7 +219,7 @@ def test_knn_graph_resolves_the_method_for_the_device_it_searches_on(monkeypatch
     for gpus in (0, 1):
         monkeypatch.setattr(knn, "faiss_gpu_count", lambda: gpus)
         with pytest.raises(Stop):
-            knn_graph(X, k=5, device="auto")
+            knn_graph(X, n_neighbors=5, device="auto")
     assert seen == [("ivf", "cpu"), ("exact", "cuda")]
 
 

@@ -257,6 +257,6 @@ def test_precision_float32_on_cuda_uses_tf32_never_on_cpu(monkeypatch):
 def test_precision_float32_fit_on_cpu_leaves_tf32_off(blobs):
     X, _ = blobs
     before = torch.backends.cuda.matmul.allow_tf32
-    _train(X[:300], joint_probabilities(knn_graph(X[:300], k=30, method="exact"), 10.0), seed=0, epochs=1,
+    _train(X[:300], joint_probabilities(knn_graph(X[:300], n_neighbors=30, method="exact"), 10.0), seed=0, epochs=1,
            precision="float32")
     assert torch.backends.cuda.matmul.allow_tf32 is before
