@@ -43,7 +43,10 @@ def test_ray_worker_rss_names_only_the_ray_processes_below_the_driver():
 def test_peak_rss_sees_memory_taken_inside_the_block():
     mnist = _load("mnist")
     with mnist.PeakRSS(interval=0.01) as mem:
-        block = b"\x01" * (64 * 2**20)
-        time.sleep(0.1)
+        block = bytearray(64 * 2**20)
+        block[::4096] = b"\x01" * len(block[::4096])  # every page written: resident
+        deadline = time.monotonic() + 10  # the sampling thread may wait for a core on a loaded machine
+        while mem.peak - mem.start < 32 * 2**20 and time.monotonic() < deadline:
+            time.sleep(0.01)
         del block
     assert mem.peak - mem.start >= 32 * 2**20
