@@ -149,7 +149,15 @@ def mlflow_store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     monkeypatch.setenv("PTSNE_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
-    return {"tracking_uri": uri, "artifact_root": tmp_path / "mlartifacts"}
+    import mlflow
+
+    # An earlier test's `mlflow.set_tracking_uri` (every job calls it) outranks the
+    # environment in this process: point MLflow's globals at this store too.
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    yield {"tracking_uri": uri, "artifact_root": tmp_path / "mlartifacts"}
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
 
 
 # -- the end of the session -------------------------------------------------------------
