@@ -409,12 +409,8 @@ def _knn_task(
     bounds: np.ndarray, use_gpu: bool, n_threads: int, fail_marker: str | None, fail_mode: str = "raise",
 ):
     """kNN + calibration of one features part in one task; returns one edge block per head range + stats."""
-    t = time.perf_counter()
-    graph, search_stats = _knn_search_task(fs, part, index_refs, k, use_gpu, n_threads, fail_marker, fail_mode)
-    *blocks, stats = _edge_blocks(graph, part, k, perplexities, n, bounds)
-    stats.update(search_s=search_stats["search_s"], total_s=time.perf_counter() - t, peak_rss_mb=peak_rss_mb(),
-                 device=search_stats["device"], started=search_stats["started"], finished=search_stats["finished"])
-    return (*blocks, stats)
+    found = _knn_search_task(fs, part, index_refs, k, use_gpu, n_threads, fail_marker, fail_mode)
+    return _calibration_task(found, part, k, perplexities, n, bounds, n_threads)
 
 
 def _edge_blocks(graph, part: FeaturePart, k: int, perplexities: tuple[float, ...], n: int, bounds: np.ndarray):
