@@ -43,7 +43,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -648,14 +647,15 @@ def log_and_register_step(spec: TrainJobSpec, model: TrainedModel, affinities: A
     metrics = evaluate(spec.eval, model.estimator, where.affinities, affinities.manifest)
     plot_file = _plot(spec, model.estimator, where.affinities, Path(tmp) / PLOT_FILE)
     _copy_file(plot_file, where.plot)
-    model_uri, registered = _log_run(spec, model, affinities.manifest, metrics, plot_file, train_info, epochs)
+    model_uri, registered = _log_run(spec, model, affinities.manifest, metrics, plot_file, train_info, epochs,
+                                    tmp)
     return {"run_id": epochs.run_id, "model_uri": model_uri, "registered": registered,
             "plot": where.plot, "metrics": {**metrics, **train_info.get("timings", {})}}
 
 
 def _log_run(spec: TrainJobSpec, model: TrainedModel, manifest, metrics, plot_path, train_info,
-             epochs: EpochLogger) -> tuple[str | None, str | None]:
-    """The rest of the active run: epochs not logged live, quality metrics, artifacts, model."""
+             epochs: EpochLogger, tmp: str | os.PathLike) -> tuple[str | None, str | None]:
+    """The rest of the active run: epochs not logged live, quality metrics, artifacts (written in ``tmp``), model."""
     import mlflow
 
     from jobs import registry
@@ -666,13 +666,12 @@ def _log_run(spec: TrainJobSpec, model: TrainedModel, manifest, metrics, plot_pa
     numeric.update({k: float(v) for k, v in train_info.get("timings", {}).items()})
     mlflow.log_metrics(numeric)
     mlflow.set_tag("eval_source", metrics.get("eval_source", ""))
-    with tempfile.TemporaryDirectory(prefix="ptsne-run-") as tmp:
-        tmp = Path(tmp)
-        (tmp / "resolved_config.json").write_text(json.dumps(spec.params(model.config), indent=2, sort_keys=True))
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        (tmp / "history.json").write_text(json.dumps(model.history, indent=2))
-        for name in ("resolved_config.json", "manifest.json", "history.json"):
-            mlflow.log_artifact(str(tmp / name))
+    tmp = Path(tmp)
+    (tmp / "resolved_config.json").write_text(json.dumps(spec.params(model.config), indent=2, sort_keys=True))
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    (tmp / "history.json").write_text(json.dumps(model.history, indent=2))
+    for name in ("resolved_config.json", "manifest.json", "history.json"):
+        mlflow.log_artifact(str(tmp / name))
     if plot_path is not None:
         mlflow.log_artifact(str(plot_path))
     info = registry.log_model(model.estimator, metadata={"train_key": train_info["key"]})
