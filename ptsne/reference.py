@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.fft import next_fast_len
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -69,6 +70,8 @@ EXACT_SEARCH_MAX = 20_000
 SEARCH_RECALL = 0.9
 #: ``learning_rate="auto"`` of the reference map: this many times the number of points.
 LEARNING_RATE_PER_POINT = 4.0
+#: The reference map's objective is evaluated (and convergence tested) every this many iterations.
+CHECK_EVERY = 25
 
 
 @dataclass(frozen=True)
@@ -81,8 +84,14 @@ class ReferenceConfig:
         At most this many training points form the reference (a uniform sample
         beyond it); 0 trains a network-only model.
     n_iter : int
-        Gradient-descent iterations of the reference map (exaggeration 1) with
-        openTSNE's FFT interpolation on intervals of ``coarse_interval`` map units ...
+        At most this many gradient-descent iterations of the reference map (exaggeration
+        1) with openTSNE's FFT interpolation on intervals of ``coarse_interval`` map
+        units; the phase stops earlier once converged (``tol``) ...
+    tol : float
+        ... that is, once t-SNE's objective fell by less than ``tol`` (relative) over the
+        last :data:`CHECK_EVERY` iterations; 0 runs all ``n_iter``. A converged phase
+        ends at a number of iterations that follows the data and its size instead of a
+        count tuned on one data set.
     fine_iter : int
         ... then this many on intervals of ``fine_interval``, which sharpen the local
         structure. On MNIST (60k points, 2 threads), from the network's map at its
@@ -115,7 +124,9 @@ class ReferenceConfig:
         250_000, "training points kept as the model's reference (a uniform seeded sample beyond it): their "
         "coordinates optimised to t-SNE's objective, on which new points are placed; 0 disables it, for a "
         "network-only model", ge=0, name="reference_size")
-    n_iter: int = setting(100, "gradient-descent iterations of the reference map", ge=0, name="reference_iter")
+    n_iter: int = setting(100, "most gradient-descent iterations of the reference map's first phase (it stops "
+                          "earlier once converged)", ge=0, name="reference_iter")
+    tol: float = 1e-3
     fine_iter: int = 40
     coarse_interval: float = 2.0
     fine_interval: float = 1.5
@@ -147,6 +158,8 @@ class ReferenceConfig:
             )
         if self.transform_init not in INITS:
             raise ValueError(f"ReferenceConfig: transform_init must be one of {INITS}, got {self.transform_init!r}")
+        if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not 0 <= self.tol < 1:
+            raise ValueError(f"ReferenceConfig: tol must be a number in [0, 1), got {self.tol!r}")
         for name in ("coarse_interval", "fine_interval"):
             if not _positive(getattr(self, name)):
                 raise ValueError(f"ReferenceConfig: {name} must be a number > 0, got {getattr(self, name)!r}")
@@ -206,27 +219,56 @@ def optimize_map(
         init, PrecomputedAffinities(edges.to_csr(n), normalize=False), n_jobs=int(n_threads), dof=float(dof),
         random_state=int(random_state), negative_gradient_method=method, verbose=False,
     )
-    every = max(1, min(50, total))
     bar = tqdm(total=total, desc="ptsne reference", unit="it", disable=not verbose)
+    stop = Convergence(config.tol)
 
     def progress(iteration, error, _embedding):
-        bar.update(every)
+        bar.update(CHECK_EVERY)
         bar.set_postfix(kl=f"{error:.3f}")
 
     learning_rate = LEARNING_RATE_PER_POINT * n if config.learning_rate == "auto" else float(config.learning_rate)
     t = time.perf_counter()
+    ran = []
     try:
-        for n_iter, interval in ((config.n_iter, config.coarse_interval), (config.fine_iter, config.fine_interval)):
-            if n_iter:
-                embedding.optimize(
-                    n_iter, exaggeration=1.0, momentum=0.8, learning_rate=learning_rate, inplace=True,
-                    ints_in_interval=float(interval), callbacks=[progress] if verbose else None,
-                    callbacks_every_iters=every,
-                )
+        for n_iter, interval, test in ((config.n_iter, config.coarse_interval, config.tol > 0),
+                                       (config.fine_iter, config.fine_interval, False)):
+            if not n_iter:
+                continue
+            callbacks = ([stop] if test else []) + ([progress] if verbose else [])
+            stop.iterations = 0
+            embedding.optimize(
+                n_iter, exaggeration=1.0, momentum=0.8, learning_rate=learning_rate, inplace=True,
+                ints_in_interval=float(interval), callbacks=callbacks or None,
+                callbacks_every_iters=CHECK_EVERY,
+            )
+            ran.append(stop.iterations if test and stop.converged else n_iter)
     finally:
         bar.close()
-    log.info("reference map: %d points, %d iterations in %.1f s", n, total, time.perf_counter() - t)
+    log.info("reference map: %d points, %s iterations%s in %.1f s", n, " + ".join(map(str, ran)),
+             " (first phase converged)" if stop.converged else "", time.perf_counter() - t)
     return np.asarray(embedding, dtype=np.float32)
+
+
+class Convergence:
+    """openTSNE callback that stops the optimisation once its objective has converged.
+
+    Called every :data:`CHECK_EVERY` iterations with openTSNE's estimate of KL(P || Q);
+    returns True (stop) once the objective fell by less than ``tol`` of its value since
+    the previous call. ``iterations`` and ``converged`` say where and whether it stopped.
+    """
+
+    def __init__(self, tol: float):
+        self.tol = float(tol)
+        self.last: float | None = None
+        self.iterations = 0
+        self.converged = False
+
+    def __call__(self, iteration: int, error: float, _embedding=None) -> bool:
+        self.iterations = int(iteration)
+        error = float(error)
+        self.converged = self.last is not None and self.last - error < self.tol * abs(self.last)
+        self.last = error
+        return self.converged
 
 
 def best_scale(edges: Edges, Y: np.ndarray, dof: float = 1.0, n_pairs: int = 2_000_000,
@@ -359,17 +401,17 @@ class RepulsionField:
         mesh = torch.meshgrid(*([offsets] * self.dim), indexing="ij")
         delta = torch.stack(mesh, dim=-1)
         w, u = _kernel_parts((delta * delta).sum(-1), self.dof)
-        kernels = [w] + [w * u * delta[..., a] for a in range(self.dim)]
-        size = [2 * G - 1 + G - 1] * self.dim
-        dims = tuple(range(self.dim))
-        fd = torch.fft.rfftn(density.float(), s=size, dim=dims)
-        fields = []
-        crop = tuple(slice(G - 1, 2 * G - 1) for _ in dims)
-        for K in kernels:
-            full = torch.fft.irfftn(fd * torch.fft.rfftn(K, s=size, dim=dims), s=size, dim=dims)
-            fields.append(full[crop])
+        kernels = torch.stack([w] + [w * u * delta[..., a] for a in range(self.dim)])
+        # A circular convolution of length L >= 2G - 1 is exact on the nodes read back: node
+        # i takes kernel offsets i - j in [-(G-1), G-1] only, which never wrap. L is rounded
+        # up to a length FFTs handle fast (2049 = 3 * 683 becomes 2160 = 2^4 3^3 5).
+        size = [next_fast_len(2 * G - 1, real=True)] * self.dim
+        dims = tuple(range(1, self.dim + 1))
+        fd = torch.fft.rfftn(density.float().unsqueeze(0), s=size, dim=dims)
+        full = torch.fft.irfftn(fd * torch.fft.rfftn(kernels, s=size, dim=dims), s=size, dim=dims)
+        crop = (slice(None),) + tuple(slice(G - 1, 2 * G - 1) for _ in dims)
         # (1, 1 + dim, G, ..., G) for grid_sample; grid_sample's last coordinate is the first axis' last.
-        self.grid = torch.stack(fields).float().unsqueeze(0)
+        self.grid = full[crop].float().contiguous().unsqueeze(0)
         log.debug("repulsion grid: %d^%d nodes, spacing %.3f", G, self.dim, h)
 
     def __call__(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,8 @@ from ptsne.knn import knn_graph
 from ptsne.loss import exact_kl
 from ptsne.metrics import kl_divergence
 from ptsne.reference import (
+    CHECK_EVERY,
+    Convergence,
     Reference,
     ReferenceConfig,
     RepulsionField,
@@ -108,6 +110,37 @@ def test_optimize_map_lowers_the_exact_kl():
     Y = optimize_map(edges, init, ReferenceConfig(n_iter=200, fine_iter=100))
     assert Y.shape == init.shape and Y.dtype == np.float32
     assert kl_divergence(edges, Y) < kl_divergence(edges, init) - 0.3
+
+
+def test_convergence_stops_once_the_objective_falls_by_less_than_tol():
+    stop = Convergence(tol=0.01)
+    assert not stop(25, 3.0)  # nothing to compare with yet
+    assert not stop(50, 2.9)  # fell by 0.1, more than 1% of 3.0
+    assert stop(75, 2.88)  # fell by 0.02, less than 1% of 2.9
+    assert stop.converged and stop.iterations == 75
+    never = Convergence(tol=0.0)
+    assert not never(25, 1.0) and not never(50, 1.0)  # tol=0: an objective that stays put goes on
+
+
+@pytest.mark.parametrize("tol, stops", [(0.0, False), (0.5, True)])
+def test_optimize_map_stops_its_first_phase_once_converged(tol, stops, caplog):
+    X, _, edges = _small_problem()
+    init = np.random.default_rng(0).normal(scale=3.0, size=(len(X), 2)).astype(np.float32)
+    config = ReferenceConfig(n_iter=8 * CHECK_EVERY, fine_iter=0, tol=tol)
+    with caplog.at_level("INFO", logger="ptsne.reference"):
+        Y = optimize_map(edges, init, config)
+    ran = [r for r in caplog.records if "reference map" in r.getMessage()][-1].getMessage()
+    # tol=0.5: the objective cannot halve within 25 iterations twice, so the phase stops at the
+    # second check; tol=0 runs every iteration.
+    assert (f"{2 * CHECK_EVERY} iterations (first phase converged)" in ran) == stops
+    assert (f"{8 * CHECK_EVERY} iterations" in ran) == (not stops)
+    assert kl_divergence(edges, Y) < kl_divergence(edges, init)
+
+
+def test_reference_config_refuses_a_tol_outside_zero_to_one():
+    for bad in (-0.1, 1.0, "x", True):
+        with pytest.raises(ValueError, match="ReferenceConfig: tol must be a number in \\[0, 1\\)"):
+            ReferenceConfig(tol=bad)
 
 
 def test_best_scale_minimises_the_exact_kl_over_scales():
