@@ -532,8 +532,8 @@ def write_report(out: Path, results: dict) -> None:
 
 
 def _recall(recall) -> str:
-    """The kNN recall of a manifest (a number, or none for an exact search)."""
-    return "exact" if recall is None else f"{float(recall):.3f}"
+    """The kNN recall of a manifest (none for an exact search)."""
+    return "–" if recall is None else f"{float(recall):.3f}"
 
 
 def plot(path: Path, rows: list[dict], machine: dict) -> None:
