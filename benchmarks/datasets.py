@@ -30,6 +30,7 @@ The ``.npz`` it writes (``X_train``, ``y_train``, ``X_test``, ``y_test``) is wha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -198,6 +199,16 @@ def deform_images(images: np.ndarray, rng: np.random.Generator, config: DeformCo
     return np.clip(out, 0.0, 1.0, out=out) if scale != 1.0 else out
 
 
+@contextlib.contextmanager
+def _torch_threads(torch, n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def deformed_mnist_rows(
     images: np.ndarray, labels: np.ndarray, start: int, stop: int, seed: int, split: str,
     config: DeformConfig = DeformConfig(),
@@ -235,18 +246,6 @@ def deformed_mnist_rows(
             X[at:at + hi - lo], y[at:at + hi - lo] = out[lo:hi], labels[src[lo:hi]]
             at += hi - lo
     return X, y
-
-
-class _torch_threads:
-    def __init__(self, torch, n: int):
-        self.torch, self.n = torch, n
-
-    def __enter__(self):
-        self.before = self.torch.get_num_threads()
-        self.torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        self.torch.set_num_threads(self.before)
 
 
 def deformed_mnist(
