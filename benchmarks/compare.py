@@ -271,7 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     threads = set_num_threads(args.threads)
 
     t = time.perf_counter()
-    Xtr, ytr, Xte, yte = load_data(args.data, args.n_train, args.n_test, args.seed, args.mnist)
+    try:
+        Xtr, ytr, Xte, yte = load_data(args.data, args.n_train, args.n_test, args.seed, args.mnist)
+    except (ValueError, FileNotFoundError) as e:  # a bad size or a missing MNIST: before any work
+        log.error("%s", e)
+        return 2
     generate_s = time.perf_counter() - t
     tag = f"{args.data}-{len(Xtr)}"
     out = args.out or ROOT / "benchmarks" / "results" / "compare" / tag

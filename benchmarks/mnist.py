@@ -13,6 +13,7 @@ the modes are described there.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import compare  # noqa: E402
+from benchmarks import compare, datasets  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
     ap.add_argument("--skip-opentsne", action="store_true")
     args = ap.parse_args(argv)
+    if not (args.data or os.environ.get(datasets.MNIST_ENV)):
+        ap.error(f"MNIST path not given: pass --data PATH (an .npz with X_train, y_train, X_test, y_test) "
+                 f"or set ${datasets.MNIST_ENV}")
     forward = ["--data", "mnist", "--out", str(args.out), "--json", str(args.out / "results.json"),
                "--seed", str(args.seed)]
     forward += ["--mnist", args.data] if args.data else []
