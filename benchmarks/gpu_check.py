@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--e2e-n", type=int, default=1_000_000, help="rows of the end-to-end fit (0: skip)")
     p.add_argument("--skip-pytest", action="store_true", help="do not run the gpu tests and the default suite")
     p.add_argument("--skip-mnist", action="store_true", help="do not run benchmarks/mnist.py")
-    p.add_argument("--mnist-data", default=None, help="mnist.npz for the MNIST stage (default: benchmarks/mnist.py's)")
+    p.add_argument("--mnist-data", default=None, help="mnist.npz for the MNIST stage (default: $PTSNE_MNIST)")
     p.add_argument("--with-opentsne", action="store_true", help="run openTSNE beside ptsne in the MNIST stage")
     p.add_argument("--budget-s", type=float, default=420.0, help="no stage starts after this many seconds")
     p.add_argument("--out", default="gpu-check.json", help="JSON of every figure (default: gpu-check.json)")

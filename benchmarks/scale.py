@@ -1,9 +1,16 @@
 """End-to-end scale benchmark: import -> kNN -> P -> train -> register -> embed, at several N.
 
-For each N the script generates a deterministic Gaussian-mixture data set with
-``pipeline.synth`` (N training rows plus one held-out shard), then runs the
-pipeline stages through their library entry points, exactly as the ``ptsne``
-subcommands do:
+For each N the script generates a deterministic data set (N training rows plus one
+held-out shard), then runs the pipeline stages through their library entry points,
+exactly as the ``ptsne`` subcommands do. The data (``--data``):
+
+* ``gaussian``: a Gaussian mixture from ``pipeline.synth`` (20 centres in 50-D, whose
+  intrinsic dimension is the full 50: the worst case for an IVF index, unlike real embeddings);
+* ``deformed-mnist``: MNIST digits under random affine and elastic deformations
+  (``benchmarks/datasets.py``; 784 pixels, PCA to 50-D in the import stage), the held-out
+  shard deformed from the MNIST test digits. MNIST is read from ``--mnist`` or ``$PTSNE_MNIST``.
+
+The stages:
 
 * **import** (``validate`` + ``features`` of ``build_affinities``): read and check
   the shards, fit/apply PCA, write the features;
@@ -25,13 +32,18 @@ edge (``TrainResult``), and quality on a held-out sample (kNN accuracy of held-o
 points among embedded training points, and trustworthiness of the held-out
 embedding); the reference stage (inside **train**, in the driver: its seconds, points,
 MB and the train stage's driver peak memory), the registered artifact's size, and embed
-rows/s in both modes (the held-out shard embedded again with ``method="network"``).
+rows/s in both modes (the held-out shard embedded again with ``method="network"``);
+and, against openTSNE on a subsample (``--compare-sample`` training rows, default 100k, and
+``--compare-test`` held-out rows): the protocol of ``benchmarks/compare.py`` (openTSNE fitted
+on the subsample's features, ptsne's model of all N rows placing the same rows), its 1-NN /
+10-NN accuracy, T(12), recall@10, and the train maps' exact KL and recall@10.
 Results go to ``<out>/scale.json``, ``<out>/scale.md`` and a plot of
 time against N, ``<out>/scale.png``.
 
 Usage::
 
     python benchmarks/scale.py                       # N = 100k, 300k, 1M
+    python benchmarks/scale.py --data deformed-mnist --mnist mnist.npz --n 100000 300000 1000000
     python benchmarks/scale.py --n 5000 10000 20000 --out benchmarks/results/small
 
 This is a benchmark, not a test: the default sizes need a machine of their own
@@ -59,6 +71,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import compare, datasets
 from pipeline.train import DistributedTrainConfig
 from ptsne.reference import ReferenceConfig
 from ptsne.train import TrainConfig, default_epochs
@@ -67,13 +80,16 @@ log = logging.getLogger("benchmarks.scale")
 
 #: Pipeline stage -> the ``build_affinities`` timing keys it sums.
 AFFINITY_STAGES = {
-    "import": ("validate", "features"),
+    "import": ("validate", "pca", "features"),
     "knn": ("knn_index", "knn_affinities"),
     "affinities": ("symmetrize",),
 }
 STAGES = ("import", "knn", "affinities", "train", "register", "embed")
 MODEL_NAME = "ptsne-scale"
 ALIAS = "bench"
+DATA = ("gaussian", "deformed-mnist")
+#: PCA components before the kNN when --pca is not given.
+DATA_PCA = {"gaussian": None, "deformed-mnist": 50}
 
 
 # --------------------------------------------------------------------------- memory
@@ -174,24 +190,64 @@ class RssMonitor:
 # --------------------------------------------------------------------------- stages
 
 
-def generate(n: int, holdout: int, dim: int, centers: int, spread: float, seed: int, shard_rows: int,
-             work: Path) -> tuple[Path, Path]:
-    """``n`` training rows in ``work/train`` and one held-out shard of ``holdout`` rows in ``work/holdout``.
+def generate(n: int, holdout: int, args: argparse.Namespace, shard_rows: int, work: Path) -> tuple[Path, Path]:
+    """``n`` training rows in ``work/train`` and one held-out shard of ``holdout`` rows in ``work/holdout``,
+    of the data set ``args.data``."""
+    if n % shard_rows:
+        raise ValueError(f"--shard-rows={shard_rows} must divide every N, got N={n}")
+    train_dir, holdout_dir = work / "train", work / "holdout"
+    for d in (train_dir, holdout_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    if args.data == "deformed-mnist":
+        generate_deformed_mnist(n, holdout, args.mnist, args.seed, shard_rows, train_dir, holdout_dir)
+    else:
+        generate_gaussian(n, holdout, args.dim, args.centers, args.spread, args.seed, shard_rows, train_dir,
+                          holdout_dir)
+    return train_dir, holdout_dir
 
-    One synthetic set of ``n + holdout`` rows is generated and its last shard moved
-    aside, so the held-out rows come from the same mixture but were never trained on.
-    """
+
+def generate_deformed_mnist(n: int, holdout: int, mnist: str | None, seed: int, shard_rows: int,
+                            train_dir: Path, holdout_dir: Path) -> None:
+    """Deformed MNIST shards, one Ray task each: train rows from the MNIST train digits, the held-out
+    shard from the test digits (ids after the training rows')."""
+    import pyarrow as pa
+    import ray
+
+    from pipeline import schema
+    from pipeline.storage import resolve, write_parquet_atomic
+
+    digits = datasets.load_mnist_digits(mnist)
+    sources = {"train": ray.put((digits["X_train"], digits["y_train"])),
+               "test": ray.put((digits["X_test"], digits["y_test"]))}
+    fs, _ = resolve(str(train_dir))
+
+    @ray.remote(num_cpus=1)
+    def write(source, split: str, start: int, stop: int, first_id: int, index: int, directory: str) -> int:
+        X, y = datasets.deformed_mnist_rows(*source, start, stop, seed, split)
+        table = pa.table({schema.ID: pa.array(np.arange(first_id, first_id + len(X), dtype=np.int64)),
+                          schema.VECTOR: schema.vectors_to_arrow(X), schema.LABEL: pa.array(y)})
+        write_parquet_atomic(fs, str(Path(directory) / schema.part_name(index)), table)
+        return table.num_rows
+
+    n_shards = n // shard_rows
+    refs = [write.remote(sources["train"], "train", i * shard_rows, (i + 1) * shard_rows, i * shard_rows, i,
+                         str(train_dir)) for i in range(n_shards)]
+    refs.append(write.remote(sources["test"], "test", 0, holdout, n, n_shards, str(holdout_dir)))
+    rows = sum(ray.get(refs))
+    if rows != n + holdout:
+        raise RuntimeError(f"generated {rows} rows, expected {n + holdout}")
+
+
+def generate_gaussian(n: int, holdout: int, dim: int, centers: int, spread: float, seed: int, shard_rows: int,
+                      train_dir: Path, holdout_dir: Path) -> None:
+    """One synthetic mixture of ``n + holdout`` rows with its last shard moved aside, so the
+    held-out rows come from the same mixture but were never trained on."""
     from pipeline.synth import SynthConfig, generate_shard
     from pipeline.schema import part_name
     from pipeline.storage import resolve, write_parquet_atomic
 
-    if n % shard_rows:
-        raise ValueError(f"--shard-rows={shard_rows} must divide every N, got N={n}")
     config = SynthConfig(n=n + holdout, dim=dim, centers=centers, seed=seed, shard_rows=shard_rows, spread=spread)
-    train_dir, holdout_dir = work / "train", work / "holdout"
-    for d in (train_dir, holdout_dir):
-        d.mkdir(parents=True, exist_ok=True)
-    fs, _ = resolve(str(work))
+    fs, _ = resolve(str(train_dir))
     import ray
 
     @ray.remote(num_cpus=1)
@@ -205,22 +261,32 @@ def generate(n: int, holdout: int, dim: int, centers: int, spread: float, seed: 
     rows = sum(ray.get(refs))
     if rows != n + holdout:
         raise RuntimeError(f"generated {rows} rows, expected {n + holdout}")
-    return train_dir, holdout_dir
 
 
 def _read(directory: Path, limit: int | None, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, vectors, labels) of up to ``limit`` rows sampled from the shards in ``directory``."""
+    """(ids, vectors, labels) of up to ``limit`` rows sampled from the shards in ``directory``.
+
+    Shard by shard, so that only the sample and one shard are in memory (1M rows of 784
+    pixels are 3 GB).
+    """
     import pyarrow.parquet as pq
 
     from pipeline.schema import arrow_to_vectors
 
-    table = pq.read_table(sorted(directory.glob("*.parquet")))
-    ids = table.column("id").to_numpy()
-    X = arrow_to_vectors(table.column("vector"))
-    y = table.column("label").to_numpy()
-    if limit is not None and len(ids) > limit:
-        pick = np.sort(np.random.default_rng(seed).choice(len(ids), size=limit, replace=False))
-        ids, X, y = ids[pick], X[pick], y[pick]
+    files = sorted(directory.glob("*.parquet"))
+    sizes = np.array([pq.ParquetFile(f).metadata.num_rows for f in files])
+    total = int(sizes.sum())
+    pick = (np.arange(total) if limit is None or total <= limit
+            else np.sort(np.random.default_rng(seed).choice(total, size=limit, replace=False)))
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    parts = []
+    for f, lo, hi in zip(files, starts[:-1], starts[1:]):
+        rows = pick[(pick >= lo) & (pick < hi)] - lo
+        if len(rows):
+            parts.append(pq.read_table(f, columns=["id", "vector", "label"]).take(rows))
+    ids = np.concatenate([t.column("id").to_numpy() for t in parts])
+    X = np.concatenate([arrow_to_vectors(t.column("vector")) for t in parts])
+    y = np.concatenate([t.column("label").to_numpy() for t in parts])
     return ids, X, y
 
 
@@ -249,6 +315,26 @@ def quality(estimator, train_dir: Path, holdout_dir: Path, embedded_dir: Path, s
         "trustworthiness_k12": round(trustworthiness(X_test[:n_tw], emb_test[:n_tw], k=12), 4),
         "batch_vs_transform_max_abs_diff": drift,
     }
+
+
+def versus_opentsne(estimator, train_dir: Path, holdout_dir: Path, args: argparse.Namespace) -> dict:
+    """The protocol of ``benchmarks/compare.py`` on a subsample: openTSNE fitted on ``--compare-sample``
+    training rows (the model's own PCA features), ptsne's model of all N rows placing the same rows;
+    both transform ``--compare-test`` held-out rows. Figures per method, without the maps."""
+    _, X_train, y_train = _read(train_dir, args.compare_sample, args.seed + 2)
+    _, X_test, y_test = _read(holdout_dir, args.compare_test, args.seed + 3)
+    pca = estimator.pca_
+    Z_train, Z_test = (pca.transform(X_train), pca.transform(X_test)) if pca is not None else (X_train, X_test)
+    results = {}
+    for name, method in (("ptsne", "auto"), ("ptsne network", "network")):
+        t = time.perf_counter()
+        Y_test = estimator.transform(X_test, method=method)
+        seconds = time.perf_counter() - t
+        results[name] = {"Ytr": estimator.transform(X_train, method=method), "Yte": Y_test, "transform_s": seconds}
+    if not args.skip_opentsne:
+        results.update(compare.run_opentsne(Z_train, Z_test, args.seed, args.num_cpus))
+    compare.score(results, Z_train, y_train, Z_test, y_test)
+    return {"train_rows": len(Z_train), "test_rows": len(Z_test), "methods": compare.figures(results)}
 
 
 def train_share(aff_dir: Path, workers: int, args: argparse.Namespace, work: Path,
@@ -295,14 +381,14 @@ def run_one(n: int, args: argparse.Namespace, monitor: RssMonitor | None) -> dic
     seconds: dict[str, float] = {}
 
     t = time.perf_counter()
-    train_dir, holdout_dir = generate(n, holdout, args.dim, args.centers, args.spread, args.seed, shard_rows, work)
+    train_dir, holdout_dir = generate(n, holdout, args, shard_rows, work)
     seconds["generate"] = time.perf_counter() - t
 
     aff_dir = work / "affinities"
     with stage("import+knn+affinities"):
         manifest = build_affinities(AffinityJobConfig(
             input=str(train_dir), output=str(aff_dir), id_col="id", label_col="label",
-            perplexity=args.perplexity, pca_components=args.pca, knn_method=args.knn_method,
+            perplexity=args.perplexity, pca_components=pca_components(args), knn_method=args.knn_method,
             task_cpus=args.task_cpus, seed=args.seed,
         ))
     timings = manifest["timings_s"]
@@ -356,8 +442,10 @@ def run_one(n: int, args: argparse.Namespace, monitor: RssMonitor | None) -> dic
 
     q = quality(estimator, train_dir, holdout_dir, work / "embedded" / f"v{resolved.version}",
                 args.quality_sample, args.seed)
+    versus = versus_opentsne(estimator, train_dir, holdout_dir, args) if args.compare_sample else None
     record = {
         "n": n,
+        "data": args.data,
         "holdout": holdout,
         "shard_rows": shard_rows,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
@@ -392,6 +480,7 @@ def run_one(n: int, args: argparse.Namespace, monitor: RssMonitor | None) -> dic
         "embed_rows_per_s": round(summary.rows_per_s, 1),
         "embed_network_rows_per_s": network_rows_per_s,
         "quality": q,
+        "vs_opentsne": versus,
     }
     if monitor:
         monitor.stages.clear()
@@ -404,14 +493,14 @@ def run_one(n: int, args: argparse.Namespace, monitor: RssMonitor | None) -> dic
 
 
 def write_report(out: Path, results: dict) -> None:
-    (out / "scale.json").write_text(json.dumps(results, indent=2))
+    compare.write_atomic(out / "scale.json", json.dumps(results, indent=2))
     rows = results["runs"]
     lines = [
         "| N | " + " | ".join(STAGES) + " | total (s) | of which epochs (s) | peak worker RSS (MB) "
         "| train worker peak RSS (MB) | edges read per train worker (MB) | kNN acc. | trust. "
         "| reference (s) | reference points | driver peak RSS (MB) | artifact (MB) | embed rows/s "
-        "| network embed rows/s |",
-        "|---" * (len(STAGES) + 14) + "|",
+        "| network embed rows/s | kNN (recall) |",
+        "|---" * (len(STAGES) + 15) + "|",
     ]
     for r in rows:
         mem = r["peak_memory"] or {}
@@ -428,11 +517,23 @@ def write_report(out: Path, results: dict) -> None:
             f" | {r['quality']['trustworthiness_k12']:.3f}"
             f" | {r['reference']['seconds']:.1f} | {r['reference']['points']:,}"
             f" | {r['reference']['driver_peak_rss_mb'] or float('nan'):.0f} | {r['model']['artifact_mb']:.1f}"
-            f" | {r['embed_rows_per_s']:,.0f} | {r['embed_network_rows_per_s'] or float('nan'):,.0f} |"
+            f" | {r['embed_rows_per_s']:,.0f} | {r['embed_network_rows_per_s'] or float('nan'):,.0f}"
+            f" | {r['knn']['method']} ({_recall(r['knn']['recall'])}) |"
         )
-    (out / "scale.md").write_text("\n".join(lines) + "\n")
+    for r in rows:
+        versus = r.get("vs_opentsne")
+        if versus:
+            lines += ["", f"N = {r['n']:,}: against openTSNE on {versus['train_rows']:,} training rows "
+                          f"(ptsne: the N-row model placing them) and {versus['test_rows']:,} held-out rows", "",
+                      compare.markdown(versus["methods"], versus["test_rows"])]
+    compare.write_atomic(out / "scale.md", "\n".join(lines) + "\n")
     log.info("results:\n%s", "\n".join(lines))
     plot(out / "scale.png", rows, results["machine"])
+
+
+def _recall(recall) -> str:
+    """The kNN recall of a manifest (none for an exact search)."""
+    return "–" if recall is None else f"{float(recall):.3f}"
 
 
 def plot(path: Path, rows: list[dict], machine: dict) -> None:
@@ -481,10 +582,14 @@ def machine_info(ray) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, nargs="+", default=[100_000, 300_000, 1_000_000], help="training sizes")
-    p.add_argument("--dim", type=int, default=50)
-    p.add_argument("--centers", type=int, default=20)
+    p.add_argument("--data", choices=DATA, default="gaussian", help="the data set (see above)")
+    p.add_argument("--mnist", default=None, help=f"MNIST .npz for deformed-mnist (default ${datasets.MNIST_ENV})")
+    p.add_argument("--dim", type=int, default=50, help="gaussian: dimension")
+    p.add_argument("--centers", type=int, default=20, help="gaussian: mixture components")
     p.add_argument("--spread", type=float, default=6.0, help="std of the mixture means (smaller: classes overlap more)")
-    p.add_argument("--pca", type=int, default=None, help="PCA components before the kNN (default: none)")
+    p.add_argument("--pca", type=int, default=None,
+                   help="PCA components before the kNN (default: 50 for deformed-mnist, none for gaussian; "
+                        "0: none)")
     p.add_argument("--perplexity", type=float, default=30.0)
     p.add_argument("--knn-method", default="auto", choices=["auto", "exact", "ivf"])
     p.add_argument("--epochs", type=int, default=None,
@@ -503,6 +608,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu", action="store_true", help="train on GPUs (one per worker)")
     p.add_argument("--shard-rows", type=int, default=None, help="rows per shard (default: N/4, at most 100k)")
     p.add_argument("--quality-sample", type=int, default=2000, help="held-out rows scored")
+    p.add_argument("--compare-sample", type=int, default=100_000,
+                   help="training rows of the comparison with openTSNE (at most N; 0: no comparison)")
+    p.add_argument("--compare-test", type=int, default=10_000, help="held-out rows of the comparison")
+    p.add_argument("--skip-opentsne", action="store_true",
+                   help="score ptsne on the comparison's rows without fitting openTSNE")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray started here")
     p.add_argument("--ray-address", dest="address", default=None,
@@ -515,7 +625,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="first run the whole pipeline at this N, unrecorded, so that one-time start-up "
                         "costs (imports, Ray Train and Ray Data set-up, the MLflow schema) do not land on "
                         "the first N (0: no warm-up)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag, value, low in (("--compare-sample", args.compare_sample, 0), ("--compare-test", args.compare_test, 20),
+                             ("--pca", args.pca if args.pca is not None else 0, 0)):
+        if value < low:
+            p.error(f"{flag} must be at least {low}, got {value}")
+    return args
+
+
+def pca_components(args: argparse.Namespace) -> int | None:
+    """``--pca``, or the data set's default; 0 means none."""
+    n = DATA_PCA[args.data] if args.pca is None else args.pca
+    return n or None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -524,6 +645,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("ray", "mlflow", "alembic", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TQDM_DISABLE", "1")
+    if args.data == "deformed-mnist":
+        datasets.load_mnist_digits(args.mnist)  # a missing file fails here, before any work
+    # The local Ray's workers import this checkout's benchmarks package (the generators).
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     import ray
 
     # Absolute: Ray workers do not run in this directory.
@@ -538,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         with (RssMonitor() if not args.address else contextlib.nullcontext()) as monitor:
             if args.warmup:
                 log.info("warm-up at N = %d (not recorded)", args.warmup)
-                warmup = {**vars(args), "epochs": args.epochs or 2, "more_train_workers": []}
+                warmup = {**vars(args), "epochs": args.epochs or 2, "more_train_workers": [], "compare_sample": 0}
                 run_one(args.warmup, argparse.Namespace(**warmup), monitor)
             for n in args.n:
                 log.info("N = %d", n)

@@ -45,10 +45,10 @@ def test_ray_worker_rss_names_only_the_ray_processes_below_the_driver():
 #: are not a clean slate for a memory figure.
 _PEAK_RSS_PROBE = """
 import importlib.util, mmap, sys, time
-spec = importlib.util.spec_from_file_location("benchmark_mnist", sys.argv[1])
-mnist = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mnist)
-with mnist.PeakRSS(interval=0.01) as mem:
+spec = importlib.util.spec_from_file_location("benchmark_compare", sys.argv[1])
+compare = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare)
+with compare.PeakRSS(interval=0.01) as mem:
     block = mmap.mmap(-1, 64 * 2**20)  # an anonymous map, every page written: new resident memory
     for offset in range(0, len(block), mmap.PAGESIZE):
         block[offset] = 1
@@ -61,7 +61,7 @@ print(mem.peak_mb)
 
 
 def test_peak_rss_sees_memory_taken_inside_the_block():
-    proc = subprocess.run([sys.executable, "-c", _PEAK_RSS_PROBE, str(ROOT / "benchmarks" / "mnist.py")],
+    proc = subprocess.run([sys.executable, "-c", _PEAK_RSS_PROBE, str(ROOT / "benchmarks" / "compare.py")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert float(proc.stdout.strip().splitlines()[-1]) >= 32
