@@ -25,8 +25,11 @@ test: install
 test-all: install
 	$(PY) -m pytest -m "not gpu"
 
+# The MNIST file of the benchmarks (the project's own machines keep it beside the checkout).
+PTSNE_MNIST ?= ../shared/data/mnist.npz
+
 benchmark: install
-	$(PY) benchmarks/mnist.py
+	$(PY) benchmarks/mnist.py --data $(PTSNE_MNIST)
 
 # On a GPU node, in a venv with CUDA torch and `pip install -e ".[gpu,dev]"` (not `install`, which takes faiss-cpu):
 # environment, gpu tests, default suite, PASS/FAIL per GPU item of issue 19, figures in gpu-check.json.
