@@ -119,7 +119,7 @@ CORRUPTIONS = {
     "unknown param": (lambda m: _config(m, params={**json.loads((m / CONFIG_FILE).read_text())["params"],
                                                    "bogus": 1}), CONFIG_FILE, "params"),
     "other network": (lambda m: _config(m, params={**json.loads((m / CONFIG_FILE).read_text())["params"],
-                                                   "hidden_layers": [9]}), WEIGHTS_FILE, "do not fit the network"),
+                                                   "hidden_layers": [9]}), CONFIG_FILE, "shapes differ from the weights"),
     "n_features_in": (lambda m: _config(m, n_features_in=DIM + 1), WEIGHTS_FILE, "n_features_in=7"),
     "weights truncated": (lambda m: (m / WEIGHTS_FILE).write_bytes((m / WEIGHTS_FILE).read_bytes()[:100]),
                           WEIGHTS_FILE, "not a readable safetensors file"),
