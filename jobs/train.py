@@ -706,8 +706,8 @@ def train_job(spec: TrainJobSpec) -> TrainJobResult:
     from jobs import tempdirs
     from pipeline.storage import lock, resolve
 
-    given = _check_before_ray(spec)
     tempdirs.remove_stale(TEMP_PREFIX)  # left by runs killed with SIGKILL
+    given = _check_before_ray(spec)
     with lock(*resolve(spec.locations.workdir), LOCK_FILE, what="another `ptsne train`"):
         return _train_job(spec, given)
 
