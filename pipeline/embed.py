@@ -1396,6 +1396,7 @@ def embed_shards(
         if ledger.legacy:
             _warn_legacy(ledger, present)
         found = _list_input(in_fs, root)
+        _check_unrecorded(ledger, model, config, in_fs, found, present)
         ledger.set_aside_damaged()  # their shards are pending below
         if ledger.upgrade(model, found, present):  # older lines: no re-embedding, the identity recorded
             ledger.write()
@@ -1459,6 +1460,74 @@ def _check_owner(ledger: Ledger, model: ModelSpec) -> None:
             f"output directory {ledger.directory!r} holds embeddings of {', '.join(sorted(others))}, not of "
             f"{model.describe()}; use another --output"
         )
+
+
+#: Rows of one shard embedded again to tell whether lines without the weights' sha256 are this model's.
+PROBE_ROWS = 16
+
+
+def _check_unrecorded(ledger: Ledger, model: ModelSpec, config: EmbedConfig, in_fs: pafs.FileSystem,
+                      found: list[_Shard], present: set[str]) -> None:
+    """Refuse this model for lines written before the weights' sha256 was recorded, unless it wrote them.
+
+    Such a line names the model by name and version alone, which two local
+    directories (``model``, ``local``) share. The first rows of one of their
+    shards whose input is unchanged are embedded again with this model and
+    compared with the output: another model's map differs. Where no such shard
+    is left (inputs gone or changed), name and version are all there is to
+    compare, with a warning.
+    """
+    unrecorded = [e for e in ledger.entries.values() if e.get("model_sha256") is None]
+    if not unrecorded:
+        return
+    verdict = _probe(ledger, model, config, in_fs, {s.uri: s for s in found}, present, unrecorded)
+    if verdict is None:
+        log.warning("%s: %d ledger line(s) record no weights' sha256 and none of their inputs is there as it "
+                    "was; they are taken for %s on their name and version alone",
+                    ledger.directory, len(unrecorded), model.describe())
+    elif not verdict:
+        raise ValueError(
+            f"output directory {ledger.directory!r} holds embeddings of {unrecorded[0].get('model_name')} "
+            f"version {unrecorded[0].get('model_version')} written before weights were recorded, and "
+            f"{model.describe()} places their rows elsewhere: another model; use another --output"
+        )
+
+
+def _probe(ledger: Ledger, model: ModelSpec, config: EmbedConfig, in_fs: pafs.FileSystem, listed: dict,
+           present: set[str], lines: list[dict]) -> bool | None:
+    """Whether this model reproduces the first rows of a shard of ``lines``; None when none can be read."""
+    from ptsne.estimator import ParametricTSNE
+
+    for e in lines:
+        shard = listed.get(e.get("uri"))
+        columns = e.get("columns")
+        if shard is None or not ledger.is_done(shard, present) or not e.get("rows") or not columns:
+            continue
+        try:
+            with ledger.fs.open_input_file(storage.join(ledger.root, e["output"])) as f:
+                out = next(pq.ParquetFile(f).iter_batches(batch_size=PROBE_ROWS, columns=[columns[0], EMBEDDING]))
+            with in_fs.open_input_file(shard.path) as f:
+                parquet = pq.ParquetFile(f)
+                spec = _resolve_spec(parquet.schema_arrow, dataclasses.replace(config, id_col=columns[0]), model)
+                table = pa.Table.from_batches([next(parquet.iter_batches(batch_size=64 * PROBE_ROWS,
+                                                                         columns=spec.columns))])
+        except (OSError, StopIteration, KeyError, ValueError, pa.ArrowException):
+            continue
+        X, status = _vectors(table, spec)
+        first = {}
+        for row, key in enumerate(table.column(spec.id_col).to_pylist()):
+            first.setdefault(key, row)
+        pairs = [(first[key], i) for i, key in enumerate(out.column(0).to_pylist())
+                 if key in first and status[first[key]] == OK]
+        if not pairs:
+            continue
+        rows, kept = (np.array(p) for p in zip(*pairs))
+        est = ParametricTSNE.load(model.path, device="cpu")
+        mine = est.transform(X[rows], method=e.get("method") or spec.method)
+        theirs = np.stack(out.column(1).to_numpy(zero_copy_only=False)[kept])
+        scale = max(1.0, float(np.abs(theirs).max()))
+        return bool(np.allclose(mine, theirs, rtol=1e-3, atol=1e-3 * scale))
+    return None
 
 
 def _warn_legacy(ledger: Ledger, present: set[str]) -> None:

@@ -590,7 +590,13 @@ def test_outputs_written_before_the_sha256_and_etag_are_read_and_upgraded_withou
     outputs = {p: p.read_bytes() for p in (out / "local").glob("*.parquet")}
     _strip(out / "local" / LEDGER_FILE, "model_sha256", "etag")
     _strip(out / CURRENT_FILE, "model_sha256")
+    stripped = _files_of(out)
 
+    # Another model of the same name and version: its placement of the shard's first rows tells it apart.
+    with pytest.raises(ValueError, match=r"written before weights were recorded, and model version local "
+                                         r"\(weights sha256 \w+\) places their rows elsewhere"):
+        embed_shards(inp, out, local(other_model_dir), CFG)
+    assert _files_of(out) == stripped
     again = embed_shards(inp, out, spec_a, CFG)
     assert (again.shards_written, again.shards_skipped) == (0, 2)  # old lines match on size and mtime
     entries = Ledger.load(out / "local").entries.values()
