@@ -18,7 +18,7 @@ Output layout::
 
     OUTPUT/_current.json                      which version directory is complete and current
     OUTPUT/.ptsne-embed.lock                  one writer at a time (flock; a lease object on object stores)
-    OUTPUT/<tag>/<dir>/<stem>.<hash>.parquet  one file per input shard (tag: v3, run-<id>, local)
+    OUTPUT/<tag>/<dir>/<stem>.<hash>.parquet  one file per input shard (tag: v3, run-<id>, local-<sha256>)
     OUTPUT/<tag>/_ledger.jsonl                one line per finished input shard
     OUTPUT/<tag>/_rejects/<dir>/<stem>.<hash>.parquet   rejected rows (``on_invalid="reject"``)
 
@@ -1364,8 +1364,11 @@ def embed_shards(
         ``on_duplicate_ids="error"`` (those shards not written, others complete).
     ValueError
         ``input`` and ``output`` contain one another; the output holds another
-        model's, method's or columns' embeddings; the actors need more CPUs or
-        GPUs than the cluster has.
+        model's (name, version or weights), method's or columns' embeddings; the
+        actors need more CPUs or GPUs than the cluster has.
+    DamagedOutputError
+        ``_current.json`` is damaged and the output holds several version
+        directories (see :func:`repair_current`).
     pipeline.storage.OutputLocationError
         A local ``output`` cannot be written (not a directory, no permission).
     pipeline.storage.LockedError
