@@ -217,7 +217,8 @@ def _resolve(args, cache):
     Without ``--reembed`` the current output's directory is kept, and a model
     with the current output's name and version but other weights (two local
     directories both named ``model``) is refused. A pointer written before the
-    weights' sha256 was recorded is compared on name and version, all it holds.
+    weights' sha256 was recorded holds name and version alone; the directory's
+    ledger lines are then checked by content (``pipeline.embed._check_unrecorded``).
     A damaged pointer is set aside and rebuilt first (:func:`pipeline.embed.repair_current`).
     """
     from pipeline.embed import repair_current
