@@ -14,10 +14,13 @@ Input and output are local paths or URIs of any pyarrow filesystem (``s3://...``
 read the input and write the output shards themselves, so on a cluster of several machines a
 local ``--output`` must be a filesystem shared by every node.
 
-Exit codes: 0 done (also when there is nothing new to embed); 1 an output that cannot be
+Exit codes: 0 done (also when there is nothing new to embed, and ``--watch`` stopped by
+SIGTERM or Ctrl-C: finished shards are kept); 1 an output that cannot be
 written or is locked by another run, or an unexpected error;
 2 usage (bad URI, an input and an output of which one contains the other, output held by
-another model without ``--reembed``, ``--method refine`` for a network-only model);
+another model, or by another model's weights under the same name and version, without
+``--reembed``; a damaged ``_current.json`` in an output of several version directories
+without ``--reembed``; ``--method refine`` for a network-only model);
 3 bad input (schema, dimension, NaN/Inf rows, duplicate ids with ``--on-duplicate-ids error``);
 4 model, alias, version or input not found, or a model that cannot be used (a missing or corrupt
 file, a sha256 mismatch; the message names the file).
@@ -154,7 +157,9 @@ class _ModelCache:
         self.tmp = tempdirs.make(TEMP_PREFIX)
         self.paths: dict[str, str] = {}
 
-    def spec(self, ref):
+    def spec(self, ref, tag: str | None = None):
+        """The :class:`pipeline.embed.ModelSpec` of ``ref`` (downloaded and checked once), written to
+        directory ``tag`` (default ``ref.tag``)."""
         from jobs import registry
         from pipeline.embed import ModelSpec
 
@@ -170,7 +175,7 @@ class _ModelCache:
                 where = "" if ref.version == "local" else f" (model {ref.uri})"
                 raise type(exc)(exc.file, exc.problem + where) from None
             self.paths[ref.uri] = str(path)
-        return ModelSpec(path=self.paths[ref.uri], name=ref.name, version=ref.version, tag=ref.tag)
+        return ModelSpec(path=self.paths[ref.uri], name=ref.name, version=ref.version, tag=tag or ref.tag)
 
 
 def _choose(args, out_current):
@@ -206,6 +211,35 @@ class _UsageError(ValueError):
     """An output or a model that cannot be used as asked (exit 2)."""
 
 
+def _resolve(args, cache):
+    """The model to apply and its output directory: the version :func:`_choose` picks, checked by content.
+
+    Without ``--reembed`` the current output's directory is kept, and a model
+    with the current output's name and version but other weights (two local
+    directories both named ``model``) is refused. A pointer written before the
+    weights' sha256 was recorded holds name and version alone; the directory's
+    ledger lines are then checked by content (``pipeline.embed._check_unrecorded``).
+    A damaged pointer is set aside and rebuilt first (:func:`pipeline.embed.repair_current`).
+    """
+    from pipeline.embed import repair_current
+
+    current = repair_current(args.output, reembed=args.reembed)
+    ref = _choose(args, current)
+    spec = cache.spec(ref)
+    if args.reembed or current is None or (current.get("model_name"), current.get("model_version")) != \
+            (spec.name, spec.version):
+        return spec
+    recorded = current.get("model_sha256")
+    if recorded is not None and recorded != spec.sha256:
+        raise _UsageError(
+            f"{args.output} holds embeddings of {spec.name} version {spec.version} whose weights have sha256 "
+            f"{recorded[:12]}, and --model {args.model} is another model of that name and version (weights "
+            f"sha256 {spec.sha256[:12]}); pass --reembed to embed everything with it into {spec.tag}/, "
+            "or use another --output"
+        )
+    return cache.spec(ref, tag=current["dir"])
+
+
 def _check_model(args, cache) -> None:
     """Resolve, download and check the model before Ray starts; refuse ``--method refine``
     for a network-only model.
@@ -215,11 +249,10 @@ def _check_model(args, cache) -> None:
     by another model) are reported here without ``--watch``; with it, they are left to
     the poll loop, which reports and retries them.
     """
-    from pipeline.embed import read_current
     from ptsne.errors import ModelFileError
 
     try:
-        spec = cache.spec(_choose(args, read_current(args.output)))
+        spec = _resolve(args, cache)
     except ModelFileError:
         raise
     except Exception:
@@ -235,12 +268,9 @@ def _check_model(args, cache) -> None:
 
 
 def _once(args, cache, config, start_ray):
-    from pipeline.embed import embed_shards, read_current
+    from pipeline.embed import embed_shards
 
-    current = read_current(args.output)
-    ref = _choose(args, current)
-    spec = cache.spec(ref)
-    return embed_shards(args.input, args.output, spec, config, start_ray=start_ray)
+    return embed_shards(args.input, args.output, _resolve(args, cache), config, start_ray=start_ray)
 
 
 def _report(args, summary) -> None:
@@ -290,13 +320,21 @@ def run(args) -> int:
         log.warning("--block-mb has no effect (each input shard is one task); ignored")
     if registry.parse_model_uri(args.model)[0] != "dir":
         configure_mlflow(experiment=None)
-    # SIGTERM (cron timeouts, `ray job stop`) ends a poll loop cleanly; only the main thread may set it.
+    # SIGTERM (cron timeouts, systemd, Kubernetes, `ray job stop`) ends a poll loop cleanly; only the
+    # main thread may set it. ray.init installs a handler of its own (sys.exit, then an abort while Ray's
+    # threads are torn down), so ours is installed again once Ray is up.
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     cache = _ModelCache()
     polls = 0
     # Ray starts only when a poll has rows to embed, and stops at the end if it started here.
     session = ray_session(args, logging_level=logging.WARNING, log_to_driver=False)
+
+    def start_ray() -> None:
+        session.start()
+        if main_thread:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+
     try:
         try:
             _check_model(args, cache)
@@ -307,7 +345,7 @@ def run(args) -> int:
         while True:
             polls += 1
             try:
-                summary = _once(args, cache, config, session.start)
+                summary = _once(args, cache, config, start_ray)
                 _report(args, summary)
                 code = EXIT_OK
             except Exception as exc:

@@ -74,6 +74,12 @@ class ModelRef:
     sha256 : dict
         ``{file name: hex sha256}`` recorded in the model version's tags (empty for
         an unregistered model or a version registered before sums were recorded).
+    weights_sha256 : str or None
+        sha256 of the weights (``model.safetensors``): part of the model's identity,
+        with its name and version (two local directories are both version
+        ``local``). A local directory's is known at lookup (its ``SHA256SUMS``); a
+        registered version's from its tags, and any model's once downloaded
+        (:func:`resolve_model`).
     """
 
     name: str
@@ -83,6 +89,7 @@ class ModelRef:
     path: Path | None = field(default=None, compare=False)
     aliases: tuple[str, ...] = ()
     sha256: dict[str, str] = field(default_factory=dict, compare=False)
+    weights_sha256: str | None = None
 
     @property
     def is_registered(self) -> bool:
@@ -90,12 +97,13 @@ class ModelRef:
 
     @property
     def tag(self) -> str:
-        """Short directory-safe label of this version: ``v3``, ``run-<id>`` or ``local``."""
+        """Short directory-safe label of this version: ``v3``, ``run-<id>``, or ``local-<sha256 of the
+        weights, 10 digits>`` (two local directories of one name are two models)."""
         if self.is_registered:
             return f"v{self.version}"
         if self.run_id:
             return f"run-{self.run_id}"
-        return "local"
+        return f"local-{self.weights_sha256[:10]}" if self.weights_sha256 else "local"
 
 
 def _filter_literal(field_name: str, value: str) -> str:
@@ -233,10 +241,14 @@ def lookup(uri: str) -> ModelRef:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from ptsne.digest import recorded_sha256
+    from ptsne.estimator import WEIGHTS_FILE
+
     kind, parts = parse_model_uri(uri)
     if kind == "dir":
         path = Path(parts["path"]).resolve()
-        return ModelRef(name=path.name, version="local", uri=str(path), path=path)
+        return ModelRef(name=path.name, version="local", uri=str(path), path=path,
+                        weights_sha256=recorded_sha256(_estimator_dir(path), WEIGHTS_FILE))
     client = mlflow.MlflowClient()
     if kind == "run":
         run_id, path = parts["run_id"], parts["path"]
@@ -279,6 +291,7 @@ def lookup(uri: str) -> ModelRef:
         run_id=mv.run_id or None,
         aliases=tuple(sorted(a for a, v in aliases.items() if v == str(mv.version))),
         sha256=_sums_of_tags(mv.tags),
+        weights_sha256=_sums_of_tags(mv.tags).get(WEIGHTS_FILE),
     )
 
 
@@ -386,10 +399,13 @@ def resolve_model(uri: str, dst: str | os.PathLike | None = None, device: str = 
     """
     from ptsne.estimator import ParametricTSNE
 
+    from ptsne.digest import recorded_sha256
+    from ptsne.estimator import WEIGHTS_FILE
+
     ref = lookup(uri)
     path = download(ref, dst)
     estimator = ParametricTSNE.load(path, device=device)
-    return estimator, dataclasses.replace(ref, path=path)
+    return estimator, dataclasses.replace(ref, path=path, weights_sha256=recorded_sha256(path, WEIGHTS_FILE))
 
 
 def _iso(ms: int | None) -> str | None:

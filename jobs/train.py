@@ -29,7 +29,11 @@ count; an interrupted run resumes from its last epoch checkpoint under
 ``--storage-path``), ``register`` (no new run when the stamp records one for the
 same model name).
 
-Exit codes: 0 ok; 1 unexpected error; 2 usage (bad option or config file, an
+One ``ptsne train`` per workdir at a time: a second one is refused (exit 1, naming the
+holder ``host:pid``) by ``WORKDIR/.ptsne-train.lock``, a ``flock`` locally and a lease object
+on object stores, as ``ptsne embed`` locks its output.
+
+Exit codes: 0 ok; 1 another run holds the workdir, or an unexpected error; 2 usage (bad option or config file, an
 input and a location this job writes of which one contains the other, a model
 location holding something else); 3 bad input data; 4 input, config file or
 affinity directory not found.
@@ -66,6 +70,10 @@ MODEL_DIR = "model"
 AFFINITY_DIR = "affinities"
 RAY_RESULTS_DIR = "ray_results"
 PLOT_FILE = "embedding.png"
+#: One writer per workdir (:func:`pipeline.storage.lock`).
+LOCK_FILE = ".ptsne-train.lock"
+#: Name prefix of the run's temporary directories in the system temp directory (:mod:`jobs.tempdirs`).
+TEMP_PREFIX = "ptsne-run-"
 #: Phases logged as the numeric ``phase`` metric.
 PHASES = {"early_exaggeration": 0, "embedding": 1}
 
@@ -685,7 +693,9 @@ def _log_run(spec: TrainJobSpec, model: TrainedModel, manifest, metrics, plot_pa
 def train_job(spec: TrainJobSpec) -> TrainJobResult:
     """Run the whole job of ``spec``; raises on failure (see :func:`run` for exit codes).
 
-    The steps: :func:`affinities_step`, :func:`reuse_step` (the end when
+    The workdir is locked for the whole job (:data:`LOCK_FILE`, taken before Ray
+    starts): a second job on it raises :class:`pipeline.storage.LockedError`
+    naming the holder. The steps: :func:`affinities_step`, :func:`reuse_step` (the end when
     :func:`logged_before` finds the run of the model), then, in one MLflow run,
     :func:`train_step` and :func:`log_and_register_step`. The run starts before
     training, so that the per-epoch metrics appear while the workers train, and
@@ -693,12 +703,22 @@ def train_job(spec: TrainJobSpec) -> TrainJobResult:
     started here is shut down at the end. Every location may be a local path or
     a URI (:class:`TrainLocations`).
     """
+    from jobs import tempdirs
+    from pipeline.storage import lock, resolve
+
+    tempdirs.remove_stale(TEMP_PREFIX)  # left by runs killed with SIGKILL
+    given = _check_before_ray(spec)
+    with lock(*resolve(spec.locations.workdir), LOCK_FILE, what="another `ptsne train`"):
+        return _train_job(spec, given)
+
+
+def _train_job(spec: TrainJobSpec, given: dict | None) -> TrainJobResult:
+    """:func:`train_job` once the workdir is locked (``given``: the manifest of ``--affinities``)."""
     import mlflow
 
     from jobs import tempdirs
     from jobs.tracking import configure_mlflow
 
-    given = _check_before_ray(spec)
     where = spec.locations
     started_ray = _init_ray(spec)
     try:
@@ -720,7 +740,7 @@ def train_job(spec: TrainJobSpec) -> TrainJobResult:
             log.info("register: run %s already logged and registered this model; skipping", logged["run_id"])
             out.skipped.append("register")
             return _result(out, logged)
-        with mlflow.start_run(run_name=spec.run_name) as run, tempdirs.make("ptsne-run-") as tmp:
+        with mlflow.start_run(run_name=spec.run_name) as run, tempdirs.make(TEMP_PREFIX) as tmp:
             _log_params(spec.params(model.config), affinities.manifest, model.key, where.workdir,
                         model.feature_source, model.config.train.n_epochs)
             epochs = EpochLogger(run.info.run_id)

@@ -18,7 +18,7 @@ Output layout::
 
     OUTPUT/_current.json                      which version directory is complete and current
     OUTPUT/.ptsne-embed.lock                  one writer at a time (flock; a lease object on object stores)
-    OUTPUT/<tag>/<dir>/<stem>.<hash>.parquet  one file per input shard (tag: v3, run-<id>, local)
+    OUTPUT/<tag>/<dir>/<stem>.<hash>.parquet  one file per input shard (tag: v3, run-<id>, local-<sha256>)
     OUTPUT/<tag>/_ledger.jsonl                one line per finished input shard
     OUTPUT/<tag>/_rejects/<dir>/<stem>.<hash>.parquet   rejected rows (``on_invalid="reject"``)
 
@@ -28,9 +28,12 @@ full URI (:func:`output_name`): two inputs never share an output file, even
 with the same relative path (``incoming/day1/a.parquet`` and
 ``incoming/day2/a.parquet`` embedded by two runs into one output).
 
-Exactly once: the ledger is keyed by the input's full URI and records its size
-and modification time. A shard is pending when the ledger has no line for its
-URI, its size or modification time changed, or its output file is gone. Its
+Exactly once: the ledger is keyed by the input's full URI and records its size,
+modification time and change token (:func:`pipeline.storage.change_tokens`: the
+object's ETag on object stores, inode and ctime locally). A shard is pending
+when the ledger has no line for its URI, its size, modification time or token
+changed (lines written without a token compare size and time), or its output
+file is gone. Its
 output is written whole or not at all (:func:`pipeline.storage.parquet_writer`),
 and only then is its ledger line added (the ledger is rewritten atomically).
 A run killed at any point leaves temporary files, which the next run deletes
@@ -39,6 +42,23 @@ complete outputs without a ledger line, each replaced when its input is
 embedded again. So every input row ends up in the output exactly once. Files
 the ledger does not name (a user's, or outputs listed by a ledger of the older
 format, which was keyed by relative path) are never deleted.
+
+One model per version directory, identified by its content: name, version
+and the sha256 of its weights (``model_sha256`` in each ledger line and in
+``_current.json``). A directory whose lines name another model, or the same
+name and version with other weights (two local directories both called
+``model``), is refused. Lines and pointers written before the sha256 was
+recorded match on name and version, the only identity they hold, and are
+upgraded with this model's sha256 (nothing is embedded again).
+
+A damaged ledger line (not UTF-8, not a JSON object) is set aside: the ledger
+as it was is kept as ``_ledger.jsonl.damaged-<time>``, the ledger is rewritten
+without the line and its shard is embedded again, its output replaced under
+the same name. A damaged ``_current.json`` is kept as
+``_current.json.damaged-<time>`` and rebuilt from the one version directory
+the output holds; an output of several version directories cannot tell which
+was current and is refused (:class:`DamagedOutputError`) until a run names
+the model to make current (``ptsne embed --reembed``).
 
 Ids are checked for duplicates within each shard (the actor keeps the shard's
 id column, not its rows): a warning with the count, or with
@@ -54,6 +74,7 @@ run with nothing to do (or one refused) starts no Ray when given ``start_ray``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -83,6 +104,8 @@ log = logging.getLogger(__name__)
 
 LEDGER_FILE = "_ledger.jsonl"
 CURRENT_FILE = "_current.json"
+#: Suffix of a damaged ledger or pointer kept aside (never deleted: no name of ours, see ``storage.is_ours``).
+DAMAGED_MARK = ".damaged-"
 LOCK_FILE = ".ptsne-embed.lock"
 REJECTS_DIR = "_rejects"
 #: 2: ledger lines keyed by the input's URI (``uri``), output names with the URI's hash.
@@ -105,6 +128,11 @@ VISIBLE_TIMEOUT_S = 10.0
 #: Row status codes computed by the actors.
 OK, NULL_VECTOR, NON_FINITE, WRONG_DIM = 0, 1, 2, 3
 REASONS = {NULL_VECTOR: "null vector", NON_FINITE: "NaN or Inf", WRONG_DIM: "wrong dimension"}
+
+
+class DamagedOutputError(ValueError):
+    """A ledger or ``_current.json`` that cannot be read and cannot be rebuilt; the message names the
+    file and what repairs it."""
 
 
 class EmbedInputError(ValueError):
@@ -134,12 +162,17 @@ class ModelSpec:
         Written to the ``model_name`` / ``model_version`` columns and the ledger.
     tag : str
         Name of the versioned output directory (``v3``).
+    sha256 : str, optional
+        sha256 of the weights (``model.safetensors``), part of the model's
+        identity; default: as the directory's ``SHA256SUMS`` records it (which
+        every load checks), else computed.
     """
 
     path: str
     name: str
     version: str
     tag: str
+    sha256: str = ""
 
     def __post_init__(self) -> None:
         for attr in ("path", "name", "version", "tag"):
@@ -150,6 +183,15 @@ class ModelSpec:
             raise ValueError(f"ModelSpec: tag must be a plain directory name, got {self.tag!r}")
         if not (Path(self.path) / "config.json").is_file():
             raise FileNotFoundError(f"ModelSpec: no config.json in model directory {self.path!r}")
+        if not self.sha256:
+            from ptsne.digest import recorded_sha256
+            from ptsne.estimator import WEIGHTS_FILE
+
+            object.__setattr__(self, "sha256", recorded_sha256(self.path, WEIGHTS_FILE))
+
+    def describe(self) -> str:
+        """The model's identity in words (messages)."""
+        return _identity(self.name, self.version, self.sha256)
 
     def config(self) -> dict:
         return json.loads((Path(self.path) / "config.json").read_text())
@@ -367,6 +409,7 @@ class _Shard:
     size: int
     mtime_ns: int | None
     rows: int = 0
+    etag: str | None = None  # storage.change_tokens: the ETag of an object, inode and ctime of a local file
 
     @property
     def output(self) -> str:
@@ -410,8 +453,14 @@ class Ledger:
     key), ``input`` (its path relative to the input root), ``size``,
     ``mtime_ns``, ``rows``, ``rejected``, ``output`` and ``rejects`` (paths
     relative to the directory, or null), ``sha256``, ``model_name``,
-    ``model_version``, ``columns``, ``method`` (``network`` or ``refine``),
-    ``finished``.
+    ``model_version``, ``model_sha256`` (of the weights), ``columns``, ``method``
+    (``network`` or ``refine``), ``etag`` (:func:`pipeline.storage.change_tokens`),
+    ``finished``. Lines written before ``model_sha256`` and ``etag`` existed lack them.
+
+    A line that is not UTF-8 or not a JSON object is *damaged*: left out of
+    :attr:`entries`, its number in :attr:`damaged`, and warned about;
+    :meth:`set_aside_damaged` (the writer's) keeps the file as it was and
+    rewrites it without such lines.
 
     Lines of the older format (no ``uri``; keyed by the relative path, which
     two inputs may share) are kept in :attr:`legacy` and in the file, but never
@@ -419,11 +468,14 @@ class Ledger:
     """
 
     def __init__(self, fs: pafs.FileSystem, directory: str, entries: dict[str, dict] | None = None,
-                 legacy: list[dict] | None = None):
+                 legacy: list[dict] | None = None, damaged: list[int] | None = None, raw: bytes = b""):
         self.fs = fs
         self.root = directory
         self.entries = entries or {}
         self.legacy = legacy or []
+        #: Numbers of the lines that could not be read, and the file's bytes as read (kept when set aside).
+        self.damaged = damaged or []
+        self.raw = raw
 
     @property
     def directory(self) -> str:
@@ -441,24 +493,32 @@ class Ledger:
             fs, directory = storage.resolve(location)
         else:
             directory = os.fspath(location)
-        entries, legacy = {}, []
+        entries, legacy, damaged = {}, [], []
         try:
-            text = storage.read_bytes(fs, storage.join(directory, LEDGER_FILE)).decode()
+            raw = storage.read_bytes(fs, storage.join(directory, LEDGER_FILE))
         except FileNotFoundError:
-            text = ""
-        for n, line in enumerate(text.splitlines(), 1):
+            raw = b""
+        # Lines are split on b"\n" alone: JSON lines hold no raw newline, and a damaged line must not
+        # take its neighbours with it.
+        for n, line in enumerate(raw.split(b"\n"), 1):
             if not line.strip():
                 continue
             try:
-                entry = json.loads(line)
+                entry = json.loads(line.decode("utf-8"))
+                if not isinstance(entry, dict):
+                    raise TypeError(f"a JSON {type(entry).__name__}, not an object")
                 if "uri" in entry:
                     entries[str(entry["uri"])] = entry
                 else:
                     str(entry["input"])  # a line of the older format names at least its input
                     legacy.append(entry)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                log.warning("ledger %s: skipping unreadable line %d", storage.uri(fs, directory), n)
-        return cls(fs, directory, entries, legacy)
+            except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+                damaged.append(n)
+        if damaged:
+            log.warning("ledger %s: line(s) %s are damaged (not UTF-8 JSON objects) and do not count; their "
+                        "shards are embedded again by the next `ptsne embed`, which keeps the file as it was",
+                        storage.uri(fs, storage.join(directory, LEDGER_FILE)), _numbers(damaged))
+        return cls(fs, directory, entries, legacy, damaged, raw)
 
     def all_entries(self) -> list[dict]:
         """Every line, of either format: what the directory holds (model, method, columns)."""
@@ -472,6 +532,8 @@ class Ledger:
         e = self.entries.get(shard.uri)
         if e is None or e.get("size") != shard.size or e.get("mtime_ns") != shard.mtime_ns:
             return False
+        if e.get("etag") is not None and shard.etag is not None and e["etag"] != shard.etag:
+            return False  # rewritten with the same size within the mtime's resolution (or the mtime set back)
         if present is not None:
             return e.get("output") in present
         return storage.exists(self.fs, storage.join(self.root, e["output"]))
@@ -483,34 +545,180 @@ class Ledger:
             return
         for entry in entries:
             self.entries[entry["uri"]] = entry
+        self.write()
+
+    def write(self) -> None:
+        """Rewrite the ledger atomically from the lines held."""
         lines = [*self.legacy, *(self.entries[k] for k in sorted(self.entries))]
         text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in lines)
         storage.write_bytes_atomic(self.fs, self.path, text.encode())
 
+    def set_aside_damaged(self) -> str | None:
+        """Keep the ledger as it was under ``_ledger.jsonl.damaged-<time>`` and rewrite it without its
+        damaged lines; return the kept file's location (None when no line is damaged)."""
+        if not self.damaged:
+            return None
+        aside = _aside_name(self.path)
+        storage.write_bytes_atomic(self.fs, aside, self.raw)
+        self.write()
+        log.warning("ledger %s: line(s) %s were damaged; the file as it was is kept as %s, the ledger is "
+                    "rewritten without them, and their shards are embedded again (each output is replaced "
+                    "under its own name, never added twice)",
+                    storage.uri(self.fs, self.path), _numbers(self.damaged), storage.uri(self.fs, aside))
+        self.damaged, self.raw = [], b""
+        return storage.uri(self.fs, aside)
+
+    def upgrade(self, model: ModelSpec, listed: Iterable[_Shard], present: set[str]) -> int:
+        """Add this model's sha256, and the change token of shards still done, to the lines written
+        without them; returns the number of lines changed (the caller rewrites the ledger)."""
+        shards = {s.uri: s for s in listed}
+        changed = 0
+        for uri, e in self.entries.items():
+            before = dict(e)
+            if e.get("model_sha256") is None and (e.get("model_name"), e.get("model_version")) == \
+                    (model.name, model.version):
+                e["model_sha256"] = model.sha256
+            shard = shards.get(uri)
+            if e.get("etag") is None and shard is not None and shard.etag is not None \
+                    and self.is_done(shard, present):
+                e["etag"] = shard.etag
+            changed += e != before
+        return changed
+
+
+def _identity(name, version, sha256) -> str:
+    sha = f" (weights sha256 {sha256[:12]})" if sha256 else " (weights not recorded)"
+    return f"{name} version {version}{sha}"
+
+
+def _numbers(lines: list[int]) -> str:
+    return ", ".join(map(str, lines[:10])) + (f" and {len(lines) - 10} more" if len(lines) > 10 else "")
+
+
+def _aside_name(path: str) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    return f"{path}{DAMAGED_MARK}{stamp}"
+
 
 def read_current(output: str | os.PathLike) -> dict | None:
-    """``_current.json`` of an output location (``dir``, ``model_name``, ``model_version``), or None."""
+    """``_current.json`` of an output location (``dir``, ``model_name``, ``model_version``,
+    ``model_sha256``), or None.
+
+    Raises :class:`DamagedOutputError` (naming the file and the repair) when it
+    is damaged; :func:`repair_current` sets it aside and rebuilds it.
+    """
     fs, root = storage.resolve(output)
     return _read_current(fs, root)
 
 
 def _read_current(fs: pafs.FileSystem, root: str) -> dict | None:
+    path = storage.join(root, CURRENT_FILE)
     try:
-        doc = storage.read_json(fs, storage.join(root, CURRENT_FILE))
-    except NotADirectoryError:
+        raw = storage.read_bytes(fs, path)
+    except (FileNotFoundError, NotADirectoryError):
         return None
-    return doc if isinstance(doc, dict) else None
+    problem = None
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+        if not isinstance(doc, dict) or not isinstance(doc.get("dir"), str) or not doc["dir"]:
+            problem = "not a JSON object naming a version directory ('dir')"
+    except (UnicodeDecodeError, ValueError) as exc:
+        problem = f"not UTF-8 JSON: {exc}"
+    if problem is not None:
+        raise DamagedOutputError(
+            f"{storage.uri(fs, path)} is damaged ({problem}); `ptsne embed` on this output (or "
+            "pipeline.embed.repair_current) keeps it aside and rebuilds it"
+        )
+    return doc
+
+
+def repair_current(output: str | os.PathLike, reembed: bool = False) -> dict | None:
+    """``_current.json`` of an output location, after setting a damaged one aside and rebuilding it.
+
+    A readable pointer is returned as it is. A damaged one is handled under the
+    output's lock: kept as ``_current.json.damaged-<time>`` and rebuilt from the
+    one version directory the output holds (a pointer only ever names a complete
+    directory), or left absent when there is none. With several version
+    directories which one was current cannot be told: refused, unless
+    ``reembed`` (the run's own directory becomes current once complete).
+
+    Raises
+    ------
+    DamagedOutputError
+        The pointer is damaged, the output holds several version directories and ``reembed`` is false.
+    pipeline.storage.LockedError
+        Another run holds the output (only asked when the pointer is damaged).
+    """
+    fs, root = storage.resolve(output)
+    try:
+        return _read_current(fs, root)
+    except DamagedOutputError:
+        pass
+    with storage.lock(fs, root, LOCK_FILE, what="another `ptsne embed`"):
+        return _repair_current(fs, root, reembed)
+
+
+def _repair_current(fs: pafs.FileSystem, root: str, reembed: bool) -> dict | None:
+    """:func:`repair_current` once the lock is held."""
+    try:
+        return _read_current(fs, root)
+    except DamagedOutputError as exc:
+        damage = str(exc)
+    path = storage.join(root, CURRENT_FILE)
+    dirs = _version_dirs(fs, root)
+    if len(dirs) > 1 and not reembed:
+        raise DamagedOutputError(
+            f"{storage.uri(fs, path)} is damaged and the output holds {len(dirs)} version directories "
+            f"({', '.join(sorted(dirs))}), so which one was current cannot be told; rerun `ptsne embed` with "
+            "--reembed to make the one --model names current once it is complete (its shards already done "
+            "are kept), or write the file naming one of them"
+        )
+    aside = _aside_name(path)
+    fs.move(path, aside)
+    doc = None
+    if len(dirs) == 1:
+        tag, ledger = next(iter(dirs.items()))
+        owners = {(e.get("model_name"), e.get("model_version"), e.get("model_sha256"))
+                  for e in ledger.entries.values()}
+        if len(owners) == 1:
+            name, version, sha = owners.pop()
+            doc = _current_doc(tag, name, version, sha, len(ledger.entries))
+            storage.write_bytes_atomic(fs, path, json.dumps(doc, indent=2).encode())
+    log.warning("%s; kept as %s and %s", damage.split(";")[0], storage.uri(fs, aside),
+                f"rebuilt naming {doc['dir']}/ (the output's one version directory)" if doc else
+                "not rebuilt (no single version directory to name): the run's directory becomes current "
+                "once complete")
+    return doc
+
+
+def _version_dirs(fs: pafs.FileSystem, root: str) -> dict[str, Ledger]:
+    """The version directories of an output (those holding a ledger with lines), by name."""
+    out = {}
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True)):
+        name = posixpath.basename(info.path)
+        if info.type != pafs.FileType.Directory or name.startswith((".", "_")):
+            continue
+        if storage.exists(fs, storage.join(info.path, LEDGER_FILE)):
+            ledger = Ledger.load(info.path, fs)
+            if ledger.entries:
+                out[name] = ledger
+    return out
+
+
+def _current_doc(tag: str, name: str, version: str, sha256: str | None, shards: int) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "dir": tag,
+        "model_name": name,
+        "model_version": version,
+        "model_sha256": sha256,
+        "shards": shards,
+        "updated": _now(),
+    }
 
 
 def _write_current(fs: pafs.FileSystem, root: str, model: ModelSpec, shards_total: int) -> None:
-    doc = {
-        "format_version": FORMAT_VERSION,
-        "dir": model.tag,
-        "model_name": model.name,
-        "model_version": model.version,
-        "shards": shards_total,
-        "updated": _now(),
-    }
+    doc = _current_doc(model.tag, model.name, model.version, model.sha256, shards_total)
     storage.write_bytes_atomic(fs, storage.join(root, CURRENT_FILE), json.dumps(doc, indent=2).encode())
 
 
@@ -549,10 +757,11 @@ def _list_input(fs: pafs.FileSystem, root: str) -> list[_Shard]:
         if not any(p.endswith(".parquet") for p in infos):
             return []  # nothing has arrived yet: a normal state under --watch
     out = []
-    for path in shards.list_parquet(fs, root):  # the rule of which files are shards
+    paths = shards.list_parquet(fs, root)  # the rule of which files are shards
+    for path, etag in zip(paths, storage.change_tokens(fs, paths)):
         f = infos[path] if path in infos else fs.get_file_info(path)
         out.append(_Shard(path=path, uri=storage.uri(fs, path), rel=posixpath.relpath(path, base),
-                          size=int(f.size), mtime_ns=f.mtime_ns))
+                          size=int(f.size), mtime_ns=f.mtime_ns, etag=etag))
     return out
 
 
@@ -672,7 +881,7 @@ def _plan(fs: pafs.FileSystem, pending: list[_Shard], config: EmbedConfig, model
             first_schema = schema
         for p in _check_schema(schema, spec):
             problems.append(f"{shard.rel}: {p}")
-        planned.append(_Shard(shard.path, shard.uri, shard.rel, shard.size, shard.mtime_ns, rows))
+        planned.append(dataclasses.replace(shard, rows=rows))
     if problems:
         head = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -1155,8 +1364,11 @@ def embed_shards(
         ``on_duplicate_ids="error"`` (those shards not written, others complete).
     ValueError
         ``input`` and ``output`` contain one another; the output holds another
-        model's, method's or columns' embeddings; the actors need more CPUs or
-        GPUs than the cluster has.
+        model's (name, version or weights), method's or columns' embeddings; the
+        actors need more CPUs or GPUs than the cluster has.
+    DamagedOutputError
+        ``_current.json`` is damaged and the output holds several version
+        directories (see :func:`repair_current`).
     pipeline.storage.OutputLocationError
         A local ``output`` cannot be written (not a directory, no permission).
     pipeline.storage.LockedError
@@ -1180,17 +1392,17 @@ def embed_shards(
         present, removed = _scan(out_fs, target)
         if removed:
             log.info("removed %d temporary file(s) of an interrupted run in %s", removed, summary.output)
+        current = _repair_current(out_fs, out_root, reembed=False)
         ledger = Ledger.load(target, out_fs)
-        owners = {(e.get("model_name"), e.get("model_version")) for e in ledger.all_entries()}
-        if owners - {(model.name, model.version)}:
-            raise ValueError(
-                f"output directory {summary.output!r} holds embeddings of {sorted(owners, key=str)}, not of "
-                f"{model.name} version {model.version}; use another --output"
-            )
+        _check_owner(ledger, model)
         _check_method(ledger, model.method(config.method))
         if ledger.legacy:
             _warn_legacy(ledger, present)
         found = _list_input(in_fs, root)
+        _check_unrecorded(ledger, model, config, in_fs, found, present)
+        ledger.set_aside_damaged()  # their shards are pending below
+        if ledger.upgrade(model, found, present):  # older lines: no re-embedding, the identity recorded
+            ledger.write()
         pending = [s for s in found if not ledger.is_done(s, present)]
         summary.shards_total = len(found)
         summary.shards_skipped = len(found) - len(pending)
@@ -1202,8 +1414,8 @@ def embed_shards(
                          start_ray)
         summary.seconds = time.perf_counter() - t0
         done = bool(found) and all(ledger.is_done(s, present) for s in found)
-        current = _read_current(out_fs, out_root)
-        if make_current and done and (current is None or current.get("dir") != model.tag):
+        if make_current and done and (current is None or current.get("dir") != model.tag
+                                      or current.get("model_sha256") != model.sha256):
             _write_current(out_fs, out_root, model, len(found))
             log.info("%s is now the current output (%s version %s)", summary.output, model.name, model.version)
         summary.current = done and (_read_current(out_fs, out_root) or {}).get("dir") == model.tag
@@ -1234,6 +1446,93 @@ def check_output(output: str | os.PathLike) -> None:
     storage.check_writable_dir(fs, path)
 
 
+def _check_owner(ledger: Ledger, model: ModelSpec) -> None:
+    """Refuse a version directory holding another model's rows: another name or version, or other weights.
+
+    A line without ``model_sha256`` (written before it was recorded) holds no
+    more than the name and version, and is compared on those.
+    """
+    others = set()
+    for e in ledger.all_entries():
+        sha = e.get("model_sha256")
+        if (e.get("model_name"), e.get("model_version")) != (model.name, model.version) or \
+                (sha is not None and sha != model.sha256):
+            others.add(_identity(e.get("model_name"), e.get("model_version"), sha))
+    if others:
+        raise ValueError(
+            f"output directory {ledger.directory!r} holds embeddings of {', '.join(sorted(others))}, not of "
+            f"{model.describe()}; use another --output"
+        )
+
+
+#: Rows of one shard embedded again to tell whether lines without the weights' sha256 are this model's.
+PROBE_ROWS = 16
+
+
+def _check_unrecorded(ledger: Ledger, model: ModelSpec, config: EmbedConfig, in_fs: pafs.FileSystem,
+                      found: list[_Shard], present: set[str]) -> None:
+    """Refuse this model for lines written before the weights' sha256 was recorded, unless it wrote them.
+
+    Such a line names the model by name and version alone, which two local
+    directories (``model``, ``local``) share. The first rows of one of their
+    shards whose input is unchanged are embedded again with this model and
+    compared with the output: another model's map differs. Where no such shard
+    is left (inputs gone or changed), name and version are all there is to
+    compare, with a warning.
+    """
+    unrecorded = [e for e in ledger.entries.values() if e.get("model_sha256") is None]
+    if not unrecorded:
+        return
+    verdict = _probe(ledger, model, config, in_fs, {s.uri: s for s in found}, present, unrecorded)
+    if verdict is None:
+        log.warning("%s: %d ledger line(s) record no weights' sha256 and none of their inputs is there as it "
+                    "was; they are taken for %s on their name and version alone",
+                    ledger.directory, len(unrecorded), model.describe())
+    elif not verdict:
+        raise ValueError(
+            f"output directory {ledger.directory!r} holds embeddings of {unrecorded[0].get('model_name')} "
+            f"version {unrecorded[0].get('model_version')} written before weights were recorded, and "
+            f"{model.describe()} places their rows elsewhere: another model; use another --output"
+        )
+
+
+def _probe(ledger: Ledger, model: ModelSpec, config: EmbedConfig, in_fs: pafs.FileSystem, listed: dict,
+           present: set[str], lines: list[dict]) -> bool | None:
+    """Whether this model reproduces the first rows of a shard of ``lines``; None when none can be read."""
+    from ptsne.estimator import ParametricTSNE
+
+    for e in lines:
+        shard = listed.get(e.get("uri"))
+        columns = e.get("columns")
+        if shard is None or not ledger.is_done(shard, present) or not e.get("rows") or not columns:
+            continue
+        try:
+            with ledger.fs.open_input_file(storage.join(ledger.root, e["output"])) as f:
+                out = next(pq.ParquetFile(f).iter_batches(batch_size=PROBE_ROWS, columns=[columns[0], EMBEDDING]))
+            with in_fs.open_input_file(shard.path) as f:
+                parquet = pq.ParquetFile(f)
+                spec = _resolve_spec(parquet.schema_arrow, dataclasses.replace(config, id_col=columns[0]), model)
+                table = pa.Table.from_batches([next(parquet.iter_batches(batch_size=64 * PROBE_ROWS,
+                                                                         columns=spec.columns))])
+        except (OSError, StopIteration, KeyError, ValueError, pa.ArrowException):
+            continue
+        X, status = _vectors(table, spec)
+        first = {}
+        for row, key in enumerate(table.column(spec.id_col).to_pylist()):
+            first.setdefault(key, row)
+        pairs = [(first[key], i) for i, key in enumerate(out.column(0).to_pylist())
+                 if key in first and status[first[key]] == OK]
+        if not pairs:
+            continue
+        rows, kept = (np.array(p) for p in zip(*pairs))
+        est = ParametricTSNE.load(model.path, device="cpu")
+        mine = est.transform(X[rows], method=e.get("method") or spec.method)
+        theirs = np.stack(out.column(1).to_numpy(zero_copy_only=False)[kept])
+        scale = max(1.0, float(np.abs(theirs).max()))
+        return bool(np.allclose(mine, theirs, rtol=1e-3, atol=1e-3 * scale))
+    return None
+
+
 def _warn_legacy(ledger: Ledger, present: set[str]) -> None:
     files = sorted({e["output"] for e in ledger.legacy if e.get("output") in present})
     shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
@@ -1262,6 +1561,8 @@ def _entry(shard: _Shard, model: ModelSpec, spec: _Spec, rows: int, rejected: in
         "sha256": sha256,
         "model_name": model.name,
         "model_version": model.version,
+        "model_sha256": model.sha256,
+        "etag": shard.etag,
         "columns": _columns_of(spec),
         "method": spec.method,
         "finished": _now(),

@@ -18,7 +18,8 @@ Writes are never seen half done:
   manifest) last, so a reader that waits for the manifest never sees a partial
   directory.
 - one writer at a time per location (:func:`lock`): a ``flock`` on local
-  filesystems, a lease object refreshed while the writer lives elsewhere.
+  filesystems, a lease object refreshed while the writer lives elsewhere; both
+  name their holder (``host:pid``).
 
 Names starting with ``.`` and containing ``.tmp-`` or ``.partial-`` are this
 module's own; clean-up code may delete them and nothing else.
@@ -32,11 +33,13 @@ import json
 import logging
 import os
 import posixpath
+import re
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import filelock
 import pyarrow as pa
@@ -50,6 +53,8 @@ TMP_MARK = ".tmp-"
 PARTIAL_MARK = ".partial-"
 #: Seconds a lease on an object store stays valid without being refreshed.
 LEASE_SECONDS = 120.0
+#: Threads asking an object store for the ETags of a listing (one HEAD request per file).
+TOKEN_THREADS = 16
 
 
 def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
@@ -120,6 +125,37 @@ def fingerprint(fs: pafs.FileSystem, paths: Sequence[str]) -> list[list]:
         mtime = info.mtime_ns if info.mtime_ns is not None else None
         out.append([info.path, info.size, mtime])
     return out
+
+
+def change_tokens(fs: pafs.FileSystem, paths: Sequence[str]) -> list[str | None]:
+    """For each file, a token that changes whenever its content is rewritten, beyond its size and mtime.
+
+    On an object store it is the object's ETag (one HEAD request per file, asked
+    by :data:`TOKEN_THREADS` threads): a rewrite within the second of its
+    modification time, with the same size, has another ETag. On a local
+    filesystem it is the inode and the change time (``ctime``), which a rewrite
+    sets and which neither ``touch`` nor copies that keep the mtime (``cp -p``,
+    ``rsync -t``) can set back. None where the filesystem tells neither.
+    """
+    paths = list(paths)
+    if is_local(fs) or len(paths) <= 1:
+        return [_change_token(fs, p) for p in paths]
+    with ThreadPoolExecutor(min(TOKEN_THREADS, len(paths)), thread_name_prefix="ptsne-etag") as pool:
+        return list(pool.map(lambda p: _change_token(fs, p), paths))
+
+
+def _change_token(fs: pafs.FileSystem, path: str) -> str | None:
+    if is_local(fs):
+        st = os.stat(path)
+        return f"ino:{st.st_ino}:ctime:{st.st_ctime_ns}"
+    with fs.open_input_file(path) as f:
+        meta = f.metadata() or {}
+    for key in ("ETag", b"ETag", "etag", b"etag"):
+        value = meta.get(key) if hasattr(meta, "get") else None
+        if value:
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            return "etag:" + text.strip('"')
+    return None
 
 
 def uri(fs: pafs.FileSystem, path: str) -> str:
@@ -401,17 +437,76 @@ class LockedError(RuntimeError):
     """Another writer holds the location (the message names it and the lock)."""
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine is alive; True when that cannot be told (another user's)."""
+    if pid <= 0 or pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def pid_namespace() -> str:
+    """The id of this process's pid namespace ('' where the OS does not tell).
+
+    Two processes with one hostname (containers sharing the host's network) may
+    live in different pid namespaces, where a pid means another process: a pid
+    is judged dead only by a process of the same namespace.
+    """
+    try:
+        return re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        return ""
+
+
+def _holder_is_gone(lease: dict) -> bool:
+    """Whether a lease's holder (``host:pid:...``) ran on this host, in this pid namespace, and is gone."""
+    host, _, rest = str(lease.get("holder", "")).partition(":")
+    pid = rest.split(":", 1)[0]
+    ns = str(lease.get("pidns") or "")
+    return (host == socket.gethostname() and ns != "" and ns == pid_namespace() and pid.isdigit()
+            and not pid_alive(int(pid)))
+
+
+def _local_holder(path: str) -> str:
+    """The holder a local lock file names (written by the process that holds the flock)."""
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read(4096).decode())
+        return str(doc["holder"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "an unknown process"
+
+
+def _name_local_holder(path: str, holder: str) -> None:
+    # Written in place: the flock belongs to this inode, which a rename would replace.
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"holder": holder, "since": time.time()}).encode())
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def lock(fs: pafs.FileSystem, directory: str, name: str, what: str = "a writer") -> Iterator[None]:
     """Hold the lock ``directory/name`` for the block, or raise :class:`LockedError` at once.
 
     Local filesystems: an exclusive lock on the file through ``filelock``
-    (``flock`` on Unix, released by the OS when the process dies; the file stays). Elsewhere: a lease object naming its holder and
-    expiry, refreshed every ``LEASE_SECONDS / 4`` by a thread and deleted at the
-    end; a lease not refreshed for ``LEASE_SECONDS`` (its holder died) is
-    taken over. Object stores cannot create a file only if it is absent, so two
-    writers starting within the same second could both win: the lease guards
-    against overlapping scheduled runs, not against a race.
+    (``flock`` on Unix, released by the OS when the process dies; the file
+    stays), which names its holder (``host:pid``) for the message of the next
+    writer refused. Elsewhere: a lease object naming its holder and expiry,
+    refreshed every ``LEASE_SECONDS / 4`` by a thread and deleted at the end; a
+    lease not refreshed for ``LEASE_SECONDS`` (its holder died) is taken over,
+    and so at once is a lease whose holder ran on this host, in this pid
+    namespace, and is gone (killed with SIGKILL). Object stores cannot create a
+    file only if it is absent, so two writers starting within the same second
+    could both win: the lease guards against overlapping scheduled runs, not
+    against a race.
     """
     makedirs(fs, directory)
     path = join(directory, name)
@@ -420,22 +515,35 @@ def lock(fs: pafs.FileSystem, directory: str, name: str, what: str = "a writer")
         try:
             local.acquire(blocking=False)
         except filelock.Timeout:
-            raise LockedError(f"{what} is writing to {directory!r} (lock {name}); wait for it or stop it") from None
+            raise LockedError(
+                f"{what} is writing to {directory!r} (lock {name} held by {_local_holder(path)}); "
+                "wait for it or stop it"
+            ) from None
         try:
+            _name_local_holder(path, f"{socket.gethostname()}:{os.getpid()}")
             yield
         finally:
             local.release()
         return
     holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    current = read_json(fs, path)
+    try:
+        current = read_json(fs, path)
+    except ValueError:  # a damaged lease names no holder that could still be writing
+        log.warning("the lease %s is not readable JSON; taking it over", uri(fs, path))
+        current = None
     if isinstance(current, dict) and current.get("holder") != holder and float(current.get("expires", 0)) > time.time():
-        raise LockedError(
-            f"{what} is writing to {directory!r} (lease {name} held by {current.get('holder')!r} until "
-            f"{time.strftime('%H:%M:%S', time.gmtime(float(current['expires'])))} UTC); wait for it or stop it"
-        )
+        if not _holder_is_gone(current):
+            raise LockedError(
+                f"{what} is writing to {directory!r} (lease {name} held by {current.get('holder')!r} until "
+                f"{time.strftime('%H:%M:%S', time.gmtime(float(current['expires'])))} UTC); wait for it or stop it"
+            )
+        log.warning("taking over the lease %s of %s: that process of this host is gone",
+                    uri(fs, path), current.get("holder"))
+    namespace = pid_namespace()
 
     def renew() -> None:
-        write_bytes_atomic(fs, path, json.dumps({"holder": holder, "expires": time.time() + LEASE_SECONDS}).encode())
+        doc = {"holder": holder, "expires": time.time() + LEASE_SECONDS, "pidns": namespace}
+        write_bytes_atomic(fs, path, json.dumps(doc).encode())
 
     renew()
     stop = threading.Event()
@@ -454,7 +562,7 @@ def lock(fs: pafs.FileSystem, directory: str, name: str, what: str = "a writer")
     finally:
         stop.set()
         thread.join()
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             mine = read_json(fs, path)
             if isinstance(mine, dict) and mine.get("holder") == holder:
                 fs.delete_file(path)

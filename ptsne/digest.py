@@ -138,3 +138,25 @@ def verify(
                 "damaged after the model was saved; restore it or save the model again",
             )
     return True
+
+
+def recorded_sha256(directory: str | os.PathLike, name: str) -> str:
+    """The sha256 of file ``name`` of a model directory: as its ``SHA256SUMS`` records it, else computed.
+
+    The recorded sum is what every load checks the file against, so it names the
+    file's content without reading it again; a model saved before sums were
+    recorded has its file hashed here.
+
+    Raises
+    ------
+    ModelFileError
+        The file is missing (and has no recorded sum), or ``SHA256SUMS`` is malformed.
+    """
+    recorded = (read(directory) or {}).get(name)
+    if recorded is not None:
+        return recorded.lower()
+    file = Path(directory, name)
+    try:
+        return file_sha256(file)
+    except FileNotFoundError:
+        raise ModelFileError(file, "missing: the model directory is incomplete") from None

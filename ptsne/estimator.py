@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from sklearn.base import BaseEstimator
 from torch import nn
@@ -31,6 +31,7 @@ from ptsne.reference import (
     Reference,
     ReferenceConfig,
     best_scale,
+    check_size,
     fold_similarity,
     optimize_map,
     similarity_fit,
@@ -272,7 +273,7 @@ class ParametricTSNE(BaseEstimator):
                 f"ParametricTSNE: model must be a torch.nn.Module or None, got {type(self.model).__name__}"
             )
         resolve_device(self.device)
-        self._reference_config()
+        check_size(self._reference_config(), "ParametricTSNE")
 
     def _reference_config(self) -> ReferenceConfig:
         return self._config(ReferenceConfig)
@@ -543,9 +544,13 @@ class ParametricTSNE(BaseEstimator):
         params["device"] = device
         try:
             est = cls(**params, model=model)
-            mapper = est._build_model(config["n_inputs"], 0)
+            # On the meta device: the shapes the config describes, without allocating them.
+            with torch.device("meta"):
+                wanted = {k: tuple(v.shape) for k, v in est._build_model(config["n_inputs"], 0).state_dict().items()}
         except (TypeError, ValueError) as exc:
             raise ModelFileError(config_file, f"its params do not describe a ParametricTSNE network ({exc})") from None
+        _check_shapes(wanted, _read_shapes(weights_file), config_file)
+        mapper = est._build_model(config["n_inputs"], 0)
         tensors = _read_weights(weights_file)
         try:
             mapper.load_state_dict(
@@ -660,6 +665,35 @@ def _read_config(file: Path) -> dict:
     if "reference" in config and not isinstance(config["reference"], dict):
         raise ModelFileError(file, f"reference must be a JSON object, got {config['reference']!r}")
     return config
+
+
+def _read_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """The mapper's tensor shapes in ``model.safetensors``'s header, by name without ``mapper.``; nothing is loaded."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k[len("mapper."):]: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("mapper.")}
+    except FileNotFoundError:
+        raise ModelFileError(file, "missing: the model directory is incomplete") from None
+    except (OSError, SafetensorError) as exc:
+        raise ModelFileError(file, f"not a readable safetensors file ({_one_line(exc)})") from None
+
+
+def _check_shapes(wanted: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], config_file: Path) -> None:
+    """Refuse a config whose network differs from the weights file's, before that network is allocated.
+
+    A config rewritten to describe a much larger network would otherwise be
+    allocated first (``hidden_layers=[100000] * 3`` asks for tens of GB).
+    """
+    problems = [f"{k}: {wanted[k]} in {CONFIG_FILE}, {found[k]} in {WEIGHTS_FILE}"
+                for k in sorted(wanted.keys() & found.keys()) if wanted[k] != found[k]]
+    problems += [f"{k} missing from {WEIGHTS_FILE}" for k in sorted(wanted.keys() - found.keys())]
+    problems += [f"{k} in {WEIGHTS_FILE} is not part of the network" for k in sorted(found.keys() - wanted.keys())]
+    if problems:
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise ModelFileError(
+            config_file, f"describes a network whose shapes differ from the weights of {WEIGHTS_FILE}: "
+            + "; ".join(problems[:3]) + more
+        )
 
 
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:

@@ -284,6 +284,56 @@ def test_embed_start_removes_stale_temp_dirs_and_nothing_else(tmp_path, monkeypa
         cache.tmp.cleanup()
 
 
+_MAKE_AND_WAIT = r"""
+import time
+from jobs import tempdirs
+from jobs.embed import TEMP_PREFIX
+from jobs.train import TEMP_PREFIX as RUN_PREFIX
+made = [tempdirs.make(TEMP_PREFIX), tempdirs.make(RUN_PREFIX)]
+print(" ".join(d.name for d in made), flush=True)
+time.sleep(600)
+"""
+
+
+def test_kill_9_leftovers_of_embed_and_train_are_removed_by_their_next_run_and_nothing_else(tmp_path,
+                                                                                            monkeypatch):
+    import signal
+
+    from jobs.embed import TEMP_PREFIX
+    from jobs.train import TEMP_PREFIX as RUN_PREFIX
+    from pipeline.storage import pid_namespace
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", _MAKE_AND_WAIT], cwd=repo, stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(repo), TMPDIR=str(tmp_path)))
+    embed_dir, run_dir = (Path(p) for p in proc.stdout.readline().split())
+    (embed_dir / "model.safetensors").write_bytes(b"x")
+    proc.send_signal(signal.SIGKILL)  # kill -9: no clean-up runs
+    proc.wait(timeout=30)
+    assert embed_dir.is_dir() and run_dir.is_dir() and embed_dir.parent == tmp_path
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ns = pid_namespace()
+    kept = [
+        tmp_path / f"{RUN_PREFIX}{os.getpid()}-n{ns}-live",  # its process runs
+        tmp_path / f"{RUN_PREFIX}{proc.pid}-n{ns}0-elsewhere",  # another pid namespace: by age only
+        tmp_path / f"{RUN_PREFIX}{proc.pid}-recent",  # an older name: by age only
+        tmp_path / "ptsne-runner-notes",  # another prefix
+    ]
+    for d in kept:
+        d.mkdir()
+    (tmp_path / f"{RUN_PREFIX}{proc.pid}-n{ns}-file").write_text("a file, not a directory of ours")
+
+    assert main(["train", "--affinities", str(tmp_path / "missing"), "--workdir", str(tmp_path / "w")]) \
+        == EXIT_NOT_FOUND
+    assert not run_dir.exists() and embed_dir.is_dir()  # the run's, not the other command's
+    (tmp_path / "in").mkdir()
+    assert main(["embed", "--model", str(tmp_path / "no-model"), "--input", str(tmp_path / "in"),
+                 "--output", str(tmp_path / "out")]) == EXIT_NOT_FOUND
+    assert not embed_dir.exists()
+    assert all(d.is_dir() for d in kept) and (tmp_path / f"{RUN_PREFIX}{proc.pid}-n{ns}-file").is_file()
+
+
 def test_remove_stale_checks_its_arguments(tmp_path):
     from jobs.tempdirs import remove_stale
 

@@ -429,3 +429,82 @@ def test_driver_memory_does_not_grow_with_the_rows_embedded(ray_local, tmp_path)
           f"ratio {ratio:.3f}")
     # Measured 1.000 (819 MiB both); the driver that collected the rows grew 16 % here (546 -> 635 MiB).
     assert ratio < 1.05, peaks
+
+
+# -- a model is identified by its weights, for local directories, runs:/ URIs and registered versions ----
+
+
+def _sha(model_dir):
+    import hashlib
+
+    return hashlib.sha256((Path(model_dir) / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_two_local_models_both_named_model_are_refused_into_one_output_and_reembed_switches(
+        ray_local, tmp_path, caplog):
+    a_dir, b_dir = tmp_path / "runA" / "model", tmp_path / "runB" / "model"  # what two `ptsne train` write
+    fit(0).save(a_dir)
+    b = fit(1)
+    b.save(b_dir)
+    sha_a, sha_b = _sha(a_dir), _sha(b_dir)
+    inp, out = tmp_path / "in", tmp_path / "out"
+    data = make_shards(inp, 2, 50)
+    assert embed("--model", a_dir, "--input", inp, "--output", out) == EXIT_OK
+    current = json.loads((out / CURRENT_FILE).read_text())
+    assert (current["dir"], current["model_name"], current["model_sha256"]) == (f"local-{sha_a[:10]}", "model", sha_a)
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.parquet"))
+
+    data.update(make_shards(inp, 1, 50, start=2))  # new rows arrive; runB/model would mix its map in
+    caplog.clear()
+    assert embed("--model", b_dir, "--input", inp, "--output", out) == EXIT_USAGE
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and sha_a[:12] in errors[0] and sha_b[:12] in errors[0] and "--reembed" in errors[0]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.parquet")) == before  # nothing written
+
+    assert embed("--model", b_dir, "--input", inp, "--output", out, "--reembed") == EXIT_OK
+    current = json.loads((out / CURRENT_FILE).read_text())
+    assert (current["dir"], current["model_sha256"]) == (f"local-{sha_b[:10]}", sha_b)
+    table = load_output(out)
+    X = np.concatenate([d[1] for d in data.values()])
+    np.testing.assert_allclose(embeddings(table), b.transform(X), rtol=1e-5, atol=1e-5)
+    assert len(load_output(out / f"local-{sha_a[:10]}")) == 100  # the first map is kept as it was
+
+
+def test_runs_and_registered_versions_record_the_weights_sha256(ray_local, store, tmp_path):
+    inp = tmp_path / "in"
+    make_shards(inp, 1, 40)
+    weights = store.ref.sha256["model.safetensors"]
+    for uri, out, tag in ((f"runs:/{store.ref.run_id}/mapper", tmp_path / "by-run", f"run-{store.ref.run_id}"),
+                          ("models:/demo/1", tmp_path / "by-version", "v1")):
+        assert embed("--model", uri, "--input", inp, "--output", out) == EXIT_OK
+        current = json.loads((out / CURRENT_FILE).read_text())
+        assert (current["dir"], current["model_sha256"]) == (tag, weights), uri
+        assert {e["model_sha256"] for e in Ledger.load(out / tag).entries.values()} == {weights}
+
+
+# -- SIGTERM stops --watch cleanly ----------------------------------------------------------------------
+
+
+def test_watch_stopped_by_sigterm_exits_0_and_keeps_the_finished_shards(ray_local, tmp_path):
+    model = tmp_path / "model"
+    fit(0).save(model)
+    inp, out = tmp_path / "in", tmp_path / "out"
+    make_shards(inp, 2, 50)
+    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    cmd = [sys.executable, "-m", "jobs.cli", "embed", "--model", str(model), "--input", str(inp), "--output",
+           str(out), "--no-progress", "--num-actors", "1", "--watch", "--interval", "120", "--json"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(proc.stdout.readline())  # the first poll embedded with Ray: ray.init has run
+        assert first["shards_written"] == 2
+        proc.send_signal(signal.SIGTERM)  # as cron, systemd or Kubernetes stop a job
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = proc.stderr.read()
+    assert code == EXIT_OK, stderr[-3000:]
+    assert "stopped; finished shards are in the ledger" in stderr and "Traceback" not in stderr
+    tag = f"local-{_sha(model)[:10]}"
+    assert len(Ledger.load(out / tag).entries) == 2 and len(load_output(out)) == 100

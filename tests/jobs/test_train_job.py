@@ -317,3 +317,72 @@ def test_train_unwritable_workdir_is_one_line_error_before_any_work(tmp_path, ca
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "--workdir" in errors[0] and "not a directory" in errors[0], errors
     assert not any(r.exc_info for r in caplog.records)
+
+
+# -- one `ptsne train` per workdir -------------------------------------------------------------------
+
+_HOLD_LEASE = r"""
+import sys, time
+from jobs.train import LOCK_FILE
+from pipeline import storage
+with storage.lock(*storage.resolve(sys.argv[1]), LOCK_FILE, what="another `ptsne train`"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def _lock_text(path) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_second_train_on_one_workdir_is_refused_naming_the_first(ray_local, mlflow_store, tmp_path, digit_shards,
+                                                                   caplog, where, request):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from jobs.cli import EXIT_ERROR
+    from jobs.train import LOCK_FILE
+    from pipeline import storage
+
+    train, _, _ = digit_shards
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(repo), RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    if where == "local":
+        work = str(tmp_path / "work")
+        argv = ["train", "--input", str(train), "--workdir", work, *TRAIN_OPTS[:-6], "--workers", "1"]
+        # The first is a real `ptsne train`, holding the workdir from its start.
+        first = subprocess.Popen([sys.executable, "-m", "jobs.cli", *argv], cwd=repo, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    else:
+        work = request.getfixturevalue("s3").bucket() + "/work"
+        argv = ["train", "--input", str(train), "--workdir", work, *TRAIN_OPTS[:-6], "--workers", "1"]
+        # On S3 the first holds the workdir's lease as `ptsne train` takes it.
+        first = subprocess.Popen([sys.executable, "-c", _HOLD_LEASE, work], cwd=repo, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert first.stdout.readline().strip() == "held", first.stderr.read()
+    holder = f"{socket.gethostname()}:{first.pid}"
+    try:
+        deadline = time.monotonic() + 120
+        while where == "local" and holder not in _lock_text(Path(work) / LOCK_FILE):
+            assert first.poll() is None, first.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the first run never took the lock"
+            time.sleep(0.1)
+        caplog.clear()
+        assert main(argv) == EXIT_ERROR
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and "another `ptsne train` is writing to" in errors[0] and holder in errors[0], errors
+        assert first.poll() is None  # the first goes on
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    # Free once its holder is gone: the flock dies with it, a lease of a dead process of this host is broken.
+    with storage.lock(*storage.resolve(work), LOCK_FILE):
+        pass

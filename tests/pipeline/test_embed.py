@@ -528,3 +528,205 @@ def test_ledger_lines_of_the_older_format_are_not_trusted_and_their_files_kept(r
     ledger = Ledger.load(out / "v1")
     assert ledger.legacy == [old] and list(ledger.entries) == [uri_of(inp / "a.parquet")]
     assert embed_shards(inp, out, spec(model_dir), CFG).shards_skipped == 1
+
+
+# -- a model is its content: name, version and the sha256 of its weights -----------------------------
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory):
+    """Another model of the same shape, trained on other data: another map."""
+    X, _ = gaussian_blobs(300, DIM, 3, seed=7)
+    est = ParametricTSNE(n_epochs=2, perplexity=10, hidden_layers=(32, 32), random_state=7, device="cpu")
+    path = tmp_path_factory.mktemp("other") / "est"
+    est.fit(X).save(path)
+    return path
+
+
+def local(path):
+    """The spec of a local model directory as every ``ptsne train`` names it: ``model``, version ``local``."""
+    return ModelSpec(path=str(path), name="model", version="local", tag="local")
+
+
+def _files_of(directory):
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*") if p.is_file()
+            and p.name != LOCK_FILE}
+
+
+def test_two_models_of_one_name_and_version_do_not_share_an_output(ray_local, model_dir, other_model_dir,
+                                                                   tmp_path):
+    a, b = local(model_dir), local(other_model_dir)
+    assert a.sha256 != b.sha256 and a.sha256 == hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write_shard(inp / "a.parquet", *shard_data(0, 40, 0))
+    assert embed_shards(inp, out, a, CFG).shards_written == 1
+    assert {e["model_sha256"] for e in Ledger.load(out / "local").entries.values()} == {a.sha256}
+    assert read_current(out)["model_sha256"] == a.sha256
+    before = _files_of(out)
+    write_shard(inp / "b.parquet", *shard_data(1, 40, 100))  # a new shard: B's rows would join A's map
+    with pytest.raises(ValueError, match=rf"holds embeddings of model version local \(weights sha256 "
+                                         rf"{a.sha256[:12]}\), not of model version local \(weights sha256 "
+                                         rf"{b.sha256[:12]}\)"):
+        embed_shards(inp, out, b, CFG)
+    assert _files_of(out) == before  # nothing written
+
+
+def _strip(path, *keys):
+    """Rewrite a ledger or pointer as a version before ``keys`` existed wrote it."""
+    if path.name == LEDGER_FILE:
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps({k: v for k, v in e.items() if k not in keys}) + "\n" for e in lines))
+    else:
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k not in keys}))
+
+
+def test_outputs_written_before_the_sha256_and_etag_are_read_and_upgraded_without_reembedding(
+        ray_local, model_dir, other_model_dir, tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    for i in range(2):
+        write_shard(inp / f"p{i}.parquet", *shard_data(i, 30, 100 * i))
+    spec_a = local(model_dir)
+    assert embed_shards(inp, out, spec_a, CFG).shards_written == 2
+    outputs = {p: p.read_bytes() for p in (out / "local").glob("*.parquet")}
+    _strip(out / "local" / LEDGER_FILE, "model_sha256", "etag")
+    _strip(out / CURRENT_FILE, "model_sha256")
+    stripped = _files_of(out)
+
+    # Another model of the same name and version: its placement of the shard's first rows tells it apart.
+    with pytest.raises(ValueError, match=r"written before weights were recorded, and model version local "
+                                         r"\(weights sha256 \w+\) places their rows elsewhere"):
+        embed_shards(inp, out, local(other_model_dir), CFG)
+    assert _files_of(out) == stripped
+    again = embed_shards(inp, out, spec_a, CFG)
+    assert (again.shards_written, again.shards_skipped) == (0, 2)  # old lines match on size and mtime
+    entries = Ledger.load(out / "local").entries.values()
+    assert {e["model_sha256"] for e in entries} == {spec_a.sha256}  # upgraded in place
+    assert all(e["etag"] and e["etag"].startswith("ino:") for e in entries)
+    assert read_current(out)["model_sha256"] == spec_a.sha256
+    assert {p: p.read_bytes() for p in (out / "local").glob("*.parquet")} == outputs  # nothing embedded again
+    with pytest.raises(ValueError, match="holds embeddings of model version local"):
+        embed_shards(inp, out, local(other_model_dir), CFG)  # upgraded: now told apart by content
+
+
+# -- damaged ledger lines and pointers -----------------------------------------------------------------
+
+
+def test_damaged_ledger_lines_are_set_aside_and_their_shards_embedded_again(ray_local, model_dir, tmp_path,
+                                                                            caplog):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    data = {f"p{i}.parquet": shard_data(i, 25, 100 * i) for i in range(3)}
+    for rel, (ids, X, y) in data.items():
+        write_shard(inp / rel, ids, X, y)
+    embed_shards(inp, out, spec(model_dir), CFG)
+    path = out / "v1" / LEDGER_FILE
+    lines = path.read_bytes().split(b"\n")
+    lines[0] = b"\xff\xfe" + lines[0][2:]  # not UTF-8
+    lines[1] = lines[1][: len(lines[1]) // 2]  # cut short: not JSON
+    damaged = b"\n".join(lines)
+    path.write_bytes(damaged)
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.embed"):
+        assert len(load_output(out)) == 25  # a reader reads the readable line, writes nothing
+    assert any(f"{path}: line(s) 1, 2 are damaged" in r.getMessage() for r in caplog.records)
+    assert path.read_bytes() == damaged
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.embed"):
+        rerun = embed_shards(inp, out, spec(model_dir), CFG)
+    assert (rerun.shards_written, rerun.shards_skipped) == (2, 1)
+    (aside,) = (out / "v1").glob(f"{LEDGER_FILE}.damaged-*")
+    assert aside.read_bytes() == damaged  # kept as it was
+    assert any(str(aside) in r.getMessage() and "line(s) 1, 2 were damaged" in r.getMessage()
+               for r in caplog.records)
+    table = load_output(out)
+    ids = np.concatenate([d[0] for d in data.values()])
+    assert sorted(table.column("id").to_pylist()) == sorted(ids.tolist())  # every row once: none lost, none twice
+    assert len(list((out / "v1").glob("*.parquet"))) == 3
+    assert not Ledger.load(out / "v1").damaged
+
+
+def test_a_damaged_current_pointer_is_rebuilt_from_the_one_version_directory_or_refused(
+        ray_local, model_dir, tmp_path):
+    from pipeline.embed import DamagedOutputError, repair_current
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write_shard(inp / "a.parquet", *shard_data(0, 30, 0))
+    embed_shards(inp, out, spec(model_dir), CFG)
+    good = json.loads((out / CURRENT_FILE).read_text())
+    pointer = out / CURRENT_FILE
+    pointer.write_bytes(b'{"dir": "v1", "model_name": "de\x01mo"')  # a control character, cut short
+    with pytest.raises(DamagedOutputError, match=rf"{pointer} is damaged \(not UTF-8 JSON.*repair_current"):
+        load_output(out)
+    rerun = embed_shards(inp, out, spec(model_dir), CFG)
+    assert (rerun.shards_written, rerun.shards_skipped, rerun.current) == (0, 1, True)
+    rebuilt = read_current(out)
+    assert {k: rebuilt[k] for k in ("dir", "model_name", "model_version", "model_sha256")} == \
+        {k: good[k] for k in ("dir", "model_name", "model_version", "model_sha256")}
+    (aside,) = out.glob(f"{CURRENT_FILE}.damaged-*")
+    assert aside.read_bytes() == b'{"dir": "v1", "model_name": "de\x01mo"'
+
+    # Two version directories: which was current cannot be told.
+    embed_shards(inp, out, spec(model_dir, version="2"), CFG, make_current=False)
+    pointer.write_bytes(b"\xff\xff\xff")
+    with pytest.raises(DamagedOutputError, match=rf"{pointer} is damaged and the output holds 2 version "
+                                                 r"directories \(v1, v2\).*--reembed"):
+        embed_shards(inp, out, spec(model_dir), CFG)
+    assert pointer.read_bytes() == b"\xff\xff\xff"  # left as it is: refused
+    assert repair_current(out, reembed=True) is None  # a run naming its model: that one becomes current
+    assert not pointer.exists() and len(list(out.glob(f"{CURRENT_FILE}.damaged-*"))) == 2
+    assert embed_shards(inp, out, spec(model_dir, version="2"), CFG).current
+    assert read_current(out)["dir"] == "v2"
+
+
+# -- what counts as a changed shard ---------------------------------------------------------------------
+
+
+BARE = EmbedConfig(batch_size=128, num_actors=1, progress=False)
+
+
+def _same_size_shard(uri, ids, X):
+    """A shard whose size depends on its row count only (no compression, dictionary or statistics)."""
+    from pipeline import storage
+
+    X = np.asarray(X, dtype=np.float32)
+    table = pa.table({"id": pa.array(ids, type=pa.int64()),
+                      "vector": pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), X.shape[1])})
+    fs, path = storage.resolve(uri)
+    with fs.open_output_stream(path) as f:
+        pq.write_table(table, f, compression="none", use_dictionary=False, write_statistics=False)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_shard_rewritten_with_the_same_size_and_mtime_is_embedded_again(ray_local, model_dir, tmp_path, where,
+                                                                         request):
+    from pipeline import storage
+
+    inp = str(tmp_path / "in") if where == "local" else request.getfixturevalue("s3").bucket() + "/in"
+    out = tmp_path / "out"
+    uri = f"{inp}/a.parquet"
+    if where == "local":
+        os.makedirs(inp)
+    ids, X, _ = shard_data(0, 40, 0)
+    _same_size_shard(uri, ids, X)
+    fs, path = storage.resolve(uri)
+    first = fs.get_file_info(path)
+    assert embed_shards(inp, out, spec(model_dir), BARE).shards_written == 1
+    (line,) = Ledger.load(out / "v1").entries.values()
+    assert line["etag"].startswith("ino:" if where == "local" else "etag:")
+
+    _, X2, _ = shard_data(9, 40, 0)
+    _same_size_shard(uri, ids, X2)
+    assert fs.get_file_info(path).size == first.size
+    if where == "local":
+        os.utime(path, ns=(first.mtime_ns, first.mtime_ns))  # as `cp -p` or `rsync -t` leave it
+    else:
+        # An object's mtime has whole seconds and the run took longer: the line gets the rewrite's
+        # mtime, as a rewrite within the second of the first write would have left it.
+        ledger = out / "v1" / LEDGER_FILE
+        line["mtime_ns"] = fs.get_file_info(path).mtime_ns
+        ledger.write_text(json.dumps(line) + "\n")
+    assert Ledger.load(out / "v1").entries[line["uri"]]["mtime_ns"] == fs.get_file_info(path).mtime_ns
+    rerun = embed_shards(inp, out, spec(model_dir), BARE)
+    assert (rerun.shards_written, rerun.shards_skipped) == (1, 0)
+    est = ParametricTSNE.load(model_dir, device="cpu")
+    np.testing.assert_allclose(embeddings(load_output(out)), est.transform(X2), rtol=1e-5, atol=1e-5)
+    assert embed_shards(inp, out, spec(model_dir), BARE).shards_skipped == 1  # unchanged since: done

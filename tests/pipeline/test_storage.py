@@ -119,3 +119,118 @@ def test_is_ours_marks_only_our_names():
     assert storage.is_ours(".aff.partial-0123")
     for name in ("a.parquet", ".hidden.parquet", "x.tmp-1", "_ledger.jsonl"):
         assert not storage.is_ours(name)
+
+
+# -- who holds a lock, and leases of killed holders ----------------------------------------------
+
+_HOLD = r"""
+import sys, time
+from pipeline import storage
+fs, path = storage.resolve(sys.argv[1])
+with storage.lock(fs, path, ".lock", what="a holder"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def _holding_process(location):
+    """A real process holding the lock ``location/.lock``, started and waited for."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, location], cwd=repo, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(repo)))
+    line = proc.stdout.readline()
+    assert line.strip() == "held", proc.stderr.read()
+    return proc
+
+
+def test_a_lock_held_by_another_process_names_it_and_is_free_once_it_is_killed(root):
+    import signal
+    import socket
+
+    fs, path, location = root
+    proc = _holding_process(location)
+    try:
+        with pytest.raises(storage.LockedError, match=rf"held by '?{socket.gethostname()}:{proc.pid}\b"):
+            with storage.lock(fs, path, ".lock"):
+                pass
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    # A flock dies with its process; a lease of a process of this host that is gone is broken at once.
+    with storage.lock(fs, path, ".lock"):
+        held = storage.read_bytes(fs, storage.join(path, ".lock")).decode()
+        assert f"{socket.gethostname()}:{__import__('os').getpid()}" in held
+
+
+def test_a_live_or_remote_holders_lease_keeps_its_expiry(s3):
+    import json
+    import os
+    import socket
+    import time
+
+    fs, path = storage.resolve(s3.bucket() + "/out")
+    lease = storage.join(path, ".lock")
+    dead = _dead_pid()
+    future = time.time() + 60
+    ns = storage.pid_namespace()
+    for doc in (
+        {"holder": f"other-host:{dead}:x", "expires": future, "pidns": ns},  # elsewhere: its pid means nothing here
+        {"holder": f"{socket.gethostname()}:{os.getpid()}:x", "expires": future, "pidns": ns},  # alive
+        {"holder": f"{socket.gethostname()}:{dead}:x", "expires": future},  # older lease: no namespace to judge by
+        {"holder": f"{socket.gethostname()}:{dead}:x", "expires": future, "pidns": ns + "0"},  # another namespace
+    ):
+        storage.write_bytes_atomic(fs, lease, json.dumps(doc).encode())
+        with pytest.raises(storage.LockedError, match=doc["holder"]):
+            with storage.lock(fs, path, ".lock"):
+                pass
+        assert json.loads(storage.read_bytes(fs, lease)) == doc  # untouched
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+# -- what counts as a changed file -----------------------------------------------------------------
+
+
+def test_change_token_tells_a_rewrite_of_the_same_size_and_mtime(root):
+    import os
+    import time
+
+    fs, path, _ = root
+    storage.makedirs(fs, path)
+    file = storage.join(path, "a.bin")
+    if storage.is_local(fs):
+        with open(file, "wb") as f:
+            f.write(b"first")
+        before_info = fs.get_file_info(file)
+        (before,) = storage.change_tokens(fs, [file])
+        time.sleep(0.01)
+        with open(file, "r+b") as f:  # rewritten in place, then its mtime set back (as cp -p or rsync -t do)
+            f.write(b"other")
+        os.utime(file, ns=(before_info.mtime_ns, before_info.mtime_ns))
+    else:
+        # An object store's mtime has whole seconds: two writes within one second share it.
+        while time.time() % 1 > 0.5:
+            time.sleep(0.05)
+        with fs.open_output_stream(file) as f:
+            f.write(b"first")
+        before_info = fs.get_file_info(file)
+        (before,) = storage.change_tokens(fs, [file])
+        with fs.open_output_stream(file) as f:
+            f.write(b"other")
+    after_info = fs.get_file_info(file)
+    assert (after_info.size, after_info.mtime_ns) == (before_info.size, before_info.mtime_ns)
+    (after,) = storage.change_tokens(fs, [file])
+    assert before is not None and after is not None and before != after
+    assert storage.change_tokens(fs, [file, file]) == [after, after]  # unchanged: the same token

@@ -119,7 +119,7 @@ CORRUPTIONS = {
     "unknown param": (lambda m: _config(m, params={**json.loads((m / CONFIG_FILE).read_text())["params"],
                                                    "bogus": 1}), CONFIG_FILE, "params"),
     "other network": (lambda m: _config(m, params={**json.loads((m / CONFIG_FILE).read_text())["params"],
-                                                   "hidden_layers": [9]}), WEIGHTS_FILE, "do not fit the network"),
+                                                   "hidden_layers": [9]}), CONFIG_FILE, "shapes differ from the weights"),
     "n_features_in": (lambda m: _config(m, n_features_in=DIM + 1), WEIGHTS_FILE, "n_features_in=7"),
     "weights truncated": (lambda m: (m / WEIGHTS_FILE).write_bytes((m / WEIGHTS_FILE).read_bytes()[:100]),
                           WEIGHTS_FILE, "not a readable safetensors file"),
@@ -163,3 +163,50 @@ def test_model_file_errors_survive_pickling():
     err = pickle.loads(pickle.dumps(DigestMismatchError("/m/model.safetensors", "sha256 differs")))
     assert type(err) is DigestMismatchError and err.file == "/m/model.safetensors"
     assert str(err) == "/m/model.safetensors: sha256 differs"
+
+
+# -- a config forged to describe a huge network is refused before it is allocated ------------------
+
+#: Loads the model of argv[1] and runs `ptsne embed --model` on it under an address-space limit far
+#: below the forged network (3 layers of 100000: 80 GB), printing what each raised or returned.
+_LOAD_UNDER_LIMIT = r"""
+import json, logging, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+from jobs.cli import main
+from ptsne import ParametricTSNE
+out = {}
+try:
+    ParametricTSNE.load(sys.argv[1])
+    out["load"] = "loaded"
+except Exception as exc:
+    out["load"] = f"{type(exc).__name__}: {exc}"
+records = []
+logging.getLogger().addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: records.append(r.getMessage())})())
+out["embed"] = main(["embed", "--model", sys.argv[1], "--input", sys.argv[2], "--output", sys.argv[3], "--no-progress"])
+out["errors"] = records
+print(json.dumps(out))
+"""
+
+
+def test_a_config_describing_another_network_is_refused_before_anything_is_allocated(model, tmp_path):
+    import os
+    import sys
+    from pathlib import Path
+
+    config = json.loads((model / CONFIG_FILE).read_text())
+    config["params"]["hidden_layers"] = [100_000] * 3
+    (model / CONFIG_FILE).write_text(json.dumps(config))
+    digest.write(model, [CONFIG_FILE, WEIGHTS_FILE])  # the sums rewritten too: they pass
+    (tmp_path / "in").mkdir()
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", _LOAD_UNDER_LIMIT, str(model), str(tmp_path / "in"),
+                           str(tmp_path / "out")], cwd=repo, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(repo)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["load"].startswith(f"ModelFileError: {model / CONFIG_FILE}: describes a network whose shapes "
+                                  "differ from the weights"), out
+    assert "(100000, 4)" in out["load"] and "(8, 4)" in out["load"]  # the first layer: config against file
+    assert out["embed"] == 4, out  # exit 4, naming the file
+    assert len(out["errors"]) == 1 and str(model / CONFIG_FILE) in out["errors"][0], out["errors"]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.parquet"))

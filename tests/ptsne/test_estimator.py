@@ -259,6 +259,19 @@ def test_parameter_validation(blobs, params, error, match):
         ParametricTSNE(**{**FAST, "perplexity": 10.0, **params}).fit(X)
 
 
+@pytest.mark.parametrize("size", [1, 5, 30])
+def test_a_reference_smaller_than_a_placed_points_neighbours_is_refused_before_training(blobs, size):
+    X, _ = blobs
+    epochs = []
+    est = ParametricTSNE(**{**FAST, "perplexity": 10.0}, reference_size=size)
+    with pytest.raises(ValueError, match=rf"^ParametricTSNE: reference_size must be 0 \(no reference\) or more "
+                                         rf"than 30 \(.*\), got {size}$"):
+        est.fit(X, callbacks=[lambda epoch, metrics: epochs.append(epoch)])
+    assert epochs == [] and not hasattr(est, "model_")  # refused before any work
+    assert ParametricTSNE(**{**FAST, "n_epochs": 1, "perplexity": 10.0}, reference_size=31).fit(X).reference_ \
+        is not None  # the minimum itself trains
+
+
 def test_set_params_rejects_unknown():
     with pytest.raises(ValueError, match="unknown parameter 'perplexitty'"):
         ParametricTSNE().set_params(perplexitty=5)
