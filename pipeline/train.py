@@ -845,7 +845,7 @@ def fit_reference(
         Z, edges = affinity.features_array(), affinity.read_edges()
     else:
         Z, edges = ScannedFeatures(affinity).fetch(rows), None
-    log.info("reference: %d of %d training points, %d iterations%s", len(Z), n, config.reference.n_iter,
+    log.info("reference: %d of %d training points, %s iterations%s", len(Z), n, config.reference.n_iter,
              "" if edges is None else ", P from the affinity directory")
     return estimator.fit_reference(Z, edges, random_state=config.train.seed)
 

@@ -107,9 +107,10 @@ class ParametricTSNE(BaseEstimator):
         on the same P, starting from the network's map, and the network turned to
         the same frame. ``transform`` then places new points on that map at
         t-SNE quality (:mod:`ptsne.reference`); 0 keeps a network-only model.
-    reference_iter : int
-        Gradient-descent iterations of the reference map (the coarse phase; see
-        :class:`ptsne.reference.ReferenceConfig`).
+    reference_iter : int or "auto"
+        Most gradient-descent iterations of the reference map's first phase (it stops
+        earlier once converged); ``"auto"`` grows with the number of reference points
+        (:func:`ptsne.reference.default_iterations`).
     random_state : int, optional
         Seed (``TrainConfig.seed``; None draws one); with a seed, CPU training is deterministic.
     device : {"auto", "cpu", "cuda"}
@@ -170,7 +171,7 @@ class ParametricTSNE(BaseEstimator):
         knn_method: str = "auto",
         pca_components: int | None = None,
         reference_size: int = ReferenceConfig.size,
-        reference_iter: int = ReferenceConfig.n_iter,
+        reference_iter: int | str = ReferenceConfig.n_iter,
         random_state: int | None = None,
         device: str = "auto",
         precision: str = TrainConfig.precision,

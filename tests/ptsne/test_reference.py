@@ -269,3 +269,18 @@ def test_methods_are_checked():
         est.transform(X, method="knn")
     with pytest.raises(ValueError, match="reference_size must be an integer >= 0, got -5"):
         ParametricTSNE(reference_size=-5, **FAST).fit(X)
+
+
+def test_auto_iterations_grow_with_the_number_of_reference_points():
+    from ptsne.reference import MIN_FINE_ITER, MIN_ITER, default_iterations, resolve_iterations
+
+    assert default_iterations(10_000) == (MIN_ITER, MIN_FINE_ITER)
+    assert default_iterations(60_000) == (100, 40)
+    assert default_iterations(200_000) == (300, 80)
+    assert default_iterations(250_000) == (375, 100)
+    coarse = [default_iterations(n)[0] for n in range(1_000, 1_000_000, 7_919)]
+    assert coarse == sorted(coarse) and all(c % CHECK_EVERY == 0 for c in coarse)
+    assert resolve_iterations(ReferenceConfig(n_iter=7, fine_iter=3), 200_000) == (7, 3)
+    assert resolve_iterations(ReferenceConfig(n_iter=7), 200_000) == (7, 80)
+    with pytest.raises(ValueError, match="reference_iter must be 'auto' or an integer >= 0, got -1"):
+        ReferenceConfig(n_iter=-1)
