@@ -638,8 +638,8 @@ def run_probe(ctx: Context, name: str, probe) -> str:
     entry["seconds"] = round(time.perf_counter() - t, 2)
     ctx.report.data["probes"][name] = {**ctx.report.data["probes"].get(name, {}), **entry}
     ctx.report.write()
-    print(f"{entry['status']:7s}  {name}  ({entry['seconds']} s){'  ' + entry.get('reason', '') if entry['status'] == 'SKIPPED' else ''}",
-          flush=True)
+    reason = f"  {entry['reason']}" if entry["status"] == "SKIPPED" else ""
+    print(f"{entry['status']:7s}  {name}  ({entry['seconds']} s){reason}", flush=True)
     return entry["status"]
 
 

@@ -176,7 +176,8 @@ def tf32_settings(tf32: bool, api: str | None = None) -> list[tuple[object, str,
         return [(torch.backends.cuda.matmul, "fp32_precision", value),
                 (torch.backends.cudnn.conv, "fp32_precision", value)]
     if api == "allow_tf32":
-        return [(torch.backends.cuda.matmul, "allow_tf32", bool(tf32)), (torch.backends.cudnn, "allow_tf32", bool(tf32))]
+        return [(torch.backends.cuda.matmul, "allow_tf32", bool(tf32)),
+                (torch.backends.cudnn, "allow_tf32", bool(tf32))]
     raise ValueError(f"tf32_settings: api must be one of {TF32_APIS}, got {api!r}")
 
 
