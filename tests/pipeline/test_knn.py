@@ -249,3 +249,12 @@ def test_gpu_search_tasks_share_a_gpu_and_match_the_exact_graph(ray_local, tmp_p
     g, _ = distributed_knn(fs, parts, 16, 20, method="exact", use_gpu=True, searches_per_gpu=4)
     ref = knn_graph(X, n_neighbors=20, method="exact", device="cpu")
     assert (g.indices == ref.indices).mean() > 0.999
+
+
+def test_the_test_ray_has_no_gpu_unless_asked(ray_local):
+    # On a CUDA host too the default suite searches on CPU, where its exact equalities hold.
+    import os
+
+    from tests.conftest import RAY_GPUS_ENV
+
+    assert ray_local.cluster_resources().get("GPU", 0) == int(os.environ.get(RAY_GPUS_ENV, "0"))
