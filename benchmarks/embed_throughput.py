@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.embed import EmbedConfig, ModelSpec, embed_shards
+from pipeline.embed import CPU_BATCH_ROWS, EmbedConfig, ModelSpec, embed_shards
 from pipeline.session import RaySession
 from ptsne import ParametricTSNE
 from ptsne.device import set_num_threads
@@ -122,8 +122,8 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--shards", type=int, default=32)
     p.add_argument("--hidden", default=",".join(map(str, DEFAULT_HIDDEN)), help="hidden widths, comma-separated")
-    p.add_argument("--batch-size", type=int, default=EmbedConfig.batch_size,
-                   help=f"rows per model call, raw and pipeline (default: the pipeline's, {EmbedConfig.batch_size})")
+    p.add_argument("--batch-size", type=int, default=CPU_BATCH_ROWS,
+                   help=f"rows per model call, raw and pipeline (default: the pipeline's on CPU, {CPU_BATCH_ROWS})")
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
     p.add_argument("--num-actors", type=int, default=1)
     p.add_argument("--cpus-per-actor", type=float, default=1.0)

@@ -1,31 +1,33 @@
-"""One prepared GPU check (issue 19): environment, GPU tests, a probe per GPU item, figures.
+"""One prepared GPU check: environment, a probe per GPU path (PASS, FAIL or SKIPPED), figures in one JSON.
 
-On a GPU host (``make gpu-check``) it prints the environment, runs the ``gpu`` tests and
-the default suite, then a probe with PASS/FAIL per item of issue 19 and the timings of
-kNN + P, training and embedding on the GPU against the CPU, an optional MNIST benchmark
-and an end-to-end fit, and writes every figure to one JSON file. Stages run in order of
-importance and none starts after ``--budget-s`` seconds (it is recorded as skipped).
+On a GPU host (``make gpu-check``) it records the environment, then runs the probes in
+order of importance: the GPU decisions, the kNN search on the GPU (FAISS GPU, or the
+exact torch search beside a CPU build of FAISS) against FAISS on CPU, training and
+embedding on the device against the CPU, NCCL through the project's own epoch
+function under ``torchrun --standalone --nproc_per_node=1``, ``train_distributed
+(use_gpu=True)`` on Ray, the affinities stage on Ray's GPUs, embedding actors in
+both modes against the same node without its GPU, the ``gpu`` tests, the MNIST
+benchmark, an end-to-end fit of ``--e2e-n`` points and the default suite.
 
     python benchmarks/gpu_check.py [--out gpu-check.json] [--n 200000] [--budget-s 420]
     python benchmarks/gpu_check.py --device cpu --n 2000 --e2e-n 0 --skip-pytest --skip-mnist  # dry run
 
-Further probes cover the GPU defaults: TF32 for float32 training, the exact-search threshold
-by device, IVF k-means on the GPU against the CPU, the Ray kNN stage with several searches
-sharing a GPU, and embedding rows/s with ``gpus_per_actor`` 1, 0.5 and 0.25 (the last two need
-a GPU and Ray; each records why it was skipped otherwise).
+A probe that cannot run here (no GPU, a package the image lacks: Ray, openTSNE, pytest,
+MNIST's file) says SKIPPED with the reason, never PASS, and the run goes on; a probe
+that raises is a FAIL with its traceback, and the run goes on. No probe starts after
+``--budget-s`` seconds (SKIPPED: budget). The JSON is rewritten (under a temporary name,
+then renamed) after every probe, and long probes write their figures as they measure
+them, so a run cut short keeps what it measured. Exit status 1 when any probe FAILs.
 
-The estimators run with ``device="auto"``, so a GPU host whose FAISS is a CPU build
-trains on the GPU and searches on CPU (the environment and each figure say where).
-Where Ray or MLflow is not installed (a bare GPU image), the test stages run the
-numerics' tests (``tests/ptsne``) alone.
-
-The dry run (CPU, tiny sizes) is a default test (tests/test_gpu_check.py), so the
-script cannot rot. Exit status 1 when any probe FAILs.
+A bare GPU image (torch, no Ray, FAISS or MLflow) gets what the check needs from
+``benchmarks/gpu_carry.sh`` (docs/gpu-check.md). The dry run (CPU, tiny sizes) is a
+default test (tests/test_gpu_check.py), so the script cannot rot.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -38,27 +40,50 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import faiss  # noqa: E402
-import torch  # noqa: E402
-
-from ptsne import ParametricTSNE  # noqa: E402
-from ptsne.affinity import joint_probabilities  # noqa: E402
-from ptsne.device import faiss_gpu_count, native_bfloat16, resolve_device  # noqa: E402
-from ptsne.knn import GPU_MAX_SELECTION_K, check_gpu_k, knn_graph, max_nprobe, recall_at_k, set_nprobe  # noqa: E402
-
 log = logging.getLogger("benchmarks.gpu_check")
+
+#: The environment variable that gives the test Ray GPUs (tests/conftest.py).
+RAY_GPUS_ENV = "PTSNE_TEST_RAY_GPUS"
+
+
+class Skipped(Exception):
+    """A probe that could not run here: recorded as SKIPPED with this reason, never as PASS."""
+
+
+def needs(*modules: str) -> None:
+    """Skip the probe unless every one of ``modules`` is importable."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise Skipped(f"needs {', '.join(missing)} (not installed here)")
+
+
+def needs_cuda(device: torch.device, what: str = "a CUDA GPU") -> None:
+    if device.type != "cuda":
+        raise Skipped(f"needs {what}; the device is {device}")
 
 
 def environment(device: torch.device) -> dict:
     env = {
-        "torch": torch.__version__, "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-        "device": str(device), "faiss": faiss.__version__, "faiss_gpus": faiss_gpu_count(),
-        "bf16_native": native_bfloat16(device), "cpus": os.cpu_count(),
+        "python": sys.version.split()[0], "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(), "device": str(device), "cpus": os.cpu_count(),
+        "packages": {m: importlib.util.find_spec(m) is not None
+                     for m in ("faiss", "ray", "mlflow", "openTSNE", "pytest", "pyarrow", "scipy", "sklearn")},
     }
+    try:
+        import faiss
+
+        from ptsne.device import faiss_gpu_count, native_bfloat16, tf32_api
+        from ptsne.knn import gpu_backend
+
+        env.update(faiss=faiss.__version__, faiss_gpus=faiss_gpu_count(), bf16_native=native_bfloat16(device),
+                   gpu_search=gpu_backend(), tf32_api=tf32_api())
+    except ImportError as exc:
+        env["ptsne_import_error"] = str(exc)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(gpu_name=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
@@ -67,7 +92,6 @@ def environment(device: torch.device) -> dict:
 
 
 def _asked(device: torch.device) -> str:
-    # "auto" on a GPU: trains there, and searches on CPU should FAISS be a CPU build.
     return "auto" if device.type == "cuda" else device.type
 
 
@@ -77,11 +101,61 @@ def blobs(n: int, dim: int = 50, centers: int = 20, seed: int = 0) -> np.ndarray
     return (c[rng.integers(0, centers, n)] + rng.normal(size=(n, dim))).astype(np.float32)
 
 
-# -- probes: each returns a dict of figures and raises (FAIL) when the behaviour is wrong ----
+class Report:
+    """The JSON of the run, rewritten whole (temp name, then rename) whenever a figure is added."""
+
+    def __init__(self, out: Path, device: torch.device):
+        self.out = out
+        self.data = {"environment": environment(device), "probes": {}}
+        self.write()
+
+    def figure(self, probe: str, **figures) -> None:
+        self.data["probes"].setdefault(probe, {}).update(figures)
+        self.write()
+
+    def write(self) -> None:
+        tmp = self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        os.replace(tmp, self.out)
 
 
-def probe_load_on_cpu(device: torch.device, n: int) -> dict:
-    X = blobs(min(n, 2000), dim=10)
+# -- probes: each returns a dict of figures, raises Skipped (SKIPPED) or anything else (FAIL) ---
+
+
+def probe_decisions(ctx) -> dict:
+    """The GPU decisions as pure functions: the same answers on every host."""
+    from jobs.train import training_gpus
+    from pipeline.affinity import knn_on_gpu
+    from pipeline.embed import EmbedConfig, plan_actors
+    from pipeline.knn import gpu_nprobe, gpu_task_options
+    from pipeline.train import check_gpu_workers
+    from ptsne.knn import search_backend
+
+    checks = {
+        "search_backend torch beside CPU FAISS": search_backend(0, True) == "torch",
+        "nprobe capped before the copy": gpu_nprobe(4096, 4096) == 2048,
+        "GPU tasks end their worker": gpu_task_options({"num_gpus": 0.25}).get("max_calls") == 1,
+        "refine on a GPU node: CPU actors": plan_actors(EmbedConfig(), 100, {"CPU": 16, "GPU": 1}, "refine").gpus == 0,
+        "network on a GPU node: GPU actors": plan_actors(EmbedConfig(), 100, {"CPU": 16, "GPU": 1}, "network").gpus > 0,
+        "train on the cluster's GPUs": training_gpus("auto", 1, 1) == 1.0,
+        "flat kNN on GPUs beside CPU FAISS": knn_on_gpu("auto", 1, False, "exact"),
+    }
+    try:
+        check_gpu_workers(2, True, 0.5)
+        checks["2 workers x 0.5 GPU refused"] = False
+    except ValueError:
+        checks["2 workers x 0.5 GPU refused"] = True
+    wrong = [name for name, ok in checks.items() if not ok]
+    if wrong:
+        raise AssertionError(f"decisions differ: {wrong}")
+    return {"checked": len(checks)}
+
+
+def probe_load_on_cpu(ctx) -> dict:
+    from ptsne import ParametricTSNE
+
+    device = ctx.device
+    X = blobs(min(ctx.n, 2000), dim=10)
     est = ParametricTSNE(perplexity=10.0, n_epochs=2, batch_size=128, random_state=0, device=_asked(device),
                          reference_size=0).fit(X)
     if est.device_.type != device.type:
@@ -98,29 +172,15 @@ def probe_load_on_cpu(device: torch.device, n: int) -> dict:
     return {"max_abs_diff_vs_cpu": diff}
 
 
-def probe_shared_gpu_refused(device: torch.device, n: int) -> dict:
-    from pipeline.train import check_gpu_workers
+def probe_caps(ctx) -> dict:
+    import faiss
 
-    check_gpu_workers(1, True, 0.5)
-    check_gpu_workers(2, True, 1.0)
-    try:
-        check_gpu_workers(2, True, 0.5)
-    except ValueError as exc:
-        return {"refusal": str(exc)}
-    raise AssertionError("2 workers x 0.5 GPU was not refused")
+    from ptsne.device import faiss_gpu_count
+    from ptsne.knn import GPU_MAX_SELECTION_K, gpu_resources, max_nprobe, set_nprobe
 
-
-def probe_caps(device: torch.device, n: int) -> dict:
-    try:
-        check_gpu_k(GPU_MAX_SELECTION_K)
-    except ValueError:
-        pass
-    else:
-        raise AssertionError(f"k={GPU_MAX_SELECTION_K} (k + 1 > {GPU_MAX_SELECTION_K}) was not refused")
-    if device.type != "cuda" or faiss_gpu_count() == 0:
-        return {"gpu_index": False}
-    from ptsne.knn import gpu_resources
-
+    needs_cuda(ctx.device)
+    if faiss_gpu_count() == 0:
+        raise Skipped("needs FAISS's GPU build (FAISS here is a CPU build)")
     nlist = 2 * GPU_MAX_SELECTION_K
     X = blobs(nlist * 40, dim=8)
     cpu = faiss.IndexIVFFlat(faiss.IndexFlatL2(8), 8, nlist)
@@ -130,15 +190,16 @@ def probe_caps(device: torch.device, n: int) -> dict:
     if max_nprobe(index) != GPU_MAX_SELECTION_K or set_nprobe(index, nlist) != GPU_MAX_SELECTION_K:
         raise AssertionError("nprobe on a GPU index was not capped at GPU_MAX_SELECTION_K")
     index.search(X[:100], 31)
-    return {"gpu_index": True, "nlist": nlist, "nprobe": GPU_MAX_SELECTION_K}
+    return {"nlist": nlist, "nprobe": GPU_MAX_SELECTION_K}
 
 
-def probe_resume_on_cpu(device: torch.device, n: int) -> dict:
+def probe_resume_on_cpu(ctx) -> dict:
     from pipeline.train import CHECKPOINT_OPTIMIZER, load_optimizer_state
 
-    net = torch.nn.Linear(4, 2).to(device)
+    needs_cuda(ctx.device)
+    net = torch.nn.Linear(4, 2).to(ctx.device)
     opt = torch.optim.Adam(net.parameters())
-    net(torch.ones(3, 4, device=device)).sum().backward()
+    net(torch.ones(3, 4, device=ctx.device)).sum().backward()
     opt.step()
     with tempfile.TemporaryDirectory(prefix="ptsne-gpu-check-") as d:
         torch.save({"optimizer": opt.state_dict(), "scheduler": {}}, Path(d) / CHECKPOINT_OPTIMIZER)
@@ -146,43 +207,73 @@ def probe_resume_on_cpu(device: torch.device, n: int) -> dict:
     devices = {v.device.type for s in state["optimizer"]["state"].values() for v in s.values() if torch.is_tensor(v)}
     if devices != {"cpu"}:
         raise AssertionError(f"optimizer state loaded onto {devices}")
-    torch.optim.Adam(torch.nn.Linear(4, 2).parameters()).load_state_dict(state["optimizer"])
-    return {"saved_on": device.type}
+    return {"saved_on": ctx.device.type}
 
 
-_SHARED: dict = {}  # the probes' data and P, computed once by probe_knn_p
+def probe_knn_p(ctx) -> dict:
+    """kNN + P: FAISS on CPU against the GPU search (FAISS GPU or torch), same graph."""
+    from ptsne.affinity import joint_probabilities
+    from ptsne.knn import knn_graph, recall_at_k, resolve_knn_device
 
-
-def probe_knn_p(device: torch.device, n: int) -> dict:
-    X = blobs(n)
+    X = blobs(ctx.n)
     out, graphs = {}, {}
-    searches = ["cpu"] + (["cuda"] if device.type == "cuda" and faiss_gpu_count() else [])
+    searches = ["cpu"] + (["cuda"] if resolve_knn_device(_asked(ctx.device), 90) == "cuda" else [])
     for name in searches:
         t = time.perf_counter()
-        g = knn_graph(X, n_neighbors=90, device=name)
+        g = knn_graph(X, n_neighbors=90, method="exact" if name == "cuda" else "auto", device=name)
         t_knn = time.perf_counter() - t
         edges = joint_probabilities(g, 30.0)
         graphs[name] = g
         out[name] = {"knn_s": round(t_knn, 3), "knn_p_s": round(time.perf_counter() - t, 3)}
-    if "cuda" in graphs:
-        out["recall_vs_cpu"] = recall_at_k(graphs["cpu"].indices[:2000], graphs["cuda"].indices[:2000])
-    else:
-        out["gpu_search"] = "not run: FAISS sees no GPU" if device.type == "cuda" else "not asked"
-    _SHARED.update(X=X, edges=edges)
+        ctx.report.figure(ctx.name, **out)
+    ctx.shared.update(X=X, edges=edges)
+    if "cuda" not in graphs:
+        raise Skipped(f"no GPU search here (CPU figures kept: {out})")
+    out["recall_vs_cpu"] = recall_at_k(graphs["cpu"].indices[:2000], graphs["cuda"].indices[:2000])
     return out
 
 
-def probe_train_and_embed(device: torch.device, n: int) -> dict:
+def probe_torch_search_equals_faiss(ctx) -> dict:
+    """The exact torch search on the device against FAISS's flat search on CPU."""
+    import faiss
+
+    from ptsne.flat import TorchFlatIndex
+    from ptsne.knn import search
+
+    X = blobs(min(ctx.n, 100_000))
+    q = np.arange(0, len(X), max(1, len(X) // 2000))
+    cpu = faiss.IndexFlatL2(X.shape[1])
+    cpu.add(X)
+    t = time.perf_counter()
+    want = search(cpu, X[q], 90, query_ids=q)
+    cpu_s = time.perf_counter() - t
+    index = TorchFlatIndex(X.shape[1], ctx.device)
+    index.add(X)
+    t = time.perf_counter()
+    got = search(index, X[q], 90, query_ids=q)
+    torch_s = time.perf_counter() - t
+    same = float((want.indices == got.indices).mean())
+    if same < 0.999:
+        raise AssertionError(f"the torch search agrees with FAISS on {same:.5f} of the neighbours")
+    out = {"n": len(X), "queries": len(q), "same_neighbours": same, "faiss_cpu_s": round(cpu_s, 3),
+           f"torch_{ctx.device.type}_s": round(torch_s, 3)}
+    if ctx.device.type != "cuda":
+        raise Skipped(f"ran on CPU tensors only: {out}")
+    return out
+
+
+def probe_train_and_embed(ctx) -> dict:
     from ptsne.model import ModelConfig, build_mapper
     from ptsne.train import TrainConfig, fit_mapper
     from ptsne.transform import transform
 
-    if "edges" not in _SHARED:
-        probe_knn_p(device, n)
-    X, edges = _SHARED["X"], _SHARED["edges"]
+    if "edges" not in ctx.shared:
+        raise Skipped("needs the kNN + P probe's graph")
+    X, edges = ctx.shared["X"], ctx.shared["edges"]
+    n = len(X)
     config = TrainConfig(n_epochs=3, seed=0)
     out = {}
-    for name in dict.fromkeys(["cpu", device.type]):
+    for name in dict.fromkeys(["cpu", ctx.device.type]):
         torch.manual_seed(0)
         mapper = build_mapper(ModelConfig(X.shape[1], 2))
         mapper.standardize.fit(X)
@@ -205,63 +296,120 @@ def probe_train_and_embed(device: torch.device, n: int) -> dict:
         out[name] = {"train_s": round(train_s, 3), "steps_per_s": round(steps / train_s, 1),
                      "sync_warnings": sum("synchroniz" in str(w.message) for w in caught),
                      "embed_rows_per_s": round(n / embed_s), "final_loss": history[-1]["loss"]}
+        ctx.report.figure(ctx.name, **out)
     return out
 
 
-def probe_ivf_training(device: torch.device, n: int) -> dict:
-    from ptsne.knn import build_index, default_nlist, is_gpu_index
-
-    X = blobs(n)
-    out = {"n": n, "nlist": default_nlist(n)}
-    for name in ["cpu"] + (["cuda"] if device.type == "cuda" and faiss_gpu_count() else []):
-        t = time.perf_counter()
-        index = build_index(X, "ivf", name, seed=0)
-        out[f"{name}_build_s"] = round(time.perf_counter() - t, 3)
-        if is_gpu_index(index) != (name == "cuda"):
-            raise AssertionError(f"IVF built for {name} is {'a GPU' if is_gpu_index(index) else 'a CPU'} index")
-    return out
-
-
-def probe_exact_threshold(device: torch.device, n: int) -> dict:
-    from ptsne.knn import EXACT_MAX_POINTS_GPU, resolve_knn_device, resolve_method
-
-    on = resolve_knn_device(_asked(device), 90)
-    want = "exact" if on == "cuda" else "ivf"
-    if resolve_method("auto", 1_000_000, on) != want:
-        raise AssertionError(f"method='auto' for 1M points searched on {on} is not {want}")
-    X = blobs(n)
-    t = time.perf_counter()
-    knn_graph(X, n_neighbors=90, method="exact", device=on)
-    return {"search_device": on, "auto_at_1M": want, "gpu_threshold": EXACT_MAX_POINTS_GPU,
-            "exact_s": round(time.perf_counter() - t, 3), "n": n}
-
-
-def probe_tf32(device: torch.device, n: int) -> dict:
-    from ptsne.device import use_tf32
+def probe_tf32(ctx) -> dict:
+    from ptsne.affinity import joint_probabilities
+    from ptsne.device import tf32_api, tf32_enabled, use_tf32
+    from ptsne.knn import knn_graph
     from ptsne.model import ModelConfig, build_mapper
     from ptsne.train import TrainConfig, fit_mapper
 
-    X = blobs(min(n, 5000), dim=10)
+    X = blobs(min(ctx.n, 5000), dim=10)
     edges = joint_probabilities(knn_graph(X, n_neighbors=30, method="exact", device="cpu"), 10.0)
     mapper = build_mapper(ModelConfig(X.shape[1], 2))
     mapper.standardize.fit(X)
-    fit_mapper(mapper, X, edges, TrainConfig(n_epochs=1, precision="float32"), device)
-    on = bool(torch.backends.cuda.matmul.allow_tf32)
-    if on != use_tf32(device, None):
-        raise AssertionError(f"float32 training on {device}: TF32 {'on' if on else 'off'}")
-    return {"tf32": on}
+    before, during = tf32_enabled(), []
+    fit_mapper(mapper, X, edges, TrainConfig(n_epochs=1, precision="float32"), ctx.device,
+               callbacks=[lambda epoch, metrics: during.append(tf32_enabled())])
+    if during != [use_tf32(ctx.device, None)]:
+        raise AssertionError(f"float32 training on {ctx.device}: TF32 {during}")
+    if tf32_enabled() != before:
+        raise AssertionError("TF32 was not restored after training")
+    return {"tf32_while_training": during[0], "restored": True, "api": tf32_api()}
 
 
-def _ray_session():
-    """Ray for the probes that need it: ``(ray, started_here)``, or ``(None, reason)`` when they cannot run."""
+def probe_exact_threshold(ctx) -> dict:
+    from ptsne.knn import EXACT_MAX_POINTS_GPU, knn_graph, resolve_knn_device, resolve_method
+
+    on = resolve_knn_device(_asked(ctx.device), 90)
+    want = "exact" if on == "cuda" else "ivf"
+    if resolve_method("auto", 1_000_000, on) != want:
+        raise AssertionError(f"method='auto' for 1M points searched on {on} is not {want}")
+    X = blobs(ctx.n)
+    t = time.perf_counter()
+    knn_graph(X, n_neighbors=90, method="exact", device=on)
+    return {"search_device": on, "auto_at_1M": want, "gpu_threshold": EXACT_MAX_POINTS_GPU,
+            "exact_s": round(time.perf_counter() - t, 3), "n": ctx.n}
+
+
+def probe_nccl_epoch(ctx) -> dict:
+    """The project's epoch function under ``torchrun --standalone --nproc_per_node=1`` with NCCL (gloo on CPU)."""
+    backend = "nccl" if ctx.device.type == "cuda" else "gloo"
+    with tempfile.TemporaryDirectory(prefix="ptsne-gpu-check-") as d:
+        result = Path(d) / "epoch.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+               str(Path(__file__).resolve()), "--epoch-worker", str(result), "--backend", backend]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(60.0, ctx.left()))
+        if proc.returncode != 0:
+            raise AssertionError(f"torchrun exited {proc.returncode}: {(proc.stdout + proc.stderr)[-2000:]}")
+        out = json.loads(result.read_text())
+    if backend != "nccl":
+        raise Skipped(f"needs a CUDA GPU for NCCL; the epoch ran under torchrun with gloo: {out}")
+    return out
+
+
+def epoch_worker(result: str, backend: str) -> int:
+    """One rank of :func:`probe_nccl_epoch`: two epochs of DDP training through ``ptsne.train.run_epoch``."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ptsne.affinity import joint_probabilities
+    from ptsne.knn import knn_graph
+    from ptsne.loss import TSNELoss
+    from ptsne.model import ModelConfig, build_mapper
+    from ptsne.train import NeighborSampler, TrainConfig, make_optimizer, make_scheduler, run_epoch
+
+    dist.init_process_group(backend)
     try:
-        import ray
-    except ImportError:
-        return None, "skipped: Ray is not installed"
-    if ray.is_initialized():
-        return ray, False
-    ray.init(include_dashboard=False, log_to_driver=False)
-    return ray, True
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local) if backend == "nccl" else torch.device("cpu")
+        X = blobs(20_000 if device.type == "cuda" else 1000, dim=20)  # the CPU dry run: a few steps
+        n = len(X)
+        edges = joint_probabilities(knn_graph(X, n_neighbors=30, method="exact", device="cpu"), 10.0)
+        torch.manual_seed(0)
+        mapper = build_mapper(ModelConfig(20, 2))
+        mapper.standardize.fit(X)
+        model = DistributedDataParallel(mapper.to(device), device_ids=[local] if device.type == "cuda" else None)
+        config = TrainConfig(n_epochs=2, batch_size=256, seed=0)
+        steps = n // config.batch_size
+        optimizer = make_optimizer(model, config)
+        scheduler = make_scheduler(optimizer, config, steps)
+        sampler, loss_fn = NeighborSampler(edges, n, device), TSNELoss(config.dof)
+        gen = torch.Generator(device=device).manual_seed(0)
+        Xt = torch.as_tensor(X, device=device)
+        t = time.perf_counter()
+        losses = []
+        for epoch in range(config.n_epochs):
+            order = torch.randperm(n, generator=gen, device=device)
+            anchors = [order[s * config.batch_size:(s + 1) * config.batch_size] for s in range(steps)]
+            m = config.positives_per_anchor
+            heads = [a if m == 1 else a.repeat_interleave(m) for a in anchors]
+            batches = ((Xt[a], Xt[tails], w) for a, h in zip(anchors, heads) for tails, w in [sampler.sample(h, gen)])
+            means = run_epoch(model, optimizer, scheduler, loss_fn, batches, n, config.exaggeration_at(epoch))
+            dist.all_reduce(means)  # NCCL reduces CUDA tensors: the epoch's means stay on the device
+            losses.append(float(means[0]) / dist.get_world_size())
+        seconds = time.perf_counter() - t
+        if dist.get_rank() == 0:
+            Path(result).write_text(json.dumps({
+                "backend": dist.get_backend(), "world_size": dist.get_world_size(), "device": str(device),
+                "losses": losses, "steps_per_s": round(config.n_epochs * steps / seconds, 1)}))
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def _ray(ctx):
+    """Ray for the probes that need it (started once, with the host's GPUs)."""
+    needs("ray")
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+        ctx.started_ray = True
+    return ray
 
 
 def _write_blob_shards(directory: Path, X: np.ndarray, shards: int) -> None:
@@ -284,12 +432,7 @@ class _Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def probe_knn_ray(device: torch.device, n: int) -> dict:
-    if device.type != "cuda" or not faiss_gpu_count():
-        return {"skipped": "needs a GPU and FAISS GPU (the CPU stage is tested by tests/pipeline)"}
-    ray, started = _ray_session()
-    if ray is None:
-        return {"skipped": started}
+def _affinities(ctx, n: int, shards: int = 4) -> tuple[dict, list[str], float, Path]:
     from pipeline.affinity import AffinityJobConfig, build_affinities
 
     lines = _Lines()
@@ -297,99 +440,207 @@ def probe_knn_ray(device: torch.device, n: int) -> dict:
     logger.addHandler(lines)
     level = logger.level
     logger.setLevel(logging.INFO)
+    d = Path(tempfile.mkdtemp(prefix="ptsne-gpu-check-aff-"))
     try:
-        with tempfile.TemporaryDirectory(prefix="ptsne-gpu-check-") as d:
-            _write_blob_shards(Path(d) / "in", blobs(n), 4)
-            t = time.perf_counter()
-            m = build_affinities(AffinityJobConfig(input=str(Path(d) / "in"), output=str(Path(d) / "out"),
-                                                   perplexity=30.0, batch_rows=max(1000, n // 16), device="auto"))
-            seconds = time.perf_counter() - t
+        _write_blob_shards(d / "in", blobs(n), shards)
+        t = time.perf_counter()
+        m = build_affinities(AffinityJobConfig(input=str(d / "in"), output=str(d / "out"), perplexity=30.0,
+                                               batch_rows=max(1000, n // 16), device="auto"))
+        seconds = time.perf_counter() - t
     finally:
         logger.removeHandler(lines)
         logger.setLevel(level)
-        if started:
-            ray.shutdown()
-    searched = [line for line in lines.lines if "searched on" in line]
+    return m, [line for line in lines.lines if "searched on" in line], seconds, d / "out"
+
+
+def probe_affinities_ray(ctx) -> dict:
+    needs_cuda(ctx.device)
+    ray = _ray(ctx)
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        raise Skipped("Ray sees no GPU")
+    m, searched, seconds, out = _affinities(ctx, ctx.n)
+    ctx.shared["affinity_dir"] = out
     if not searched or "cuda" not in searched[-1]:
         raise AssertionError(f"the kNN stage did not search on the GPU: {searched}")
-    at_once = int(searched[-1].split("at most ")[1].split()[0])
-    if at_once < 2:
-        raise AssertionError(f"search tasks did not share the GPU: {searched[-1]}")
-    return {"n": n, "seconds": round(seconds, 2), "knn_method": m["knn_method"], "searched": searched[-1],
-            "searches_at_once": at_once, "timings_s": m["timings_s"]}
+    return {"n": ctx.n, "seconds": round(seconds, 2), "knn_method": m["knn_method"], "searched": searched[-1],
+            "timings_s": m["timings_s"]}
 
 
-def probe_embed_actors(device: torch.device, n: int) -> dict:
-    if device.type != "cuda":
-        return {"skipped": "needs a GPU (the actor plan is tested on CPU by tests/pipeline/test_embed.py)"}
-    ray, started = _ray_session()
-    if ray is None:
-        return {"skipped": started}
+def probe_train_distributed_gpu(ctx) -> dict:
+    from pipeline.train import DistributedTrainConfig, train_distributed
+
+    needs_cuda(ctx.device)
+    ray = _ray(ctx)
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        raise Skipped("Ray sees no GPU")
+    affinity_dir = ctx.shared.get("affinity_dir") or _affinities(ctx, min(ctx.n, 50_000))[3]
+    with tempfile.TemporaryDirectory(prefix="ptsne-gpu-check-rt-") as d:
+        t = time.perf_counter()
+        config = DistributedTrainConfig.from_settings(n_epochs=3, seed=0, reference_size=0)
+        result = train_distributed(str(affinity_dir), config, num_workers=1, use_gpu=True, storage_path=d)
+        seconds = time.perf_counter() - t
+    return {"seconds": round(seconds, 1), "epochs": len(result.history),
+            "seconds_per_epoch": round(sum(h["seconds"] for h in result.history) / len(result.history), 3),
+            "final_loss": result.history[-1]["loss"]}
+
+
+def probe_embed_actors(ctx) -> dict:
+    """Rows/s of the default actor plan against the same node without its GPU, in both modes."""
     from pipeline.embed import EmbedConfig, ModelSpec, embed_shards
+    from ptsne import ParametricTSNE
 
-    out = {"n": n}
-    try:
-        with tempfile.TemporaryDirectory(prefix="ptsne-gpu-check-") as d:
-            X = blobs(n)
-            est = ParametricTSNE(n_epochs=1, random_state=0, device="cpu", reference_size=0).fit(X[:5000])
-            spec = ModelSpec(path=str(est.save(Path(d) / "m")), name="check", version="1", tag="v1")
-            _write_blob_shards(Path(d) / "in", X, 32)
-            for share in (1.0, 0.5, 0.25):
-                summary = embed_shards(Path(d) / "in", Path(d) / f"out-{share:g}", spec,
-                                       EmbedConfig(gpus_per_actor=share, progress=False))
-                out[f"gpus_per_actor={share:g}"] = {"rows_per_s": round(summary.rows_per_s),
-                                                    "stream_rows_per_s": round(summary.stream_rows_per_s)}
-    finally:
-        if started:
-            ray.shutdown()
+    needs_cuda(ctx.device)
+    needs("openTSNE")
+    ray = _ray(ctx)
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        raise Skipped("Ray sees no GPU")
+    out = {"n": ctx.n}
+    with tempfile.TemporaryDirectory(prefix="ptsne-gpu-check-") as d:
+        X = blobs(ctx.n)
+        est = ParametricTSNE(n_epochs=2, random_state=0, device="cpu", reference_size=5000).fit(X[:20_000])
+        spec = ModelSpec(path=str(est.save(Path(d) / "m")), name="check", version="1", tag="v1")
+        _write_blob_shards(Path(d) / "in", X, 32)
+        for method in ("network", "refine"):
+            for label, gpus in (("default", None), ("without_gpu", 0.0)):
+                summary = embed_shards(Path(d) / "in", Path(d) / f"out-{method}-{label}", spec,
+                                       EmbedConfig(gpus_per_actor=gpus, progress=False, method=method))
+                out[f"{method}_{label}_rows_per_s"] = round(summary.rows_per_s)
+                ctx.report.figure(ctx.name, **out)
+            out[f"{method}_gpu_vs_without"] = round(out[f"{method}_default_rows_per_s"]
+                                                    / max(1, out[f"{method}_without_gpu_rows_per_s"]), 3)
+    slower = [m for m in ("network", "refine") if out[f"{m}_gpu_vs_without"] < 0.95]
+    if slower:
+        raise AssertionError(f"embedding with the GPU is slower than without it in {slower}: {out}")
     return out
 
 
-PROBES = [
-    ("1 load onto CPU by default", probe_load_on_cpu),
-    ("2 workers sharing a GPU refused", probe_shared_gpu_refused),
-    ("4 nprobe and k caps", probe_caps),
-    ("8 GPU checkpoint resumes on CPU", probe_resume_on_cpu),
-    ("kNN + P on device vs CPU", probe_knn_p),
-    ("training and embedding on device vs CPU", probe_train_and_embed),
-    ("TF32 for float32 training on CUDA only", probe_tf32),
-    ("exact kNN threshold by device", probe_exact_threshold),
-    ("IVF trained on GPU vs CPU", probe_ivf_training),
-    ("kNN stage on Ray: searches sharing a GPU", probe_knn_ray),
-    ("embedding actors by gpus_per_actor", probe_embed_actors),
-]
-
-
-def run_pytest(args: list[str], timeout: float) -> dict:
+def _pytest(ctx, args: list[str], gpus: int = 0) -> dict:
+    needs("pytest")
     t = time.perf_counter()
+    env = {**os.environ, RAY_GPUS_ENV: str(gpus)}
     try:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=ROOT,
-                              capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        tail = (exc.stdout or b"")[-1500:]
-        return {"rc": None, "summary": f"stopped after {timeout:.0f} s (budget)",
-                "tail": tail.decode(errors="replace") if isinstance(tail, bytes) else tail,
-                "seconds": round(time.perf_counter() - t, 1)}
+                              capture_output=True, text=True, timeout=max(30.0, ctx.left()), env=env)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"stopped after {max(30.0, ctx.left()):.0f} s (budget)") from None
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    failures = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
-    return {"rc": proc.returncode, "summary": lines[-1] if lines else proc.stderr[-500:], "failures": failures[:20],
-            "seconds": round(time.perf_counter() - t, 1)}
+    out = {"rc": proc.returncode, "summary": lines[-1] if lines else proc.stderr[-500:],
+           "failures": [line for line in lines if line.startswith(("FAILED", "ERROR"))][:20],
+           "seconds": round(time.perf_counter() - t, 1)}
+    if proc.returncode not in (0, 5):
+        raise AssertionError(json.dumps(out))
+    return out
 
 
 def test_paths() -> list[str]:
     """The whole suite, or the numerics' tests alone where Ray or MLflow is not installed."""
-    try:
-        import mlflow  # noqa: F401
-        import ray  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("mlflow") is None:
         return ["tests/ptsne", "tests/test_gpu_check.py"]
     return ["tests"]
 
 
-def write_report(report: dict, out: Path) -> None:
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, out)
+def probe_gpu_tests(ctx) -> dict:
+    needs_cuda(ctx.device)
+    if ctx.args.skip_pytest:
+        raise Skipped("--skip-pytest")
+    return _pytest(ctx, ["-m", "gpu", *test_paths()], gpus=1)
+
+
+def probe_mnist(ctx) -> dict:
+    if ctx.args.skip_mnist:
+        raise Skipped("--skip-mnist")
+    needs("openTSNE")
+    data = Path(ctx.args.mnist_data or os.environ.get("PTSNE_MNIST") or ROOT.parent / "shared" / "data" / "mnist.npz")
+    if not data.exists():
+        raise Skipped(f"no MNIST file at {data}")
+    mnist_out = Path(tempfile.mkdtemp(prefix="ptsne-gpu-check-mnist-"))
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "mnist.py"), "--out", str(mnist_out), "--data", str(data)]
+    cmd += [] if ctx.args.with_opentsne else ["--skip-opentsne"]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(60.0, ctx.left()))
+    results = mnist_out / "results.json"
+    if proc.returncode != 0 or not results.exists():
+        raise AssertionError(f"benchmarks/mnist.py exited {proc.returncode}: {proc.stderr[-2000:]}")
+    return {**json.loads(results.read_text()), "wall_s": round(time.perf_counter() - t, 1)}
+
+
+def probe_end_to_end(ctx) -> dict:
+    from ptsne import ParametricTSNE
+
+    if ctx.args.e2e_n <= 0:
+        raise Skipped("--e2e-n 0")
+    needs("openTSNE")  # the reference map
+    X = blobs(ctx.args.e2e_n)
+    ctx.report.figure(ctx.name, n=ctx.args.e2e_n)
+    t = time.perf_counter()
+    est = ParametricTSNE(device=_asked(ctx.device), random_state=0).fit(X)
+    return {"n": ctx.args.e2e_n, "seconds": round(time.perf_counter() - t, 1), "device": str(est.device_),
+            "stages_s": {k: round(v, 2) for k, v in est.timings_.items()}}
+
+
+def probe_default_suite(ctx) -> dict:
+    if ctx.args.skip_pytest:
+        raise Skipped("--skip-pytest")
+    return _pytest(ctx, test_paths())
+
+
+PROBES = [
+    ("GPU decisions", probe_decisions),
+    ("load onto CPU by default", probe_load_on_cpu),
+    ("nprobe and k caps of FAISS GPU", probe_caps),
+    ("GPU checkpoint resumes on CPU", probe_resume_on_cpu),
+    ("TF32 while training only", probe_tf32),
+    ("torch exact search equals FAISS flat", probe_torch_search_equals_faiss),
+    ("kNN + P on device vs CPU", probe_knn_p),
+    ("training and embedding on device vs CPU", probe_train_and_embed),
+    ("exact kNN threshold by device", probe_exact_threshold),
+    ("NCCL through run_epoch under torchrun", probe_nccl_epoch),
+    ("affinities stage on Ray's GPUs", probe_affinities_ray),
+    ("train_distributed(use_gpu=True) on Ray", probe_train_distributed_gpu),
+    ("embedding actors in both modes vs without the GPU", probe_embed_actors),
+    ("gpu tests", probe_gpu_tests),
+    ("MNIST benchmark", probe_mnist),
+    ("end to end", probe_end_to_end),
+    ("default suite", probe_default_suite),
+]
+
+
+class Context:
+    """What the probes share: the device, sizes, options, the report and the remaining time."""
+
+    def __init__(self, device: torch.device, args: argparse.Namespace, report: Report, t0: float):
+        self.device, self.args, self.n, self.report, self.t0 = device, args, args.n, report, t0
+        self.shared: dict = {}
+        self.name = ""
+        self.started_ray = False
+
+    def left(self) -> float:
+        return self.args.budget_s - (time.perf_counter() - self.t0)
+
+
+def run_probe(ctx: Context, name: str, probe) -> str:
+    """Run one probe into the report; returns its status (PASS, FAIL or SKIPPED)."""
+    ctx.name = name
+    t = time.perf_counter()
+    import_error = ctx.report.data["environment"].get("ptsne_import_error")
+    try:
+        if ctx.left() <= 0:
+            raise Skipped("budget: no time left for it")
+        if import_error:
+            raise Skipped(f"ptsne does not import here: {import_error}")
+        entry = {"status": "PASS", **probe(ctx)}
+    except Skipped as exc:
+        entry = {"status": "SKIPPED", "reason": str(exc)}
+    except ImportError as exc:  # an optional package the image lacks
+        entry = {"status": "SKIPPED", "reason": f"{type(exc).__name__}: {exc}"}
+    except Exception as exc:  # a probe's failure is a result, not the end of the check
+        entry = {"status": "FAIL", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=5)}
+    entry["seconds"] = round(time.perf_counter() - t, 2)
+    ctx.report.data["probes"][name] = {**ctx.report.data["probes"].get(name, {}), **entry}
+    ctx.report.write()
+    reason = f"  {entry['reason']}" if entry["status"] == "SKIPPED" else ""
+    print(f"{entry['status']:7s}  {name}  ({entry['seconds']} s){reason}", flush=True)
+    return entry["status"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,73 +650,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--e2e-n", type=int, default=1_000_000, help="rows of the end-to-end fit (0: skip)")
     p.add_argument("--skip-pytest", action="store_true", help="do not run the gpu tests and the default suite")
     p.add_argument("--skip-mnist", action="store_true", help="do not run benchmarks/mnist.py")
-    p.add_argument("--mnist-data", default=None, help="mnist.npz for the MNIST stage (default: $PTSNE_MNIST)")
-    p.add_argument("--with-opentsne", action="store_true", help="run openTSNE beside ptsne in the MNIST stage")
-    p.add_argument("--budget-s", type=float, default=420.0, help="no stage starts after this many seconds")
+    p.add_argument("--mnist-data", default=None,
+                   help="mnist.npz for the MNIST probe (default: $PTSNE_MNIST, else shared/data/ beside the checkout)")
+    p.add_argument("--with-opentsne", action="store_true", help="run openTSNE beside ptsne in the MNIST probe")
+    p.add_argument("--only", action="append", default=None, help="run only the probes whose name contains this")
+    p.add_argument("--budget-s", type=float, default=420.0, help="no probe starts after this many seconds")
     p.add_argument("--out", default="gpu-check.json", help="JSON of every figure (default: gpu-check.json)")
+    p.add_argument("--epoch-worker", default=None, help=argparse.SUPPRESS)  # one torchrun rank of the NCCL probe
+    p.add_argument("--backend", default="nccl", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.epoch_worker:
+        return epoch_worker(args.epoch_worker, args.backend)
     t0 = time.perf_counter()
-    out = Path(args.out)
-    device = resolve_device(args.device)
-    report = {"environment": environment(device), "probes": {}, "stages": {}}
-    print(json.dumps(report["environment"], indent=2), flush=True)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        log.warning("gpu check: torch sees no CUDA GPU; the probes run on CPU and the GPU ones say SKIPPED")
+        device = torch.device("cpu")
+    report = Report(Path(args.out), device)
+    print(json.dumps(report.data["environment"], indent=2), flush=True)
+    ctx = Context(device, args, report, t0)
+    statuses = []
+    try:
+        for name, probe in PROBES:
+            if args.only and not any(part in name for part in args.only):
+                continue
+            statuses.append(run_probe(ctx, name, probe))
+    finally:
+        if ctx.started_ray:
+            import ray
 
-    def left() -> float:
-        return args.budget_s - (time.perf_counter() - t0)
-
-    def in_budget(name: str) -> bool:
-        if left() > 0:
-            return True
-        report["stages"][name] = "skipped (budget)"
-        return False
-
-    failed = False
-    for name, probe in PROBES:
-        if not in_budget(name):
-            continue
-        t = time.perf_counter()
-        try:
-            figures = probe(device, args.n)
-            report["probes"][name] = {"status": "PASS", **figures}
-        except Exception as exc:  # a probe's failure is a result, not the end of the check
-            failed = True
-            report["probes"][name] = {"status": "FAIL", "error": f"{type(exc).__name__}: {exc}",
-                                      "traceback": traceback.format_exc(limit=5)}
-        report["probes"][name]["seconds"] = round(time.perf_counter() - t, 2)
-        print(f"{report['probes'][name]['status']}  {name}  ({report['probes'][name]['seconds']} s)", flush=True)
-        write_report(report, out)
-    if not args.skip_pytest and in_budget("gpu tests"):
-        report["stages"]["gpu tests"] = run_pytest(["-m", "gpu", *test_paths()], timeout=max(30.0, left()))
-        print(f"gpu tests: {report['stages']['gpu tests']['summary']}", flush=True)
-        write_report(report, out)
-    if not args.skip_mnist and in_budget("mnist"):
-        mnist_out = Path(tempfile.mkdtemp(prefix="ptsne-gpu-check-mnist-"))
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "mnist.py"), "--out", str(mnist_out)]
-        cmd += [] if args.with_opentsne else ["--skip-opentsne"]
-        cmd += ["--data", args.mnist_data] if args.mnist_data else []
-        t = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        results = mnist_out / "results.json"
-        report["stages"]["mnist"] = json.loads(results.read_text()) if results.exists() else {
-            "rc": proc.returncode, "stderr": proc.stderr[-2000:]}
-        report["stages"]["mnist"]["wall_s"] = round(time.perf_counter() - t, 1)
-        print(f"mnist: {report['stages']['mnist'].get('wall_s')} s", flush=True)
-        write_report(report, out)
-    if args.e2e_n > 0 and in_budget("end to end"):
-        t = time.perf_counter()
-        est = ParametricTSNE(device=_asked(device), random_state=0).fit(blobs(args.e2e_n))
-        report["stages"]["end to end"] = {"n": args.e2e_n, "seconds": round(time.perf_counter() - t, 1),
-                                          "device": str(est.device_), "stages_s": est.timings_}
-        print(f"end to end: {report['stages']['end to end']}", flush=True)
-        write_report(report, out)
-    if not args.skip_pytest and in_budget("default suite"):
-        report["stages"]["default suite"] = run_pytest(test_paths(), timeout=max(30.0, left()))
-        print(f"default suite: {report['stages']['default suite']['summary']}", flush=True)
-    report["seconds"] = round(time.perf_counter() - t0, 1)
-    write_report(report, out)
-    print(f"{'FAIL' if failed else 'PASS'}: figures in {out} ({report['seconds']} s)")
-    return 1 if failed else 0
+            ray.shutdown()
+    report.data["seconds"] = round(time.perf_counter() - t0, 1)
+    report.data["counts"] = {s: statuses.count(s) for s in ("PASS", "FAIL", "SKIPPED")}
+    report.write()
+    print(f"{'FAIL' if 'FAIL' in statuses else 'DONE'}: {report.data['counts']}, figures in {args.out} "
+          f"({report.data['seconds']} s)")
+    return 1 if "FAIL" in statuses else 0
 
 
 if __name__ == "__main__":

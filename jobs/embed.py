@@ -101,12 +101,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--interval", type=_positive_float, default=60.0, help="seconds between polls (default 60)")
     p.add_argument("--max-polls", type=int, default=None, help="with --watch: stop after this many polls")
     # Defaults as in pipeline.embed.EmbedConfig (a test checks), chosen with benchmarks/embed_throughput.py.
-    p.add_argument("--batch-size", type=int, default=16384, help="rows per model call (default 16384)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="rows per model call (default 16384 on CPU actors, 131072 on GPU actors)")
     p.add_argument("--num-actors", type=int, default=None,
                    help="model actors, each embedding one shard at a time (default: one per GPU, or one per "
                         "--cpus-per-actor CPUs of the cluster)")
     p.add_argument("--cpus-per-actor", type=_positive_float, default=1.0, help="CPUs (torch threads) per actor")
-    p.add_argument("--gpus-per-actor", type=float, default=None, help="default 0.25 (four actors per GPU) when the cluster has GPUs")
+    p.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="default 0.25 (four actors per GPU) when the cluster has GPUs and the method is 'network'; "
+                        "0 for 'refine', whose placement runs on CPU (one actor per CPU)")
     # Accepted so that existing command lines keep working; each input shard is one task now.
     p.add_argument("--block-mb", type=_positive_float, default=None, help=argparse.SUPPRESS)
     add_ray_arguments(p, old_address=True)

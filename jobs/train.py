@@ -240,9 +240,10 @@ class TrainScaling:
 
     workers: int = setting(1, "data-parallel training workers", ge=1)
     cpus_per_worker: int = setting(1, "CPUs (torch threads) per worker", ge=1)
-    gpus_per_worker: float = setting(
-        0.0, "GPUs per worker; > 0 trains on GPUs with NCCL, and with --workers above 1 it must be >= 1: "
-        "workers cannot share a GPU (0: CPU with gloo)", ge=0)
+    gpus_per_worker: float | str = setting(
+        "auto", "GPUs per worker; > 0 trains on GPUs with NCCL, and with --workers above 1 it must be >= 1: "
+        "workers cannot share a GPU (0: CPU with gloo)", ge=0,
+        auto="1 (NCCL, one GPU per worker) where the Ray cluster has a GPU for every worker, else 0")
     max_failures: int = setting(1, "worker-group restarts, each resuming from the last epoch checkpoint", ge=0)
 
     def __post_init__(self) -> None:
@@ -287,7 +288,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     from pipeline.train import check_gpu_workers
 
     try:
-        check_gpu_workers(args.workers, args.gpus_per_worker > 0, args.gpus_per_worker)
+        if args.gpus_per_worker != "auto":  # "auto" gives each worker a whole GPU or none
+            check_gpu_workers(args.workers, args.gpus_per_worker > 0, args.gpus_per_worker)
     except ValueError as exc:
         raise UsageError(f"--workers {args.workers} --gpus-per-worker {args.gpus_per_worker:g}: {exc}") from None
     if args.alias and not args.register:
@@ -434,6 +436,35 @@ def _init_ray(spec: TrainJobSpec) -> bool:
     from pipeline.session import RaySession
 
     return RaySession(spec.ray_address, spec.num_cpus).start()
+
+
+def training_gpus(gpus_per_worker: float | str, workers: int, cluster_gpus: float) -> float:
+    """GPUs per training worker: ``gpus_per_worker`` as given, or for ``"auto"`` 1 where the cluster has
+    ``cluster_gpus >= workers`` (NCCL, one GPU per worker: workers cannot share one), else 0 (CPU, gloo).
+
+    ``cluster_gpus`` is what ``ray.cluster_resources()`` counts now: an autoscaling
+    cluster whose GPU nodes are not up yet trains on CPU unless told ``--gpus-per-worker 1``.
+    """
+    if gpus_per_worker != "auto":
+        return float(gpus_per_worker)
+    if cluster_gpus >= workers:
+        return 1.0
+    if cluster_gpus > 0:
+        log.warning("train: the Ray cluster has %g GPU(s) for %d workers (one each); training on CPUs "
+                    "(--gpus-per-worker 1 waits for GPU nodes, --workers %d trains on the GPUs there are)",
+                    cluster_gpus, workers, int(cluster_gpus))
+    return 0.0
+
+
+def _resolve_scaling(spec: TrainJobSpec) -> TrainJobSpec:
+    """``spec`` with ``--gpus-per-worker auto`` resolved for the connected cluster (:func:`training_gpus`)."""
+    import ray
+
+    scaling = spec.scaling
+    gpus = training_gpus(scaling.gpus_per_worker, scaling.workers, ray.cluster_resources().get("GPU", 0))
+    if gpus > 0 and scaling.gpus_per_worker == "auto":
+        log.info("train: %d worker(s) on a GPU each, NCCL", scaling.workers)
+    return dataclasses.replace(spec, scaling=dataclasses.replace(scaling, gpus_per_worker=gpus))
 
 
 def _plot(spec: TrainJobSpec, estimator, affinity_dir: str, path: Path) -> Path:
@@ -722,6 +753,7 @@ def _train_job(spec: TrainJobSpec, given: dict | None) -> TrainJobResult:
     where = spec.locations
     started_ray = _init_ray(spec)
     try:
+        spec = _resolve_scaling(spec)
         if started_ray:
             _check_local_resources(spec)
         location = configure_mlflow(spec.experiment)

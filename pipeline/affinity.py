@@ -64,7 +64,8 @@ from pipeline.affinity_dir import (
     write_edges_file,
 )
 from pipeline.knn import (
-    DEFAULT_MAX_INDEX_BYTES, DEFAULT_SEARCHES_PER_GPU, FeaturePart, build_indexes, gpu_share, peak_rss_mb, search_part,
+    DEFAULT_MAX_INDEX_BYTES, DEFAULT_SEARCHES_PER_GPU, FeaturePart, build_indexes, gpu_share, gpu_task_options,
+    method_for, peak_rss_mb, search_part,
 )
 from pipeline.pca import fit_pca, sample_rate, sample_rows, save_pca
 from pipeline.session import quiet_init_kwargs, start_ray
@@ -82,7 +83,7 @@ from pipeline.storage import (
     write_parquet_atomic,
 )
 from ptsne.affinity import as_perplexities, conditional_probabilities, default_k
-from ptsne.device import DEVICES, set_num_threads
+from ptsne.device import DEVICES, faiss_gpu_build, set_num_threads
 from ptsne.knn import EXACT_MAX_POINTS, METHODS, check_gpu_k
 from ptsne.pca import PCA
 from ptsne.settings import setting, validate
@@ -353,14 +354,16 @@ def plan_knn_tasks(use_gpu: bool, task_cpus: int, searches_per_gpu: int = DEFAUL
     ``1 / searches_per_gpu`` of a GPU (several searches share it: one search
     alone leaves it idle while it reads Parquet and merges shards) and
     ``task_cpus`` CPUs, and the calibration is a CPU task of ``task_cpus`` CPUs,
-    so the GPU is released as soon as the neighbours are found.
+    so the GPU is released as soon as the neighbours are found; its worker exits
+    after it (:func:`pipeline.knn.gpu_task_options`), with its CUDA context and
+    FAISS GPU resources.
     """
     if isinstance(task_cpus, bool) or not isinstance(task_cpus, (int, np.integer)) or task_cpus < 1:
         raise ValueError(f"plan_knn_tasks: task_cpus must be an integer >= 1, got {task_cpus!r}")
     if not use_gpu:
         return KnnTaskPlan(split=False, search={"num_cpus": task_cpus})
-    return KnnTaskPlan(split=True, search={"num_cpus": task_cpus, "num_gpus": gpu_share(searches_per_gpu)},
-                       calibrate={"num_cpus": task_cpus})
+    search = gpu_task_options({"num_cpus": task_cpus, "num_gpus": gpu_share(searches_per_gpu)})
+    return KnnTaskPlan(split=True, search=search, calibrate={"num_cpus": task_cpus})
 
 
 def max_concurrent(intervals: Sequence[tuple[float, float]]) -> int:
@@ -543,22 +546,37 @@ def _max_index_bytes(config: AffinityJobConfig) -> int:
     return int(min(DEFAULT_MAX_INDEX_BYTES, min(stores) // 4)) if stores else DEFAULT_MAX_INDEX_BYTES
 
 
-def _use_gpu(config: AffinityJobConfig) -> bool:
-    """Whether kNN tasks request a GPU: the cluster has one and FAISS is a GPU build."""
-    import faiss
+def knn_on_gpu(device: str, cluster_gpus: float, faiss_gpu: bool, method: str) -> bool:
+    """Whether the kNN tasks ask for GPUs.
+
+    ``device`` is the job's (``"auto"``, ``"cpu"``, ``"cuda"``), ``cluster_gpus`` what
+    the Ray cluster has, ``faiss_gpu`` whether FAISS here is a GPU build and
+    ``method`` the index type the GPU would search (``"exact"`` or ``"ivf"``, as
+    :func:`pipeline.knn.method_for` resolves it for a GPU). FAISS's GPU build searches
+    either; beside a CPU build a flat index is searched exactly in torch on the GPU
+    (:class:`ptsne.flat.TorchFlatIndex`), and IVF, which torch has not, stays on
+    CPUs. ``device="cuda"`` that no GPU can serve is refused (``ValueError``).
+    """
+    searchable = cluster_gpus > 0 and (faiss_gpu or method == "exact")
+    if device == "cuda" and not searchable:
+        raise ValueError(
+            f"device='cuda' was asked for but the Ray cluster has {cluster_gpus:g} GPUs and FAISS "
+            f"{'is' if faiss_gpu else 'is not'} a GPU build (torch searches a flat index only; "
+            f"the index here is {method!r})"
+        )
+    if device == "auto" and cluster_gpus > 0 and not searchable:
+        log.warning("kNN: the cluster has GPUs but FAISS is a CPU build and the index is IVF, which torch does not "
+                    "search; searching on CPUs (install ptsne[gpu-cu12] or ptsne[gpu-cu13])")
+    return device != "cpu" and searchable
+
+
+def _use_gpu(config: AffinityJobConfig, n: int) -> bool:
+    """:func:`knn_on_gpu` for the connected cluster and ``n`` points."""
     import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
-    # A GPU build of FAISS has the GPU classes even on a driver without a GPU.
-    gpu_build = hasattr(faiss, "StandardGpuResources")
-    if config.device == "cuda" and (gpus <= 0 or not gpu_build):
-        raise ValueError(
-            f"device='cuda' was asked for but the Ray cluster has {gpus:g} GPUs and FAISS "
-            f"{'is' if gpu_build else 'is not'} a GPU build"
-        )
-    if config.device == "auto" and gpus > 0 and not gpu_build:
-        log.warning("kNN: the cluster has GPUs but FAISS is a CPU build (install faiss-gpu); searching on CPUs")
-    return config.device != "cpu" and gpus > 0 and gpu_build
+    return knn_on_gpu(config.device, gpus, faiss_gpu_build(),
+                      method_for(config.knn_method, n, use_gpu=True))
 
 
 def build_affinities(config: AffinityJobConfig) -> dict:
@@ -605,7 +623,6 @@ def build_affinities(config: AffinityJobConfig) -> dict:
                        overwrite=config.overwrite, commit=(schema.MANIFEST_FILE,))
     staged.check_target()
     _ensure_ray(config.ray_address)
-    use_gpu = _use_gpu(config)
     timings: dict = {}
     memory: dict = {}
     opts = dict(num_cpus=config.task_cpus, max_retries=config.max_retries, retry_exceptions=RETRY_EXCEPTIONS)
@@ -622,7 +639,8 @@ def build_affinities(config: AffinityJobConfig) -> dict:
         k = _resolve_k(config, v["n"])
         if config.pca_components is not None and config.pca_components > v["input_dim"]:
             raise ValueError(f"pca_components={config.pca_components} exceeds the input dimension {v['input_dim']}")
-    if use_gpu:
+    use_gpu = _use_gpu(config, feat["n"] if resumed else v["n"])
+    if use_gpu and faiss_gpu_build():
         check_gpu_k(k)  # FAISS GPU selects at most 2048: refused before features and index are built
 
     with staged as stage_dir:

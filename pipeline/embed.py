@@ -90,6 +90,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -250,11 +251,13 @@ class EmbedConfig:
         logs a warning with the count; ``"error"`` fails their shard (nothing
         written for it, exit with the count and an example id). Checked within
         each shard only (see the module docstring).
-    batch_size : int
+    batch_size : int, optional
         Rows per model call, and per batch read from the input and written to
-        the output. 16384 gave the fastest Parquet-to-Parquet rate with
-        ``benchmarks/embed_throughput.py`` on a 2-core CPU (64-D input,
-        256-256-256 network; see ``docs/embedding.md``).
+        the output. Default :data:`CPU_BATCH_ROWS` (16384) for CPU actors, the
+        fastest Parquet-to-Parquet rate with ``benchmarks/embed_throughput.py``
+        on a 2-core CPU (64-D input, 256-256-256 network; see
+        ``docs/embedding.md``), and :data:`GPU_BATCH_ROWS` for GPU actors, whose
+        forward pass costs a few kernel launches per batch however large.
     num_actors : int, optional
         Size of the actor pool (at most one actor per shard to embed); default
         one per ``gpus_per_actor`` GPUs when actors use GPUs, else one per
@@ -264,7 +267,8 @@ class EmbedConfig:
         CPUs of each actor: its torch threads and Arrow's decoding threads.
     gpus_per_actor : float, optional
         Default :data:`DEFAULT_GPUS_PER_ACTOR` (0.25: four actors share a GPU)
-        when the cluster has GPUs, else 0. Parquet I/O, not the network, bounds
+        when the cluster has GPUs and the model's work runs on one (the network;
+        see :func:`plan_actors`), else 0: CPU actors. Parquet I/O, not the network, bounds
         an actor: on an H200 the forward pass ran 23.8M rows/s against 2.1M on
         16 CPU cores, while a Parquet-to-Parquet actor moves about 120k rows/s,
         so one actor uses a few percent of a GPU and several per GPU are needed
@@ -284,7 +288,7 @@ class EmbedConfig:
     passthrough: tuple[str, ...] = ()
     on_invalid: str = "error"
     on_duplicate_ids: str = "warn"
-    batch_size: int = 16384
+    batch_size: int | None = None
     num_actors: int | None = None
     cpus_per_actor: float = 1.0
     gpus_per_actor: float | None = None
@@ -316,8 +320,10 @@ class EmbedConfig:
             )
         if self.method not in METHODS:
             raise ValueError(f"EmbedConfig: method must be one of {METHODS}, got {self.method!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"EmbedConfig: batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.batch_size is not None and (
+            isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1
+        ):
+            raise ValueError(f"EmbedConfig: batch_size must be a positive integer or None, got {self.batch_size!r}")
         if self.num_actors is not None and (
             isinstance(self.num_actors, bool) or not isinstance(self.num_actors, int) or self.num_actors < 1
         ):
@@ -1275,35 +1281,58 @@ _HINTS = {
 }
 
 
-#: GPU share of an embedding actor when ``gpus_per_actor`` is not given and the cluster has GPUs.
+#: GPU share of an embedding actor when ``gpus_per_actor`` is not given, the cluster has GPUs
+#: and the model's work runs on one.
 DEFAULT_GPUS_PER_ACTOR = 0.25
+#: Rows per batch of a CPU actor and of a GPU actor when ``batch_size`` is not given.
+CPU_BATCH_ROWS = 16384
+GPU_BATCH_ROWS = 131072
 
 
-def _actor_resources(config: EmbedConfig, n_tasks: int) -> tuple[int, float, float]:
-    """Number of actors and each one's CPUs and GPUs, for ``n_tasks`` shards on the connected cluster."""
+class ActorPlan(NamedTuple):
+    """The embedding actors: how many, each one's CPUs and GPUs, and the rows of each batch."""
+
+    actors: int
+    cpus: float
+    gpus: float
+    batch_size: int
+
+
+def _actor_resources(config: EmbedConfig, n_tasks: int, method: str) -> ActorPlan:
+    """:func:`plan_actors` for ``n_tasks`` shards on the connected cluster."""
     import ray
 
-    return plan_actors(config, n_tasks, ray.cluster_resources())
+    return plan_actors(config, n_tasks, ray.cluster_resources(), method)
 
 
-def plan_actors(config: EmbedConfig, n_tasks: int, resources: dict) -> tuple[int, float, float]:
-    """Number of actors and each one's CPUs and GPUs, for ``n_tasks`` shards on a cluster of ``resources``.
+def plan_actors(config: EmbedConfig, n_tasks: int, resources: dict, method: str,
+                gpu_placement: bool = False) -> ActorPlan:
+    """The actor pool for ``n_tasks`` shards on a cluster of ``resources``, embedding with ``method``.
 
-    ``resources`` is what ``ray.cluster_resources()`` returns (``"CPU"``, ``"GPU"``).
-    With GPUs and no ``gpus_per_actor``, each actor takes :data:`DEFAULT_GPUS_PER_ACTOR`
-    of a GPU: an actor is bound by Parquet I/O (about 120k rows/s) far below
-    what the network does on a GPU (23.8M rows/s on an H200), so four actors
-    per GPU embed about four times as fast as one. Without ``num_actors`` a GPU
-    pool has ``GPUs / gpus_per_actor`` actors, at most ``CPUs / cpus_per_actor``;
+    ``resources`` is what ``ray.cluster_resources()`` returns (``"CPU"``, ``"GPU"``);
+    ``method`` is the model's resolved method (``"network"`` or ``"refine"``) and
+    ``gpu_placement`` whether its placement of new points on the reference map
+    runs on a GPU (it runs on CPU today: False). Without ``gpus_per_actor``, GPU
+    actors embed only what a GPU computes: the network (or a GPU placement). Each
+    takes :data:`DEFAULT_GPUS_PER_ACTOR` of a GPU and :data:`GPU_BATCH_ROWS` rows a
+    batch: an actor is bound by Parquet I/O (about 120k rows/s) far below what
+    the network does on a GPU (23.8M rows/s on an H200), so four actors per GPU
+    embed about four times as fast as one. A CPU placement gets CPU actors, one
+    per ``cpus_per_actor`` CPUs, as on a cluster without GPUs (a GPU would cut the
+    pool to four actors a GPU while the CPUs do the work). Without ``num_actors``
+    a GPU pool has ``GPUs / gpus_per_actor`` actors, at most ``CPUs / cpus_per_actor``;
     a CPU pool has ``CPUs / cpus_per_actor``; never more than ``n_tasks``.
 
     Raises ValueError when the actors would need more CPUs or GPUs than the
     cluster has (Ray would wait for them forever).
     """
+    if method not in ("network", "refine"):
+        raise ValueError(f"plan_actors: method must be 'network' or 'refine' (as resolved), got {method!r}")
     total_cpus, total_gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
     gpus = config.gpus_per_actor
     if gpus is None:
-        gpus = DEFAULT_GPUS_PER_ACTOR if total_gpus >= 1 else 0.0
+        on_gpu = method == "network" or gpu_placement
+        gpus = DEFAULT_GPUS_PER_ACTOR if total_gpus >= 1 and on_gpu else 0.0
     if config.num_actors is not None:
         n = config.num_actors
     elif gpus > 0:
@@ -1321,7 +1350,8 @@ def plan_actors(config: EmbedConfig, n_tasks: int, resources: dict) -> tuple[int
             f"embed: {n} actor(s) x gpus_per_actor={gpus:g} reserve {n * gpus:g} GPUs, the cluster has "
             f"{total_gpus:g}: lower gpus_per_actor or num_actors"
         )
-    return n, float(config.cpus_per_actor), float(gpus)
+    batch = config.batch_size or (GPU_BATCH_ROWS if gpus > 0 else CPU_BATCH_ROWS)
+    return ActorPlan(n, float(config.cpus_per_actor), float(gpus), int(batch))
 
 
 def embed_shards(
@@ -1662,7 +1692,7 @@ def _run(in_fs, out_fs, target, planned, spec, schema, ledger, present, model, c
     if work:
         if start_ray is not None:
             start_ray()
-        n_actors, cpus, gpus = _actor_resources(config, len(work))  # refused before anything is written
+        n_actors, cpus, gpus, batch_size = _actor_resources(config, len(work), spec.method)  # before any write
     entries = []
     for shard in [s for s in planned if s.rows == 0]:  # no Ray needed: the driver writes the empty file
         empty = _output_schema(schema, spec).empty_table()
@@ -1678,11 +1708,11 @@ def _run(in_fs, out_fs, target, planned, spec, schema, ledger, present, model, c
     from tqdm.auto import tqdm
 
     log.info(
-        "embedding %d shard(s), %d rows with %d actor(s) (%g CPU, %g GPU each) into %s",
-        len(work), sum(s.rows for s in work), n_actors, cpus, gpus, summary.output,
+        "embedding %d shard(s), %d rows with %d actor(s) (%g CPU, %g GPU each, batches of %d rows) into %s",
+        len(work), sum(s.rows for s in work), n_actors, cpus, gpus, batch_size, summary.output,
     )
     job = _Job(spec=spec, model_name=model.name, model_version=model.version, in_fs=in_fs, out_fs=out_fs,
-               batch_size=config.batch_size, on_invalid=config.on_invalid, on_duplicate_ids=config.on_duplicate_ids)
+               batch_size=batch_size, on_invalid=config.on_invalid, on_duplicate_ids=config.on_duplicate_ids)
     files = ray.put(_model_files(model))  # once: every actor reads it from the object store
     actor_class = ray.remote(_Embedder).options(num_cpus=cpus, num_gpus=gpus)
     bar = tqdm(total=sum(s.rows for s in work), unit="rows", unit_scale=True, desc="embed",

@@ -29,10 +29,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import schema
-from ptsne.device import faiss_gpu_count, set_num_threads
+from ptsne.device import set_num_threads
+from ptsne.flat import TorchFlatIndex
 from ptsne.knn import (
-    KNNGraph, build_index, is_gpu_index, ivf_nlist, max_nprobe, resolve_method, search, set_nprobe, to_gpu,
-    tune_nprobe,
+    GPU_MAX_SELECTION_K, KNNGraph, build_index, gpu_backend, index_device, is_gpu_index, ivf_nlist, merge_topk,
+    resolve_method, search, search_all_cells, set_nprobe, to_gpu, tune_nprobe,
 )
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,21 @@ def gpu_share(per_gpu: int) -> float:
     if isinstance(per_gpu, bool) or not isinstance(per_gpu, (int, np.integer)) or per_gpu < 1:
         raise ValueError(f"gpu_share: per_gpu must be an integer >= 1, got {per_gpu!r}")
     return 1.0 if per_gpu == 1 else math.floor(10_000 / per_gpu) / 10_000
+
+
+def gpu_task_options(options: dict) -> dict:
+    """Ray options of a task: with ``max_calls=1`` when it asks for a GPU, so that its worker exits after it.
+
+    A worker Ray reuses keeps its CUDA context and the process's FAISS GPU
+    resources (:func:`ptsne.knn.gpu_resources`, about 1.5 GiB of scratch memory)
+    after the task; Ray applies its one-call default for GPU tasks only to the
+    ``@ray.remote`` decorator, not to ``.options(num_gpus=...)``. CPU tasks keep
+    their workers.
+    """
+    options = dict(options)
+    if float(options.get("num_gpus", 0) or 0) > 0:
+        options["max_calls"] = 1
+    return options
 
 
 @dataclass(frozen=True)
@@ -140,44 +156,56 @@ def build_index_blob(
     return faiss.serialize_index(index), info
 
 
-def load_index(blob: np.ndarray, info: dict, use_gpu: bool) -> faiss.Index:
+def load_index(blob: np.ndarray, info: dict, use_gpu: bool) -> faiss.Index | TorchFlatIndex:
     """Deserialise an index blob, set its ``nprobe`` and move it to a GPU if asked.
 
     Each task loads its own copy and drops it when done (no per-worker cache),
     so idle workers do not hold an index after the stage. A task told to use a
-    GPU raises when FAISS here sees none (a CPU build, no visible device) instead
-    of searching on CPU while holding a GPU slot. On a GPU, ``nprobe`` is capped
-    at 2048 (:func:`ptsne.knn.set_nprobe`). The GPU index uses the process's one
-    set of FAISS GPU resources (:func:`ptsne.knn.gpu_resources`) on GPU 0, the one
-    Ray makes visible to a task given a GPU.
+    GPU raises when nothing here can search on it (:func:`check_gpu_search`)
+    instead of searching on CPU while holding a GPU slot. ``nprobe`` is set on
+    the CPU index, capped at 2048 when it goes to a FAISS GPU (:func:`gpu_nprobe`),
+    before the copy: FAISS refuses to copy an index that probes more cells than
+    it searches on a GPU. The GPU index uses the process's one set of FAISS GPU
+    resources (:func:`ptsne.knn.gpu_resources`) on GPU 0, the one Ray makes
+    visible to a task given a GPU; beside a CPU build of FAISS a flat index is
+    searched exactly in torch on that GPU (:class:`ptsne.flat.TorchFlatIndex`).
     """
     index = faiss.deserialize_index(np.asarray(blob))
-    if use_gpu:
-        check_faiss_gpu()
-        index = to_gpu(index, "cuda:0")
+    backend = check_gpu_search(index) if use_gpu else None
     if info.get("nprobe"):
-        set_nprobe(index, info["nprobe"])
+        nprobe = info["nprobe"]
+        set_nprobe(index, gpu_nprobe(nprobe, ivf_nlist(index)) if backend == "faiss" else nprobe)
+    if backend == "faiss":
+        return to_gpu(index, "cuda:0")
+    if backend == "torch":
+        flat = TorchFlatIndex(index.d, "cuda:0")
+        flat.add(index.reconstruct_n(0, index.ntotal))
+        return flat
     return index
 
 
-def check_faiss_gpu() -> None:
-    """Raise when FAISS here sees no GPU, in a task that Ray gave one."""
-    if faiss_gpu_count() == 0:
-        raise RuntimeError(
-            "kNN: this task was given a GPU but FAISS here sees none (a CPU build of FAISS, or "
-            "CUDA_VISIBLE_DEVICES empty); install faiss-gpu on every GPU node or run with device='cpu'"
-        )
+def gpu_nprobe(nprobe: int, nlist: int | None) -> int:
+    """The ``nprobe`` an IVF index of ``nlist`` cells may carry to a FAISS GPU: at most ``min(nlist, 2048)``."""
+    cap = GPU_MAX_SELECTION_K if nlist is None else min(int(nlist), GPU_MAX_SELECTION_K)
+    if int(nprobe) > cap:
+        log.warning("kNN: nprobe=%d capped at %d before the index goes to the GPU", int(nprobe), cap)
+    return min(int(nprobe), cap)
 
 
-def merge_topk(candidates: Sequence[KNNGraph], k: int) -> KNNGraph:
-    """Merge per-shard neighbour lists (global ids) into the ``k`` nearest, ties by id."""
-    if len(candidates) == 1:
-        return candidates[0]
-    idx = np.concatenate([c.indices for c in candidates], axis=1)
-    dist = np.concatenate([c.distances for c in candidates], axis=1)
-    order = np.lexsort((idx, dist), axis=1)[:, :k]
-    return KNNGraph(
-        np.take_along_axis(idx, order, axis=1), np.take_along_axis(dist, order, axis=1)
+def check_gpu_search(index: faiss.Index | None = None) -> str:
+    """What searches ``index`` on the GPU a Ray task was given: ``"faiss"``, or ``"torch"`` (flat indexes only).
+
+    Raises when FAISS here sees no GPU and torch cannot search ``index`` on one
+    (no CUDA torch, or an IVF index: torch has no IVF). ``index=None``: any index.
+    """
+    backend = gpu_backend()
+    if backend == "faiss" or (backend == "torch" and (index is None or ivf_nlist(index) is None)):
+        return backend
+    raise RuntimeError(
+        "kNN: this task was given a GPU but FAISS here sees none (a CPU build of FAISS, or "
+        "CUDA_VISIBLE_DEVICES empty)" + (" and torch searches flat indexes only" if backend == "torch" else "")
+        + "; install a GPU build of FAISS on every GPU node (ptsne[gpu-cu12] or ptsne[gpu-cu13]) or run with "
+        "device='cpu'"
     )
 
 
@@ -211,38 +239,20 @@ def search_index_shard(offset: int, index: faiss.Index, queries: np.ndarray, que
 def _fill_missing(
     index: faiss.Index, queries: np.ndarray, k: int, qids: np.ndarray, g: KNNGraph, missing: np.ndarray
 ) -> KNNGraph:
-    """Search again, probing every IVF cell, the rows that found fewer than ``k`` neighbours.
+    """Search again, over every IVF cell, the rows that found fewer than ``k`` neighbours.
 
     IVF returns fewer hits when the probed cells hold fewer than ``k`` points;
     probing all cells is an exact search, and the search task holds only the
-    index, not the indexed vectors. A GPU probes at most 2048 cells
-    (:func:`ptsne.knn.max_nprobe`); rows still short after that are searched over
-    all cells on a CPU copy of the index.
+    index, not the indexed vectors. A GPU probes at most 2048 cells a search, so
+    the cells are searched in blocks on the index's own device
+    (:func:`ptsne.knn.search_all_cells`): the index is never copied to the host.
     """
     nlist = ivf_nlist(index)
     if nlist is None:
         raise RuntimeError(f"kNN search returned {int(missing.sum())} rows with fewer than k={k} neighbours")
     rows = np.flatnonzero(missing)
-    try:
-        old = int(faiss.extract_index_ivf(index).nprobe)
-    except (RuntimeError, AttributeError):
-        old = int(getattr(index, "nprobe", 1))
-    probe = max_nprobe(index)
-    set_nprobe(index, probe)
-    try:
-        redo = search(index, queries[rows], k, query_ids=qids[rows], allow_missing=probe < nlist)
-    finally:
-        set_nprobe(index, old)
-    log.debug("kNN: %d rows searched again over %d of %d IVF cells", rows.size, probe, nlist)
-    short = (redo.indices < 0).any(axis=1)
-    if short.any():
-        log.warning("kNN: %d rows short of k=%d neighbours after %d of %d IVF cells (the GPU's cap); "
-                    "searching them over all cells on CPU", int(short.sum()), k, probe, nlist)
-        cpu = faiss.index_gpu_to_cpu(index)
-        faiss.extract_index_ivf(cpu).nprobe = nlist  # a CPU index: no cap
-        again = rows[short]
-        exact = search(cpu, queries[again], k, query_ids=qids[again])
-        redo.indices[short], redo.distances[short] = exact.indices, exact.distances
+    redo = search_all_cells(index, queries[rows], k, qids[rows])
+    log.debug("kNN: %d rows searched again over all %d IVF cells", rows.size, nlist)
     indices, distances = g.indices.copy(), g.distances.copy()
     indices[rows], distances[rows] = redo.indices, redo.distances
     return KNNGraph(indices, distances)
@@ -266,7 +276,7 @@ def index_task(fs, parts: list[FeaturePart], method: str, k: int, target_recall:
     """
     set_num_threads(n_threads)
     if use_gpu:
-        check_faiss_gpu()
+        check_gpu_search()
     X = read_vectors(fs, parts)
     blob, info = build_index_blob(X, method, k, target_recall, seed, "cuda:0" if use_gpu else "cpu")
     info["peak_rss_mb"] = peak_rss_mb()
@@ -298,11 +308,6 @@ def search_part(fs, part: FeaturePart, index_refs: list, k: int, use_gpu: bool) 
     return best
 
 
-def index_device(index: faiss.Index) -> str:
-    """``"cuda"`` for a FAISS GPU index, else ``"cpu"`` (what a kNN task reports it searched on)."""
-    return "cuda" if is_gpu_index(index) else "cpu"
-
-
 def _search_task(fs, part: FeaturePart, index_refs: list, k: int, use_gpu: bool, n_threads: int) -> KNNGraph:
     set_num_threads(n_threads)
     return search_part(fs, part, index_refs, k, use_gpu)
@@ -326,7 +331,7 @@ def build_indexes(
     shards = plan_index_shards(parts, dim, max_index_bytes, min_rows=k + 1)
     on_gpu = use_gpu and method == "ivf"
     options = {"num_gpus": 1, **(task_options or {})} if on_gpu else dict(task_options or {})
-    task = ray.remote(index_task).options(num_returns=2, **options)
+    task = ray.remote(index_task).options(num_returns=2, **gpu_task_options(options))
     out = [(s, *task.remote(fs, list(s.parts), method, k, target_recall, seed, n_threads, on_gpu)) for s in shards]
     infos = ray.get([o[2] for o in out])
     return method, [(s.start, [blob], info) for (s, blob, _), info in zip(out, infos)]
@@ -346,7 +351,8 @@ def distributed_knn(
 
     _, refs = build_indexes(fs, parts, dim, k, method, target_recall, seed, max_index_bytes, n_threads=n_threads,
                             use_gpu=use_gpu)
-    task = ray.remote(_search_task).options(num_gpus=gpu_share(searches_per_gpu) if use_gpu else 0)
+    task = ray.remote(_search_task).options(**gpu_task_options({"num_gpus": gpu_share(searches_per_gpu) if use_gpu
+                                                                  else 0}))
     graphs = ray.get([task.remote(fs, p, refs, k, use_gpu, n_threads) for p in parts])
     return (
         KNNGraph(np.concatenate([g.indices for g in graphs]), np.concatenate([g.distances for g in graphs])),

@@ -74,7 +74,7 @@ from pipeline import schema, storage
 from pipeline.affinity_dir import AffinityDir, AffinityManifest
 from pipeline.knn import peak_rss_mb
 from pipeline.session import start_ray
-from ptsne.device import configure_matmul_precision, resolve_precision, set_num_threads
+from ptsne.device import resolve_precision, set_num_threads, training_precision
 from ptsne.estimator import ParametricTSNE, params_of
 from ptsne.loss import TSNELoss
 from ptsne.model import Mapper, ModelConfig, build_mapper
@@ -542,50 +542,50 @@ def _train_loop_per_worker(loop_config: dict) -> None:
         scheduler.load_state_dict(optimizer_state["scheduler"])
     loss_fn = TSNELoss(tc.dof)
     autocast_dtype = resolve_precision(tc.precision, device)
-    configure_matmul_precision(device, autocast_dtype)
     callbacks = loop_config.get("callbacks") or ()
     checkpoint_config = {key: loop_config[key] for key in ("train", "n", "dim", "num_workers")}
 
     X_anchor_t = to_device(X_anchor, device)  # once: this worker's anchors stay on the device
-    for epoch in range(start_epoch, tc.n_epochs):
-        t0 = time.perf_counter()
-        model.train()
-        gen = torch.Generator().manual_seed(_epoch_seed(tc.seed, rank, epoch))
-        anchors = torch.randperm(len(rows), generator=gen)[: steps * batch]
-        heads = anchors if m == 1 else anchors.repeat_interleave(m)
-        tails, importance = sampler.sample(heads, gen)
-        # One gather and one upload per epoch: the neighbour features of all of this epoch's steps.
-        X_tail = to_device(source.fetch(tails.numpy()), device)
-        anchors_d, importance_d = to_device(anchors, device), to_device(importance, device)
-        batches = ((X_anchor_t[anchors_d[s * batch:(s + 1) * batch]],
-                    X_tail[s * batch * m:(s + 1) * batch * m],  # neighbours, anchor-major
-                    importance_d[s * batch * m:(s + 1) * batch * m]) for s in range(steps))
-        means = run_epoch(model, optimizer, scheduler, loss_fn, batches, n, tc.exaggeration_at(epoch),
-                          autocast_dtype)
-        del X_tail, batches
-        means = _all_reduce(means.cpu(), "sum") / world
-        metrics = epoch_metrics(epoch, means.tolist(), tc, scheduler.get_last_lr()[0], time.perf_counter() - t0)
-        metrics["steps"] = steps
-        # Rank 0's clock stands for the epoch; all workers synchronise every step.
-        metrics["seconds"] = float(_all_reduce(torch.tensor([metrics["seconds"]], dtype=torch.float64), "max")[0])
-        workers["peak_rss_mb"] = [round(v, 1) for v in _gather(peak_rss_mb(), rank, world)]
-        history.append(metrics)
-        stop = any(bool(cb(epoch, metrics)) for cb in callbacks)
-        stop = bool(_all_reduce(torch.tensor([int(stop)]), "max")[0])
-        if rank == 0:
-            state = {"epoch": epoch, "history": history, "resumed_from": resumed_from, "stopped": stop,
-                     "workers": workers}
-            with tempfile.TemporaryDirectory(prefix="ptsne-ckpt-") as d:
-                save_checkpoint(Path(d), module, optimizer, scheduler, state, checkpoint_config)
-                ray.train.report(
-                    metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                    checkpoint_dir_name=f"epoch-{epoch:05d}",
-                )
-        else:
-            ray.train.report(metrics)
-        if stop:
-            log.info("worker %d: stopped by a callback after epoch %d", rank, epoch)
-            break
+    with training_precision(device, autocast_dtype):  # TF32 on CUDA while training, restored after
+        for epoch in range(start_epoch, tc.n_epochs):
+            t0 = time.perf_counter()
+            model.train()
+            gen = torch.Generator().manual_seed(_epoch_seed(tc.seed, rank, epoch))
+            anchors = torch.randperm(len(rows), generator=gen)[: steps * batch]
+            heads = anchors if m == 1 else anchors.repeat_interleave(m)
+            tails, importance = sampler.sample(heads, gen)
+            # One gather and one upload per epoch: the neighbour features of all of this epoch's steps.
+            X_tail = to_device(source.fetch(tails.numpy()), device)
+            anchors_d, importance_d = to_device(anchors, device), to_device(importance, device)
+            batches = ((X_anchor_t[anchors_d[s * batch:(s + 1) * batch]],
+                        X_tail[s * batch * m:(s + 1) * batch * m],  # neighbours, anchor-major
+                        importance_d[s * batch * m:(s + 1) * batch * m]) for s in range(steps))
+            means = run_epoch(model, optimizer, scheduler, loss_fn, batches, n, tc.exaggeration_at(epoch),
+                              autocast_dtype)
+            del X_tail, batches
+            means = _all_reduce(means.cpu(), "sum") / world
+            metrics = epoch_metrics(epoch, means.tolist(), tc, scheduler.get_last_lr()[0], time.perf_counter() - t0)
+            metrics["steps"] = steps
+            # Rank 0's clock stands for the epoch; all workers synchronise every step.
+            metrics["seconds"] = float(_all_reduce(torch.tensor([metrics["seconds"]], dtype=torch.float64), "max")[0])
+            workers["peak_rss_mb"] = [round(v, 1) for v in _gather(peak_rss_mb(), rank, world)]
+            history.append(metrics)
+            stop = any(bool(cb(epoch, metrics)) for cb in callbacks)
+            stop = bool(_all_reduce(torch.tensor([int(stop)]), "max")[0])
+            if rank == 0:
+                state = {"epoch": epoch, "history": history, "resumed_from": resumed_from, "stopped": stop,
+                         "workers": workers}
+                with tempfile.TemporaryDirectory(prefix="ptsne-ckpt-") as d:
+                    save_checkpoint(Path(d), module, optimizer, scheduler, state, checkpoint_config)
+                    ray.train.report(
+                        metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                        checkpoint_dir_name=f"epoch-{epoch:05d}",
+                    )
+            else:
+                ray.train.report(metrics)
+            if stop:
+                log.info("worker %d: stopped by a callback after epoch %d", rank, epoch)
+                break
 
 
 # -- the driver ---------------------------------------------------------------------------

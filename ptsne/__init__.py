@@ -9,8 +9,9 @@ try:
     import faiss  # noqa: F401
 except ImportError as exc:  # the one FAISS build is an explicit choice at install time
     raise ImportError(
-        "ptsne needs FAISS, installed as one of two builds: pip install 'ptsne[cpu]' (faiss-cpu) or, on a GPU "
-        "node beside torch's CUDA build, pip install 'ptsne[gpu]' (faiss-gpu); never both"
+        "ptsne needs FAISS, installed as one build: pip install 'ptsne[cpu]' (faiss-cpu) or, on a GPU node "
+        "beside torch's CUDA build, pip install 'ptsne[gpu-cu12]' (CUDA 12) or 'ptsne[gpu-cu13]' (CUDA 13, "
+        "Python 3.12); never two"
     ) from exc
 
 from ptsne.affinity import Edges, joint_probabilities

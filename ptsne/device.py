@@ -46,6 +46,11 @@ def faiss_gpu_count() -> int:
     return int(get()) if get is not None else 0
 
 
+def faiss_gpu_build() -> bool:
+    """Whether FAISS is a GPU build: it has the GPU classes even on a machine (a CPU driver) without a GPU."""
+    return hasattr(faiss, "StandardGpuResources")
+
+
 def default_num_threads() -> int:
     """Threads for this process: ``OMP_NUM_THREADS`` if set, else the usable cores."""
     env = os.environ.get("OMP_NUM_THREADS")
@@ -148,17 +153,69 @@ def use_tf32(device: torch.device, autocast_dtype: torch.dtype | None) -> bool:
     return torch.device(device).type == "cuda" and autocast_dtype is None
 
 
-def configure_matmul_precision(device: torch.device, autocast_dtype: torch.dtype | None) -> bool:
-    """Allow TF32 float32 products on CUDA where :func:`use_tf32` says so; returns whether it did.
+#: The float32 switches of torch >= 2.9 (``fp32_precision``), else the legacy ``allow_tf32`` flags.
+#: torch raises when one API reads what the other set, so the project uses one of them only.
+TF32_APIS = ("fp32_precision", "allow_tf32")
 
-    Sets ``torch.backends.cuda.matmul.allow_tf32`` (a CUDA-only switch: CPU
-    products are untouched) and logs it once per process.
+
+def tf32_api() -> str:
+    """The TF32 switches this torch has: ``"fp32_precision"`` (torch >= 2.9) or ``"allow_tf32"`` (before)."""
+    return TF32_APIS[0] if hasattr(torch.backends.cuda.matmul, "fp32_precision") else TF32_APIS[1]
+
+
+def tf32_settings(tf32: bool, api: str | None = None) -> list[tuple[object, str, object]]:
+    """``(module, attribute, value)`` that allow (``tf32``) or forbid TF32 in CUDA float32 products and convolutions.
+
+    ``api`` is one of :data:`TF32_APIS` (default: :func:`tf32_api`): the new per-backend
+    ``fp32_precision`` (``"tf32"`` or ``"ieee"``) where torch has it, the legacy
+    ``allow_tf32`` flags only where it does not, never both.
     """
-    if not use_tf32(device, autocast_dtype):
-        return False
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    if not _TF32_LOGGED:
+    api = tf32_api() if api is None else api
+    if api == "fp32_precision":
+        value = "tf32" if tf32 else "ieee"
+        return [(torch.backends.cuda.matmul, "fp32_precision", value),
+                (torch.backends.cudnn.conv, "fp32_precision", value)]
+    if api == "allow_tf32":
+        return [(torch.backends.cuda.matmul, "allow_tf32", bool(tf32)),
+                (torch.backends.cudnn, "allow_tf32", bool(tf32))]
+    raise ValueError(f"tf32_settings: api must be one of {TF32_APIS}, got {api!r}")
+
+
+def tf32_enabled(api: str | None = None) -> bool:
+    """Whether CUDA float32 matrix products may use TF32 now, read through the same API :func:`tf32_settings` sets."""
+    module, name, _ = tf32_settings(True, api)[0]
+    value = getattr(module, name)
+    return value == "tf32" if isinstance(value, str) else bool(value)
+
+
+@contextlib.contextmanager
+def matmul_precision(tf32: bool, api: str | None = None):
+    """Inside the block CUDA float32 products use TF32 (``tf32``) or IEEE float32; the old switches come back after.
+
+    Training sets TF32 (:func:`use_tf32`) and an exact kNN search forbids it; neither
+    leaves its choice behind for the rest of the process.
+    """
+    settings = tf32_settings(tf32, api)
+    saved = [(module, name, getattr(module, name)) for module, name, _ in settings]
+    try:
+        for module, name, value in settings:
+            setattr(module, name, value)
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+def training_precision(device: torch.device, autocast_dtype: torch.dtype | None):
+    """The block training runs in: TF32 float32 products on CUDA where :func:`use_tf32` says so, IEEE elsewhere.
+
+    Logs once per process when it allows TF32; the process's switches are restored after the block.
+    On CPU the CUDA switches are left alone.
+    """
+    if torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    tf32 = use_tf32(device, autocast_dtype)
+    if tf32 and not _TF32_LOGGED:
         _TF32_LOGGED.append(True)
         log.info("training: float32 on %s with TF32 matrix products", device)
-    return True
+    return matmul_precision(tf32)

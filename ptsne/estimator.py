@@ -23,7 +23,7 @@ from ptsne import digest
 from ptsne.affinity import Edges, as_perplexities, default_k, joint_probabilities
 from ptsne.device import current_gpu, default_num_threads, resolve_device, set_num_threads
 from ptsne.errors import ModelFileError, NotFittedError
-from ptsne.knn import KNNConfig, knn_graph, resolve_knn_device
+from ptsne.knn import KNNConfig, KNNGraph, knn_graph, resolve_knn_device
 from ptsne.model import Mapper, ModelConfig, build_mapper
 from ptsne.pca import PCA
 from ptsne.reference import (
@@ -313,16 +313,7 @@ class ParametricTSNE(BaseEstimator):
         timings["pca"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        with current_gpu(device):  # FAISS searches on the GPU the network trains on
-            graph = knn_graph(
-                Z,
-                KNNConfig(
-                    n_neighbors=k,
-                    method=self.knn_method,
-                    device=search_on,
-                    seed=train_config.seed,
-                ),
-            )
+        graph = self._knn_graph(Z, k, device, search_on, train_config.seed)
         timings["knn"] = time.perf_counter() - t
         t = time.perf_counter()
         edges = joint_probabilities(graph, self.perplexity)
@@ -382,8 +373,7 @@ class ParametricTSNE(BaseEstimator):
         seed = self._seed() if random_state is None else int(random_state)
         if edges is None:
             k = min(int(self.n_neighbors_), len(Z) - 1)
-            graph = knn_graph(Z, KNNConfig(n_neighbors=k, method=self.knn_method,
-                                           device=knn_device(self.device, self.device_), seed=seed))
+            graph = self._knn_graph(Z, k, self.device_, knn_device(self.device, self.device_), seed)
             edges = joint_probabilities(graph, self.perplexity)
         init = self._forward(Z)
         threads = self.n_threads or default_num_threads()
@@ -394,6 +384,11 @@ class ParametricTSNE(BaseEstimator):
             log.warning("reference: the network does not end in a linear layer; its map keeps its own frame")
         self.reference_ = Reference(Z, Yr, dof=self.dof, config=config).prepare()
         return self
+
+    def _knn_graph(self, Z: np.ndarray, k: int, device: torch.device, search_on: str, seed: int) -> KNNGraph:
+        """The kNN graph of ``Z`` searched on ``search_on``, on the GPU of ``device`` (the network's) when it is one."""
+        with current_gpu(device):  # a cuda:N model searches on GPU N, not on the current GPU
+            return knn_graph(Z, KNNConfig(n_neighbors=k, method=self.knn_method, device=search_on, seed=seed))
 
     def _build_model(self, n_inputs: int, seed: int) -> Mapper:
         torch.manual_seed(seed)
@@ -611,8 +606,9 @@ def knn_device(asked: str | torch.device, resolved: torch.device) -> str:
     """The ``KNNConfig.device`` of an estimator asked for ``asked`` and running on ``resolved``.
 
     The search follows the device the network runs on, except that ``"auto"`` on a GPU
-    stays ``"auto"``: CUDA torch next to a CPU build of FAISS then trains on the GPU
-    and searches on CPU, with a warning, instead of failing.
+    stays ``"auto"``: it searches on the GPU with FAISS or, beside a CPU build of FAISS,
+    exactly in torch (:func:`ptsne.knn.resolve_knn_device`), and on CPU when ``k`` is
+    more than FAISS selects on a GPU.
     """
     if resolved.type != "cuda":
         return "cpu"

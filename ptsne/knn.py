@@ -6,11 +6,15 @@ distance, with each point's own row excluded even when it has exact duplicates.
 
 Small inputs use an exact flat index; large inputs use an IVF index whose
 ``nprobe`` is raised until a sampled recall against exact search reaches the
-requested target. A GPU index is used when FAISS sees a GPU and ``device`` asks
-for it (``"auto"`` or ``"cuda"``); there the IVF quantizer is also trained on the
-GPU, exact search reaches further (:data:`EXACT_MAX_POINTS_GPU`), the index lives
-on the device's GPU (:func:`ptsne.device.gpu_index`) and every index of the
-process shares one set of FAISS GPU resources (:func:`gpu_resources`).
+requested target. A GPU searches when ``device`` asks for it (``"auto"`` or
+``"cuda"``) and one is there, by :func:`search_backend`: FAISS's GPU indexes when
+FAISS is a GPU build, else an exact search in torch on the GPU
+(:class:`ptsne.flat.TorchFlatIndex`, the same neighbours as a flat FAISS index).
+On a GPU exact search reaches further (:data:`EXACT_MAX_POINTS_GPU`); with FAISS
+GPU the IVF quantizer is also trained on the GPU, the index lives on the device's
+GPU (:func:`ptsne.device.gpu_index`) and every index of the process shares one
+set of FAISS GPU resources (:func:`gpu_resources`). torch has no IVF: an IVF
+index beside a CPU build of FAISS is built and searched on CPU.
 
 FAISS GPU selects at most :data:`GPU_MAX_SELECTION_K` candidates per query and
 probes at most as many IVF cells: on a GPU, ``k + 1`` above it is refused before
@@ -29,11 +33,14 @@ import numpy as np
 import torch
 
 from ptsne.device import DEVICES, faiss_gpu_count, gpu_index, set_num_threads
+from ptsne.flat import TorchFlatIndex
 from ptsne.settings import setting, validate
 
 log = logging.getLogger(__name__)
 
 METHODS = ("auto", "exact", "ivf")
+#: What searches on a GPU: FAISS's GPU build, or torch (exact only) beside a CPU build of FAISS.
+GPU_BACKENDS = ("faiss", "torch")
 #: Above this many indexed points ``method="auto"`` switches from exact to IVF on CPU.
 EXACT_MAX_POINTS = 200_000
 #: The same on a GPU: a flat search of 1M x 1M points of 50 dimensions takes seconds there.
@@ -110,34 +117,52 @@ def check_gpu_k(k: int, extra: int = 1) -> None:
         )
 
 
-def resolve_knn_device(device: str, k: int | None = None) -> str:
-    """Where FAISS searches a ``k``-NN graph: ``"cuda"`` or ``"cpu"`` for a ``KNNConfig.device``.
+def search_backend(faiss_gpus: int, torch_gpu: bool) -> str | None:
+    """What searches on a GPU: ``"faiss"`` (a GPU build of FAISS that sees ``faiss_gpus`` GPUs), else
+    ``"torch"`` where torch sees a GPU (``torch_gpu``), else None (no GPU to search on)."""
+    if faiss_gpus > 0:
+        return "faiss"
+    return "torch" if torch_gpu else None
 
-    ``"cuda"`` is refused when FAISS sees no GPU or ``k + 1`` exceeds
-    :data:`GPU_MAX_SELECTION_K`. ``"auto"`` takes the GPU when FAISS sees one and
-    the search fits it, else the CPU, with a warning when a GPU was there to use
-    (CUDA torch next to a CPU build of FAISS, or a ``k`` too large for the GPU).
-    ``k=None`` (an index built before its ``k`` is known) skips the ``k`` checks.
+
+def gpu_backend() -> str | None:
+    """:func:`search_backend` of this process."""
+    return search_backend(faiss_gpu_count(), torch.cuda.is_available())
+
+
+def resolve_knn_device(device: str, k: int | None = None) -> str:
+    """Where a ``k``-NN graph is searched: ``"cuda"`` or ``"cpu"`` for a ``KNNConfig.device``.
+
+    ``"cuda"`` is refused when no GPU is there to search on (:func:`gpu_backend`), or
+    when FAISS GPU searches and ``k + 1`` exceeds :data:`GPU_MAX_SELECTION_K`.
+    ``"auto"`` takes the GPU when there is one (FAISS GPU where the search fits it,
+    else torch's exact search beside a CPU build of FAISS), else the CPU, with a
+    warning when a ``k`` too large for FAISS GPU sends it to the CPU. ``k=None`` (an
+    index built before its ``k`` is known) skips the ``k`` checks.
     """
     if device == "cpu":
         return "cpu"
-    gpus = faiss_gpu_count()
+    backend = gpu_backend()
     if device == "cuda":
-        if gpus == 0:
-            raise ValueError("KNNConfig: device='cuda' was asked for but FAISS sees no GPU")
-        if k is not None:
+        if backend is None:
+            raise ValueError("KNNConfig: device='cuda' was asked for but neither FAISS nor torch sees a GPU")
+        if k is not None and backend == "faiss":
             check_gpu_k(k)
         return "cuda"
-    if gpus == 0:
-        if torch.cuda.is_available():
-            log.warning("kNN: torch sees a CUDA GPU but FAISS is a CPU build (install faiss-gpu: "
-                        "pip install 'ptsne[gpu]'); searching on CPU")
+    if backend is None:
         return "cpu"
-    if k is not None and k + 1 > GPU_MAX_SELECTION_K:
+    if backend == "torch":
+        log.info("kNN: FAISS is a CPU build; exact search runs in torch on the GPU")
+    elif k is not None and k + 1 > GPU_MAX_SELECTION_K:
         log.warning("kNN: k=%d exceeds what FAISS on a GPU selects (k + 1 <= %d); searching on CPU",
                     k, GPU_MAX_SELECTION_K)
         return "cpu"
     return "cuda"
+
+
+def torch_search_device(device: str) -> torch.device:
+    """The torch device of an exact torch search for a ``"cuda"`` / ``"cuda:N"`` search device."""
+    return torch.device("cuda", gpu_index(device))
 
 
 _GPU_RESOURCES: list = []
@@ -170,15 +195,25 @@ def _as_float32(X: np.ndarray, name: str = "X") -> np.ndarray:
 def build_index(
     data: np.ndarray, method: str = "exact", device: str = "cpu", seed: int = 0
 ) -> faiss.Index:
-    """Build a FAISS L2 index over ``data`` (float32 ``(n, dim)``).
+    """Build an L2 index over ``data`` (float32 ``(n, dim)``).
 
-    On a GPU (``device`` ``"auto"``, ``"cuda"`` or ``"cuda:N"`` with a FAISS GPU
-    build) the empty index is copied to the GPU first, so the IVF k-means runs
-    there too; ``faiss.index_gpu_to_cpu`` gives a CPU copy to serialise.
+    On a GPU (``device`` ``"auto"``, ``"cuda"`` or ``"cuda:N"`` where :func:`resolve_knn_device`
+    finds one) with a FAISS GPU build the empty index is copied to the GPU first, so
+    the IVF k-means runs there too; ``faiss.index_gpu_to_cpu`` gives a CPU copy to
+    serialise. Beside a CPU build of FAISS an exact index on a GPU is a
+    :class:`ptsne.flat.TorchFlatIndex` there, and an IVF index stays on CPU.
     """
     data = _as_float32(data, "data")
     n, dim = data.shape
     nlist = default_nlist(n)
+    on_gpu = resolve_knn_device("cuda" if str(device).startswith("cuda:") else device) == "cuda"
+    if on_gpu and gpu_backend() == "torch":
+        if method == "exact":
+            index = TorchFlatIndex(dim, torch_search_device("cuda" if device == "auto" else device))
+            index.add(data)
+            return index
+        log.warning("kNN: FAISS is a CPU build and torch has no IVF: the IVF index is built and searched on CPU")
+        on_gpu = False
     if method == "exact":
         index = faiss.IndexFlatL2(dim)
     elif method == "ivf":
@@ -186,7 +221,6 @@ def build_index(
         index.cp.seed = int(seed)
     else:
         raise ValueError(f"build_index: method must be 'exact' or 'ivf', got {method!r}")
-    on_gpu = resolve_knn_device("cuda" if str(device).startswith("cuda:") else device) == "cuda"
     if on_gpu:
         index = to_gpu(index, device)
     if method == "ivf":
@@ -365,13 +399,15 @@ def tune_nprobe(
     """Raise ``nprobe`` (doubling) until sampled recall@k reaches ``target_recall``.
 
     The probe compares against exact search of a random sample of ``X`` (the
-    indexed points). Returns ``(nprobe, recall)`` and leaves ``index`` set to it.
-    ``nprobe`` stops at :func:`max_nprobe` (``nlist``; at most 2048 on a GPU).
+    indexed points), on the GPU of a GPU index (a task that holds a GPU may hold a
+    single CPU thread), else on CPU with the process's threads. Returns
+    ``(nprobe, recall)`` and leaves ``index`` set to it. ``nprobe`` stops at
+    :func:`max_nprobe` (``nlist``; at most 2048 on a GPU).
     """
     n = X.shape[0]
     rng = np.random.default_rng(seed + 1)
     q_ids = np.sort(rng.choice(n, min(n_probe_queries, n), replace=False)).astype(np.int64)
-    exact = exact_neighbors(X, X[q_ids], k, q_ids)
+    exact = exact_neighbors(X, X[q_ids], k, q_ids, device=index_device(index))
     nprobe, recall = 1, 0.0
     limit = max_nprobe(index)  # nlist, and at most GPU_MAX_SELECTION_K on a GPU
     while True:
@@ -390,13 +426,65 @@ def is_gpu_index(index: faiss.Index) -> bool:
     return "Gpu" in type(index).__name__
 
 
+def index_device(index) -> str:
+    """``"cuda"`` for an index that searches on a GPU (FAISS GPU, or torch on a CUDA device), else ``"cpu"``."""
+    if isinstance(index, TorchFlatIndex):
+        return index.device.type
+    return "cuda" if is_gpu_index(index) else "cpu"
+
+
 def exact_neighbors(
-    data: np.ndarray, queries: np.ndarray, k: int, query_ids: np.ndarray | None = None
+    data: np.ndarray, queries: np.ndarray, k: int, query_ids: np.ndarray | None = None, device: str = "cpu"
 ) -> np.ndarray:
-    """Exact kNN indices (int64 ``(m, k)``) of ``queries`` in ``data`` with a flat index."""
-    index = faiss.IndexFlatL2(data.shape[1])
-    index.add(_as_float32(data, "data"))
+    """Exact kNN indices (int64 ``(m, k)``) of ``queries`` in ``data`` with a flat index on ``device``."""
+    index = build_index(data, "exact", device) if device != "cpu" else faiss.IndexFlatL2(data.shape[1])
+    if device == "cpu":
+        index.add(_as_float32(data, "data"))
     return search(index, queries, k, query_ids=query_ids).indices
+
+
+def search_all_cells(index: faiss.Index, queries: np.ndarray, k: int, query_ids: np.ndarray | None = None,
+                     cells_per_call: int | None = None) -> KNNGraph:
+    """``k`` neighbours of each query over every cell of an IVF index, ``cells_per_call`` cells a call.
+
+    An exact search of the indexed points where the index itself holds them: a
+    FAISS GPU index probes at most 2048 cells a search (default
+    ``cells_per_call``: :func:`max_nprobe`), so the cells are searched in blocks
+    (``search_preassigned``, on the index's own device: no copy of it leaves the
+    GPU) and the blocks' neighbours merged by distance, ties by id. Rows are
+    found short only where the index holds fewer than ``k`` other points.
+    """
+    queries = _as_float32(queries, "queries")
+    ivf = index if is_gpu_index(index) else faiss.extract_index_ivf(index)
+    nlist, m = int(ivf.nlist), queries.shape[0]
+    block = int(cells_per_call or max_nprobe(index))
+    extra = 0 if query_ids is None else 1
+    old = int(ivf.nprobe)
+    best = None
+    try:
+        ivf.nprobe = min(block, nlist)
+        for start in range(0, nlist, block):
+            cells = np.full((m, ivf.nprobe), -1, dtype=np.int64)  # -1: no cell (a short last block)
+            cells[:, :min(block, nlist - start)] = np.arange(start, min(nlist, start + block))
+            d2, idx = ivf.search_preassigned(queries, k + extra, cells, None)
+            if query_ids is not None:
+                idx, d2 = _drop_self(idx, d2, np.asarray(query_ids, dtype=np.int64), k)
+            found = KNNGraph(idx, np.sqrt(np.maximum(d2, 0.0)).astype(np.float32))
+            best = found if best is None else merge_topk([best, found], k)
+    finally:
+        ivf.nprobe = old
+    return best
+
+
+def merge_topk(candidates: list[KNNGraph], k: int) -> KNNGraph:
+    """Merge neighbour lists of the same queries into the ``k`` nearest, equal distances by id (missing last)."""
+    if len(candidates) == 1:
+        return candidates[0]
+    idx = np.concatenate([c.indices for c in candidates], axis=1)
+    dist = np.concatenate([c.distances for c in candidates], axis=1)
+    dist = np.where(idx < 0, np.inf, dist)
+    order = np.lexsort((idx, dist), axis=1)[:, :k]
+    return KNNGraph(np.take_along_axis(idx, order, axis=1), np.take_along_axis(dist, order, axis=1))
 
 
 def recall_at_k(true_indices: np.ndarray, approx_indices: np.ndarray) -> float:

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ptsne.affinity import Edges
-from ptsne.device import PRECISIONS, configure_matmul_precision, resolve_precision
+from ptsne.device import PRECISIONS, resolve_precision, training_precision
 from ptsne.loss import TSNELoss
 from ptsne.settings import setting, validate
 
@@ -79,7 +79,7 @@ class TrainConfig:
         has it in hardware, else float32), ``"float32"`` or ``"bfloat16"``. The
         loss, the optimiser state and ``transform`` stay in float32. float32 on
         a CUDA GPU multiplies matrices in TF32
-        (:func:`ptsne.device.configure_matmul_precision`); never on CPU.
+        (:func:`ptsne.device.training_precision`, restored after training); never on CPU.
     """
 
     n_epochs: int = setting(
@@ -389,15 +389,15 @@ def fit_mapper(
     loss_fn = TSNELoss(config.dof)
     optimizer = make_optimizer(model, config)
     autocast_dtype = resolve_precision(config.precision, device)
-    configure_matmul_precision(device, autocast_dtype)
     batch = min(config.batch_size, n)
     m = config.positives_per_anchor
     steps = n // batch  # the partial last batch is dropped: Z needs full batches
     scheduler = make_scheduler(optimizer, config, steps)
     gen = torch.Generator(device=device).manual_seed(config.seed)
     history: list[dict] = []
+    # TF32 on CUDA for float32 products while training only (restored after).
     bar = tqdm(total=config.n_epochs * steps, desc="ptsne fit", unit="step", disable=not verbose)
-    try:
+    with training_precision(device, autocast_dtype), bar:
         for epoch in range(config.n_epochs):
             t0 = time.perf_counter()
             exaggeration = config.exaggeration_at(epoch)
@@ -420,7 +420,5 @@ def fit_mapper(
             if any(cb(epoch, metrics) for cb in callbacks):
                 log.info("training stopped by a callback after epoch %d", epoch)
                 break
-    finally:
-        bar.close()
     model.eval()
     return history

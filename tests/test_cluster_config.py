@@ -104,10 +104,10 @@ def test_mlflow_server_on_head_binds_to_loopback(prepared):
     assert not any("mlflow server" in c for c in prepared["worker_start_ray_commands"])
 
 
-def test_setup_installs_pinned_torch_then_project_with_gpu_faiss(raw):
+def test_setup_installs_pinned_torch_then_project_with_the_images_gpu_faiss(raw):
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    torch_pin = next(d for d in project["dependencies"] if d.startswith("torch"))
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    torch_version = re.search(r"^TORCH_VERSION \?= (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
     cmds = raw["setup_commands"]
 
     def first(pattern: str) -> int:
@@ -116,13 +116,20 @@ def test_setup_installs_pinned_torch_then_project_with_gpu_faiss(raw):
                 return i
         raise AssertionError(f"no setup command matches {pattern!r}: {cmds}")
 
-    torch_at = first(r"pip install .*" + re.escape(torch_pin))
-    project_at = first(r"pip install .*ptsne\[gpu\]")
+    torch_at = first(r"pip install .*" + re.escape(f"torch=={torch_version}"))
+    project_at = first(r"pip install .*ptsne\[gpu-cu1[23]\]")
     assert torch_at < project_at
-    # The gpu extra is the one FAISS build: nothing installs faiss-cpu beside it.
+    extra = re.search(r"ptsne\[(gpu-cu1[23])\]", cmds[project_at]).group(1)
+    assert extra in extras
+    # faiss-gpu-cu13-cuvs has wheels for Python 3.12 only: an older image's Python takes the CUDA 12 build.
+    python = re.search(r"-py(\d)(\d+)", raw["docker"]["image"])
+    assert python, raw["docker"]["image"]
+    if (int(python.group(1)), int(python.group(2))) < (3, 12):
+        assert extra == "gpu-cu12"
+    # One FAISS build: nothing installs faiss-cpu beside it.
     assert not any("faiss-cpu" in c or "ptsne[cpu" in c for c in cmds)
     # The project's own code reaches every node through file_mounts.
-    assert any(f"{mount}[gpu]" in cmds[project_at] for mount in raw["file_mounts"])
+    assert any(f"{mount}[{extra}]" in cmds[project_at] for mount in raw["file_mounts"])
 
 
 def test_image_matches_installed_ray(raw):

@@ -137,7 +137,7 @@ def test_train_refuses_a_register_name_the_registry_cannot_search_before_any_wor
 @pytest.mark.parametrize(("option", "value", "allowed"), [
     ("--workers", "0", "an integer >= 1"),
     ("--cpus-per-worker", "0", "an integer >= 1"),
-    ("--gpus-per-worker", "-0.5", "a finite number >= 0"),
+    ("--gpus-per-worker", "-0.5", "'auto' or a finite number >= 0"),
     ("--max-failures", "-1", "an integer >= 0"),
     ("--eval-samples", "0", "an integer >= 1"),
     ("--plot-points", "-3", "an integer >= 1"),

@@ -188,6 +188,24 @@ def test_workers_sharing_a_gpu_are_refused_naming_the_values():
         resolve_args(_parse(["train", "--input", "data", "--workers", "2", "--gpus-per-worker", "0.5"]))
     assert resolve_args(_parse(["train", "--input", "data", "--workers", "1", "--gpus-per-worker", "0.5"]))
     assert resolve_args(_parse(["train", "--input", "data", "--workers", "2", "--gpus-per-worker", "1"]))
+    assert resolve_args(_parse(["train", "--input", "data", "--workers", "2"])).gpus_per_worker == "auto"
+
+
+@pytest.mark.parametrize(("asked", "workers", "cluster_gpus", "want"), [
+    ("auto", 1, 0, 0.0),  # no GPU: CPU with gloo
+    ("auto", 1, 1, 1.0),  # a GPU: it trains there, with NCCL
+    ("auto", 4, 8, 1.0),  # one whole GPU per worker, never a share
+    ("auto", 4, 2, 0.0),  # too few for one each: CPU (with a warning) rather than ranks sharing a GPU
+    (0.0, 1, 4, 0.0),  # told: as told
+    (0.5, 1, 0, 0.5),
+    (1.0, 2, 0, 1.0),  # an autoscaling cluster whose GPU nodes are not up yet
+])
+def test_train_uses_the_gpus_of_the_cluster_by_default(asked, workers, cluster_gpus, want, caplog):
+    from jobs.train import training_gpus
+
+    with caplog.at_level("WARNING", logger="jobs.train"):
+        assert training_gpus(asked, workers, cluster_gpus) == want
+    assert ("training on CPUs" in caplog.text) == (asked == "auto" and 0 < cluster_gpus < workers)
 
 
 def _train_config(args, n):

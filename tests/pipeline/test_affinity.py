@@ -221,12 +221,29 @@ def test_interrupted_run_leaves_no_output_and_resumes(ray_local, tmp_path, data,
 
 def test_knn_task_plan_splits_search_and_calibration_on_a_gpu_only():
     assert plan_knn_tasks(False, 2) == KnnTaskPlan(split=False, search={"num_cpus": 2})
-    assert plan_knn_tasks(True, 2) == KnnTaskPlan(split=True, search={"num_cpus": 2, "num_gpus": 0.25},
-                                                  calibrate={"num_cpus": 2})
-    assert plan_knn_tasks(True, 1, 1).search == {"num_cpus": 1, "num_gpus": 1.0}
+    # A GPU search's worker exits after it (max_calls=1): its CUDA context and FAISS resources go with it.
+    assert plan_knn_tasks(True, 2) == KnnTaskPlan(
+        split=True, search={"num_cpus": 2, "num_gpus": 0.25, "max_calls": 1}, calibrate={"num_cpus": 2})
+    assert plan_knn_tasks(True, 1, 1).search == {"num_cpus": 1, "num_gpus": 1.0, "max_calls": 1}
     assert plan_knn_tasks(True, 1, 3).search["num_gpus"] == 0.3333
     with pytest.raises(ValueError, match="task_cpus must be an integer >= 1, got 0"):
         plan_knn_tasks(True, 0)
+
+
+def test_knn_searches_on_the_gpus_of_a_cluster_with_faiss_gpu_or_torch_for_a_flat_index(caplog):
+    from pipeline.affinity import knn_on_gpu
+
+    assert knn_on_gpu("auto", 4, True, "ivf") and knn_on_gpu("auto", 1, True, "exact")
+    assert knn_on_gpu("auto", 1, False, "exact")  # a CPU build of FAISS: torch searches the flat index
+    assert knn_on_gpu("cuda", 1, False, "exact")
+    assert not knn_on_gpu("cpu", 4, True, "exact")
+    assert not knn_on_gpu("auto", 0, True, "exact") and not knn_on_gpu("auto", 0, False, "exact")
+    with caplog.at_level("WARNING", logger="pipeline.affinity"):
+        assert not knn_on_gpu("auto", 1, False, "ivf")  # torch has no IVF
+    assert "IVF, which torch does not search" in caplog.text
+    for gpus, faiss_gpu, method in ((0, True, "exact"), (1, False, "ivf")):
+        with pytest.raises(ValueError, match="device='cuda' was asked for but the Ray cluster has"):
+            knn_on_gpu("cuda", gpus, faiss_gpu, method)
 
 
 def test_max_concurrent_counts_overlapping_intervals():

@@ -14,8 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.embed import (
+    CPU_BATCH_ROWS,
     CURRENT_FILE,
+    GPU_BATCH_ROWS,
     LEDGER_FILE,
+    ActorPlan,
     EmbedConfig,
     EmbedInputError,
     LOCK_FILE,
@@ -358,7 +361,7 @@ def test_config_validation():
         EmbedConfig(on_invalid="drop")
     with pytest.raises(ValueError, match=r"on_duplicate_ids must be one of \('warn', 'error'\), got 'drop'"):
         EmbedConfig(on_duplicate_ids="drop")
-    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="batch_size must be a positive integer or None, got 0"):
         EmbedConfig(batch_size=0)
     with pytest.raises(ValueError, match="not both"):
         EmbedConfig(vector_col="v", feature_cols=("a",))
@@ -367,24 +370,41 @@ def test_config_validation():
 
 
 @pytest.mark.parametrize("resources, config, want", [
-    ({"CPU": 16.0}, {}, (16, 1.0, 0.0)),  # CPU cluster: one actor per CPU
-    ({"CPU": 16.0, "GPU": 1.0}, {}, (4, 1.0, 0.25)),  # four actors share the GPU
-    ({"CPU": 16.0, "GPU": 2.0}, {}, (8, 1.0, 0.25)),
-    ({"CPU": 2.0, "GPU": 1.0}, {}, (2, 1.0, 0.25)),  # capped by the CPUs
-    ({"CPU": 16.0, "GPU": 1.0}, {"cpus_per_actor": 8.0}, (2, 8.0, 0.25)),
-    ({"CPU": 16.0, "GPU": 2.0}, {"gpus_per_actor": 1.0}, (2, 1.0, 1.0)),
-    ({"CPU": 16.0, "GPU": 1.0}, {"gpus_per_actor": 0.0}, (16, 1.0, 0.0)),  # GPUs declined
-    ({"CPU": 16.0, "GPU": 0.5}, {}, (16, 1.0, 0.0)),  # less than a whole GPU: CPU actors as before
-    ({"CPU": 16.0, "GPU": 1.0}, {"num_actors": 2}, (2, 1.0, 0.25)),
+    ({"CPU": 16.0}, {}, (16, 1.0, 0.0, CPU_BATCH_ROWS)),  # CPU cluster: one actor per CPU
+    ({"CPU": 16.0, "GPU": 1.0}, {}, (4, 1.0, 0.25, GPU_BATCH_ROWS)),  # four actors share the GPU, large batches
+    ({"CPU": 16.0, "GPU": 2.0}, {}, (8, 1.0, 0.25, GPU_BATCH_ROWS)),
+    ({"CPU": 2.0, "GPU": 1.0}, {}, (2, 1.0, 0.25, GPU_BATCH_ROWS)),  # capped by the CPUs
+    ({"CPU": 16.0, "GPU": 1.0}, {"cpus_per_actor": 8.0}, (2, 8.0, 0.25, GPU_BATCH_ROWS)),
+    ({"CPU": 16.0, "GPU": 2.0}, {"gpus_per_actor": 1.0}, (2, 1.0, 1.0, GPU_BATCH_ROWS)),
+    ({"CPU": 16.0, "GPU": 1.0}, {"gpus_per_actor": 0.0}, (16, 1.0, 0.0, CPU_BATCH_ROWS)),  # GPUs declined
+    ({"CPU": 16.0, "GPU": 0.5}, {}, (16, 1.0, 0.0, CPU_BATCH_ROWS)),  # less than a whole GPU: CPU actors
+    ({"CPU": 16.0, "GPU": 1.0}, {"num_actors": 2}, (2, 1.0, 0.25, GPU_BATCH_ROWS)),
+    ({"CPU": 16.0, "GPU": 1.0}, {"batch_size": 512}, (4, 1.0, 0.25, 512)),  # a batch size given is kept
 ])
-def test_actor_plan_shares_each_gpu_between_four_actors(resources, config, want):
-    assert plan_actors(EmbedConfig(**config), 100, resources) == want
-    assert plan_actors(EmbedConfig(**config), 1, resources)[0] == 1  # never more actors than shards
+def test_actor_plan_of_the_network_shares_each_gpu_between_four_actors(resources, config, want):
+    assert plan_actors(EmbedConfig(**config), 100, resources, "network") == want
+    assert plan_actors(EmbedConfig(**config), 1, resources, "network").actors == 1  # never more actors than shards
 
 
-def test_actor_plan_refuses_more_gpus_than_the_cluster_has():
+@pytest.mark.parametrize("resources", [{"CPU": 16.0}, {"CPU": 16.0, "GPU": 1.0}, {"CPU": 16.0, "GPU": 4.0}])
+def test_a_placement_on_cpu_gets_cpu_actors_however_many_gpus(resources):
+    # The reference placement runs on CPU: a GPU must not cut the pool to four actors a GPU.
+    plan = plan_actors(EmbedConfig(), 100, resources, "refine")
+    assert plan == ActorPlan(16, 1.0, 0.0, CPU_BATCH_ROWS)
+    assert plan.actors >= resources["CPU"]  # never fewer actors than CPUs because a GPU is present
+    # A placement on the GPU (the parameter a GPU placement will set) gets GPU actors as the network does.
+    on_gpu = plan_actors(EmbedConfig(), 100, resources, "refine", gpu_placement=True)
+    assert on_gpu == plan_actors(EmbedConfig(), 100, resources, "network")
+    # Asked for explicitly, GPUs are given whatever the method.
+    if resources.get("GPU"):
+        assert plan_actors(EmbedConfig(gpus_per_actor=0.5), 100, resources, "refine").gpus == 0.5
+
+
+def test_actor_plan_refuses_more_gpus_than_the_cluster_has_and_an_unresolved_method():
     with pytest.raises(ValueError, match=r"5 actor\(s\) x gpus_per_actor=0.25 reserve 1.25 GPUs, the cluster has 1"):
-        plan_actors(EmbedConfig(num_actors=5), 100, {"CPU": 16.0, "GPU": 1.0})
+        plan_actors(EmbedConfig(num_actors=5), 100, {"CPU": 16.0, "GPU": 1.0}, "network")
+    with pytest.raises(ValueError, match="method must be 'network' or 'refine' \\(as resolved\\), got 'auto'"):
+        plan_actors(EmbedConfig(), 100, {"CPU": 16.0}, "auto")
 
 
 def test_actors_may_use_every_cpu_but_no_more(ray_local, model_dir, tmp_path):

@@ -100,7 +100,7 @@ def test_rows_with_too_few_ivf_hits_are_searched_again(rng):
     assert (g.indices >= 0).all() and (g.indices != np.arange(len(X))[:, None]).all()
 
 
-def test_rows_short_after_the_gpu_cap_of_cells_are_searched_over_all_cells_on_cpu(monkeypatch, rng):
+def test_rows_short_after_the_gpu_cap_of_cells_are_searched_over_all_cells_without_a_host_copy(monkeypatch, rng):
     # A faked GPU that probes at most 32 of 64 cells. Only the two end clusters of a row of
     # 64 are indexed, so a point probing its 32 nearest cells finds its own 20 points, not k + 1 = 31.
     import faiss
@@ -126,21 +126,69 @@ def test_rows_short_after_the_gpu_cap_of_cells_are_searched_over_all_cells_on_cp
     monkeypatch.setattr(faiss, "index_gpu_to_cpu", to_cpu, raising=False)
     knn.set_nprobe(index, 1)
     g = search_index_shards([(0, index)], X, np.arange(len(X)), 30)
-    assert len(copies) == 1  # rows still short after 32 cells went to one CPU copy
+    assert copies == []  # all 64 cells searched in blocks of 32 on the index itself, never copied to the host
     np.testing.assert_array_equal(g.indices, exact_neighbors(X, X, 30, np.arange(len(X))))
     assert faiss.extract_index_ivf(index).nprobe == 1  # the index keeps its own nprobe
 
 
-def test_a_gpu_knn_task_without_a_faiss_gpu_raises_instead_of_searching_on_cpu(monkeypatch, rng):
+def test_a_gpu_knn_task_without_a_gpu_search_raises_instead_of_searching_on_cpu(monkeypatch, rng):
     import pipeline.knn as pknn
 
-    monkeypatch.setattr(pknn, "faiss_gpu_count", lambda: 0)
-    X = rng.normal(size=(100, 4)).astype(np.float32)
-    blob, info = pknn.build_index_blob(X, "exact", 5, 0.9, 0)
+    X = rng.normal(size=(2000, 4)).astype(np.float32)
+    flat_blob, flat_info = pknn.build_index_blob(X[:100], "exact", 5, 0.9, 0)
+    ivf_blob, ivf_info = pknn.build_index_blob(X, "ivf", 5, 0.9, 0)
+    monkeypatch.setattr(pknn, "gpu_backend", lambda: None)
     with pytest.raises(RuntimeError, match="given a GPU but FAISS here sees none"):
-        pknn.load_index(blob, info, use_gpu=True)
-    index = pknn.load_index(blob, info, use_gpu=False)
-    assert pknn.index_device(index) == "cpu"
+        pknn.load_index(flat_blob, flat_info, use_gpu=True)
+    assert pknn.index_device(pknn.load_index(flat_blob, flat_info, use_gpu=False)) == "cpu"
+    monkeypatch.setattr(pknn, "gpu_backend", lambda: "torch")  # CUDA torch beside a CPU build of FAISS
+    with pytest.raises(RuntimeError, match="torch searches flat indexes only"):
+        pknn.load_index(ivf_blob, ivf_info, use_gpu=True)
+
+
+def test_a_flat_index_goes_to_torch_beside_a_cpu_build_of_faiss(monkeypatch, rng):
+    import pipeline.knn as pknn
+    from ptsne.flat import TorchFlatIndex
+
+    X = rng.normal(size=(300, 6)).astype(np.float32)
+    blob, info = pknn.build_index_blob(X, "exact", 8, 0.9, 0)
+    monkeypatch.setattr(pknn, "gpu_backend", lambda: "torch")
+    monkeypatch.setattr(pknn, "TorchFlatIndex", lambda d, device: TorchFlatIndex(d, "cpu"))  # no GPU here
+    index = pknn.load_index(blob, info, use_gpu=True)
+    assert isinstance(index, TorchFlatIndex) and index.ntotal == 300
+    rows = np.arange(300)
+    g = search_index_shards([(0, index)], X, rows, 8)
+    np.testing.assert_array_equal(g.indices, exact_neighbors(X, X, 8, rows))
+
+
+def test_nprobe_is_capped_before_the_index_goes_to_a_gpu(monkeypatch, rng):
+    # GpuIndexIVF::copyFrom refuses an nprobe above 2048: the CPU index carries the capped value to the copy.
+    import faiss
+
+    import pipeline.knn as pknn
+
+    assert pknn.gpu_nprobe(4096, 4096) == pknn.gpu_nprobe(4096, None) == 2048
+    assert pknn.gpu_nprobe(300, 100) == 100 and pknn.gpu_nprobe(7, 4096) == 7
+    X = rng.normal(size=(2000, 4)).astype(np.float32)
+    blob, info = pknn.build_index_blob(X, "ivf", 5, 0.9, 0)
+    nlist = pknn.ivf_nlist(faiss.deserialize_index(blob))
+    copied = []
+    monkeypatch.setattr(pknn, "gpu_backend", lambda: "faiss")
+    monkeypatch.setattr(pknn, "GPU_MAX_SELECTION_K", 8)
+    monkeypatch.setattr(pknn, "to_gpu", lambda index, device: copied.append(faiss.extract_index_ivf(index).nprobe))
+    pknn.load_index(blob, {**info, "nprobe": nlist}, use_gpu=True)
+    assert copied == [8]
+    cpu = pknn.load_index(blob, {**info, "nprobe": nlist}, use_gpu=False)
+    assert faiss.extract_index_ivf(cpu).nprobe == nlist  # a CPU search keeps the tuned value
+
+
+def test_gpu_tasks_end_their_worker_cpu_tasks_keep_it():
+    from pipeline.knn import gpu_task_options
+
+    assert gpu_task_options({"num_cpus": 2, "num_gpus": 0.25}) == {"num_cpus": 2, "num_gpus": 0.25, "max_calls": 1}
+    assert gpu_task_options({"num_gpus": 1, "max_retries": 3})["max_calls"] == 1
+    assert gpu_task_options({"num_cpus": 2}) == {"num_cpus": 2}
+    assert gpu_task_options({"num_cpus": 1, "num_gpus": 0}) == {"num_cpus": 1, "num_gpus": 0}
 
 
 def test_gpu_share_fits_that_many_tasks_on_one_gpu():
@@ -201,3 +249,12 @@ def test_gpu_search_tasks_share_a_gpu_and_match_the_exact_graph(ray_local, tmp_p
     g, _ = distributed_knn(fs, parts, 16, 20, method="exact", use_gpu=True, searches_per_gpu=4)
     ref = knn_graph(X, n_neighbors=20, method="exact", device="cpu")
     assert (g.indices == ref.indices).mean() > 0.999
+
+
+def test_the_test_ray_has_no_gpu_unless_asked(ray_local):
+    # On a CUDA host too the default suite searches on CPU, where its exact equalities hold.
+    import os
+
+    from tests.conftest import RAY_GPUS_ENV
+
+    assert ray_local.cluster_resources().get("GPU", 0) == int(os.environ.get(RAY_GPUS_ENV, "0"))

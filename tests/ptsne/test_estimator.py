@@ -103,7 +103,7 @@ def test_knn_follows_the_network_device_and_auto_stays_auto_on_a_gpu():
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert knn_device("auto", cpu) == "cpu" and knn_device("cpu", cpu) == "cpu"
-    # "auto" on a GPU lets ptsne.knn search on CPU when FAISS is a CPU build.
+    # "auto" on a GPU lets ptsne.knn choose: FAISS GPU, torch beside a CPU build, CPU for a k too large.
     assert knn_device("auto", cuda) == "auto"
     assert knn_device("cuda", cuda) == "cuda" and knn_device("cuda:0", cuda) == "cuda"
 
@@ -123,6 +123,38 @@ def test_k_too_large_for_a_gpu_is_refused_before_any_work(monkeypatch):
     X, _ = gaussian_blobs(2200, 5, 3)
     with pytest.raises(ValueError, match="k=2100 needs 2101 candidates"):
         ParametricTSNE(perplexity=700.0, pca_components=2, device="cuda").fit(X)
+
+
+def test_every_knn_of_the_estimator_runs_on_the_gpu_of_its_network(monkeypatch, blobs):
+    # The kNN of fit and of fit_reference (a reference of new points) both search inside current_gpu(device):
+    # a cuda:1 model indexes on GPU 1, not on the current GPU 0. Recorded here on CPU.
+    import contextlib
+
+    import ptsne.estimator as estimator
+    import ptsne.knn as knn
+
+    entered, searched = [], []
+    current_gpu = estimator.current_gpu
+    knn_graph = knn.knn_graph
+
+    @contextlib.contextmanager
+    def recording_gpu(device):
+        entered.append(device)
+        with current_gpu(device):
+            yield
+        entered.append(None)
+
+    def recording_knn(*args, **kwargs):
+        searched.append(len(entered) % 2 == 1)  # inside the block
+        return knn_graph(*args, **kwargs)
+
+    monkeypatch.setattr(estimator, "current_gpu", recording_gpu)
+    monkeypatch.setattr(estimator, "knn_graph", recording_knn)
+    X, _ = blobs
+    est = ParametricTSNE(perplexity=10.0, reference_size=0, **FAST).fit(X)
+    est.fit_reference(est.pca_.transform(X[:200]) if est.pca_ is not None else X[:200])
+    assert searched == [True, True]
+    assert entered == [torch.device("cpu"), None, torch.device("cpu"), None]
 
 
 def test_pca_inside_fit_and_transform(digits, tmp_path):

@@ -72,10 +72,13 @@ def test_gpu_ivf_nprobe_is_capped_at_the_selection_limit(rng):
     from ptsne.knn import GPU_MAX_SELECTION_K, gpu_resources, max_nprobe, set_nprobe, tune_nprobe
 
     _needs_faiss_gpu()
+    from pipeline.knn import gpu_nprobe
+
     X = rng.normal(size=(4096 * 40, 8)).astype(np.float32)
     cpu = faiss.IndexIVFFlat(faiss.IndexFlatL2(8), 8, 4096)
     cpu.train(X)
-    cpu.nprobe = 4096  # a CPU-tuned value, copied to the GPU as is
+    # A CPU-tuned nprobe of 4096 is capped before the copy: GpuIndexIVF::copyFrom refuses more than 2048.
+    cpu.nprobe = gpu_nprobe(4096, 4096)
     index = faiss.index_cpu_to_gpu(gpu_resources(), 0, cpu)
     index.add(X)
     assert max_nprobe(index) == GPU_MAX_SELECTION_K
@@ -83,6 +86,22 @@ def test_gpu_ivf_nprobe_is_capped_at_the_selection_limit(rng):
     index.search(X[:10], 10)
     nprobe, _ = tune_nprobe(index, X, 10, target_recall=1.0, n_probe_queries=50)
     assert nprobe <= GPU_MAX_SELECTION_K
+
+
+def test_gpu_ivf_blob_tuned_beyond_the_cap_loads_onto_the_gpu(rng):
+    import faiss
+
+    from pipeline.knn import load_index
+    from ptsne.knn import GPU_MAX_SELECTION_K, is_gpu_index
+
+    _needs_faiss_gpu()
+    X = rng.normal(size=(4096 * 40, 8)).astype(np.float32)
+    cpu = faiss.IndexIVFFlat(faiss.IndexFlatL2(8), 8, 4096)
+    cpu.train(X)
+    cpu.add(X)
+    index = load_index(faiss.serialize_index(cpu), {"nprobe": 4096}, use_gpu=True)
+    assert is_gpu_index(index) and index.nprobe == GPU_MAX_SELECTION_K
+    index.search(X[:10], 10)
 
 
 def test_gpu_short_rows_are_filled_beyond_the_cap(rng):
@@ -112,7 +131,7 @@ def test_gpu_k_above_the_selection_limit_is_refused(rng):
     X = rng.normal(size=(GPU_MAX_SELECTION_K + 100, 4)).astype(np.float32)
     with pytest.raises(ValueError, match="at most 2048"):
         knn_graph(X, n_neighbors=GPU_MAX_SELECTION_K, method="exact", device="cuda")
-    g = knn_graph(X, n_neighbors=GPU_MAX_SELECTION_K, method="exact", device="auto")  # searched on CPU instead
+    g = knn_graph(X, n_neighbors=GPU_MAX_SELECTION_K, method="exact", device="auto")  # on CPU instead
     assert g.indices.shape == (len(X), GPU_MAX_SELECTION_K)
 
 
@@ -190,5 +209,34 @@ def test_float32_training_on_cuda_uses_tf32(blobs):
     edges = joint_probabilities(knn_graph(X, n_neighbors=15, method="exact", device="cpu"), 5.0)
     mapper = build_mapper(ModelConfig(X.shape[1], 2))
     mapper.standardize.fit(X)
-    fit_mapper(mapper, X, edges, TrainConfig(n_epochs=1, batch_size=64, precision="float32"), torch.device("cuda"))
-    assert torch.backends.cuda.matmul.allow_tf32 is True
+    from ptsne.device import tf32_enabled
+
+    before = torch.backends.cuda.matmul.fp32_precision
+    seen = []
+    fit_mapper(mapper, X, edges, TrainConfig(n_epochs=1, batch_size=64, precision="float32"), torch.device("cuda"),
+               callbacks=[lambda epoch, metrics: seen.append(tf32_enabled())])
+    assert seen == [True]  # while training
+    assert torch.backends.cuda.matmul.fp32_precision == before  # and restored after it
+
+
+def test_torch_exact_search_on_the_gpu_equals_faiss_flat(rng):
+    import faiss
+
+    from ptsne.flat import TorchFlatIndex
+    from ptsne.knn import search
+
+    X = rng.normal(size=(20000, 50)).astype(np.float32)
+    cpu = faiss.IndexFlatL2(50)
+    cpu.add(X)
+    gpu = TorchFlatIndex(50, "cuda")
+    gpu.add(X)
+    q = np.arange(0, 20000, 10)
+    want, got = search(cpu, X[q], 30, query_ids=q), search(gpu, X[q], 30, query_ids=q)
+    assert (want.indices == got.indices).mean() > 0.999  # equal but for near-ties in float32 rounding
+    np.testing.assert_allclose(got.distances, want.distances, rtol=1e-4, atol=1e-4)
+
+
+def test_a_cuda_model_searches_its_knn_on_the_gpu_even_beside_cpu_faiss(blobs):
+    from ptsne.knn import resolve_knn_device
+
+    assert resolve_knn_device("auto", 90) == "cuda"  # FAISS GPU, or torch beside a CPU build

@@ -145,19 +145,66 @@ def test_auto_searches_on_cpu_when_k_does_not_fit_the_gpu(monkeypatch, caplog):
     assert knn.resolve_knn_device("cpu", 10) == "cpu"
 
 
-def test_auto_falls_back_to_cpu_faiss_next_to_cuda_torch(monkeypatch, caplog, rng):
-    # CUDA torch with the CPU build of FAISS: "auto" searches on CPU with a warning; "cuda" is refused.
+def test_the_gpu_search_is_faiss_where_it_is_a_gpu_build_else_torch():
+    from ptsne.knn import search_backend
+
+    assert search_backend(1, True) == search_backend(2, False) == "faiss"
+    assert search_backend(0, True) == "torch"
+    assert search_backend(0, False) is None
+
+
+def test_cuda_torch_beside_cpu_faiss_searches_exactly_in_torch(monkeypatch, caplog, rng):
+    # CUDA torch with the CPU build of FAISS: "auto" and "cuda" search on the GPU in torch (here
+    # its tensors are placed on CPU), with no selection limit of FAISS GPU; IVF stays on CPU.
+    import faiss
+    import torch
+
     import ptsne.knn as knn
+    from ptsne.flat import TorchFlatIndex
 
     monkeypatch.setattr(knn, "faiss_gpu_count", lambda: 0)
     monkeypatch.setattr(knn.torch.cuda, "is_available", lambda: True)
+    assert knn.resolve_knn_device("auto", knn.GPU_MAX_SELECTION_K + 5) == "cuda"
+    assert knn.resolve_knn_device("cuda", knn.GPU_MAX_SELECTION_K + 5) == "cuda"
+    placed = []
+    monkeypatch.setattr(knn, "torch_search_device", lambda device: placed.append(device) or torch.device("cpu"))
     X = rng.normal(size=(200, 4)).astype(np.float32)
+    assert isinstance(build_index(X, "exact", "cuda:1"), TorchFlatIndex) and placed == ["cuda:1"]
+    for device in ("auto", "cuda"):
+        g = knn_graph(X, n_neighbors=10, method="exact", device=device)
+        np.testing.assert_array_equal(g.indices, brute_force(X, 10)[0])
+    # The exact reference of the IVF recall probe, on the device of a GPU index.
+    np.testing.assert_array_equal(knn.exact_neighbors(X, X[:5], 4, np.arange(5), device="cuda"),
+                                  brute_force(X, 4)[0][:5])
+    assert knn.index_device(TorchFlatIndex(4, "cpu")) == knn.index_device(faiss.IndexFlatL2(4)) == "cpu"
     with caplog.at_level("WARNING", logger="ptsne.knn"):
-        g = knn_graph(X, n_neighbors=10, method="exact", device="auto")
-    assert "FAISS is a CPU build" in caplog.text
-    np.testing.assert_array_equal(g.indices, brute_force(X, 10)[0])
-    with pytest.raises(ValueError, match="device='cuda' was asked for but FAISS sees no GPU"):
-        knn_graph(X, n_neighbors=10, method="exact", device="cuda")
+        ivf = build_index(X, "ivf", "cuda")
+    assert not isinstance(ivf, TorchFlatIndex) and "built and searched on CPU" in caplog.text
+
+
+def test_cuda_without_a_gpu_is_refused(monkeypatch):
+    import ptsne.knn as knn
+
+    monkeypatch.setattr(knn, "faiss_gpu_count", lambda: 0)
+    monkeypatch.setattr(knn.torch.cuda, "is_available", lambda: False)
+    assert knn.resolve_knn_device("auto", 10) == "cpu"
+    with pytest.raises(ValueError, match="device='cuda' was asked for but neither FAISS nor torch sees a GPU"):
+        knn.resolve_knn_device("cuda", 10)
+
+
+@pytest.mark.parametrize("cells_per_call", [3, 7, 1000])
+def test_search_over_all_cells_in_blocks_is_exact(rng, cells_per_call):
+    # A FAISS GPU index probes at most 2048 cells a search: all cells are searched in blocks instead.
+    from ptsne.knn import exact_neighbors, ivf_nlist, search_all_cells
+
+    X = rng.normal(size=(800, 6)).astype(np.float32)
+    index = build_index(X, "ivf", "cpu", seed=0)
+    assert ivf_nlist(index) == 20
+    q = np.arange(0, 800, 7)
+    g = search_all_cells(index, X[q], 9, q, cells_per_call=cells_per_call)
+    np.testing.assert_array_equal(g.indices, exact_neighbors(X, X[q], 9, q))
+    np.testing.assert_allclose(g.distances, brute_force(X, 9)[1][q], rtol=1e-4, atol=1e-4)
+    assert faiss_nprobe(index) == 1  # the index's own nprobe is left as it was
 
 
 def test_nprobe_is_capped_on_a_gpu_index(monkeypatch, caplog, rng):
@@ -169,6 +216,7 @@ def test_nprobe_is_capped_on_a_gpu_index(monkeypatch, caplog, rng):
     nlist = knn.ivf_nlist(index)
     assert nlist > 8 and knn.max_nprobe(index) == nlist
     monkeypatch.setattr(knn, "is_gpu_index", lambda index: True)
+    monkeypatch.setattr(knn, "index_device", lambda index: "cpu")  # the recall probe's exact reference: no GPU here
     monkeypatch.setattr(knn, "GPU_MAX_SELECTION_K", 8)
     assert knn.max_nprobe(index) == 8
     with caplog.at_level("WARNING", logger="ptsne.knn"):

@@ -249,14 +249,69 @@ def test_precision_float32_on_cuda_uses_tf32_never_on_cpu(monkeypatch):
     assert dev.use_tf32(torch.device("cuda:1"), None) is True
     assert dev.use_tf32(torch.device("cuda"), torch.bfloat16) is False  # autocast: not float32
     assert dev.use_tf32(torch.device("cpu"), None) is False
-    before = torch.backends.cuda.matmul.allow_tf32
-    assert dev.configure_matmul_precision(torch.device("cpu"), None) is False
-    assert torch.backends.cuda.matmul.allow_tf32 is before
+    before = torch.backends.cuda.matmul.fp32_precision
+    with dev.training_precision(torch.device("cpu"), None):
+        assert torch.backends.cuda.matmul.fp32_precision == before  # CPU training leaves the CUDA switches alone
+    with dev.training_precision(torch.device("cuda"), None):
+        assert dev.tf32_enabled() is True
+    with dev.training_precision(torch.device("cuda"), torch.bfloat16):
+        assert dev.tf32_enabled() is False
+    assert torch.backends.cuda.matmul.fp32_precision == before  # restored after training
+
+
+def test_tf32_is_set_through_one_api_only():
+    from ptsne import device as dev
+
+    assert dev.tf32_api() == "fp32_precision"  # torch 2.13 has the per-backend switches
+    new = dev.tf32_settings(True, "fp32_precision")
+    assert [(name, value) for _, name, value in new] == [("fp32_precision", "tf32")] * 2
+    assert {module for module, _, _ in new} == {torch.backends.cuda.matmul, torch.backends.cudnn.conv}
+    assert [value for _, _, value in dev.tf32_settings(False, "fp32_precision")] == ["ieee", "ieee"]
+    legacy = dev.tf32_settings(True, "allow_tf32")
+    assert [(name, value) for _, name, value in legacy] == [("allow_tf32", True)] * 2
+    with pytest.raises(ValueError, match=r"api must be one of \('fp32_precision', 'allow_tf32'\), got 'x'"):
+        dev.tf32_settings(True, "x")
+
+
+def test_matmul_precision_restores_the_switches_it_found():
+    from ptsne import device as dev
+
+    before = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    with dev.matmul_precision(True):
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32" and dev.tf32_enabled()
+        with dev.matmul_precision(False):  # an exact kNN search inside training
+            assert torch.backends.cuda.matmul.fp32_precision == "ieee" and not dev.tf32_enabled()
+        assert dev.tf32_enabled()
+    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with dev.matmul_precision(True):
+            raise RuntimeError("inside")
+    assert torch.backends.cuda.matmul.fp32_precision == before[0]
+
+
+def test_legacy_tf32_flags_where_torch_has_no_new_api():
+    # In a process of its own: torch refuses reads of one API after writes of the other.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import torch\n"
+        "from ptsne.device import matmul_precision, tf32_enabled\n"
+        "with matmul_precision(True, api='allow_tf32'):\n"
+        "    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32\n"
+        "    assert tf32_enabled(api='allow_tf32')\n"
+        "assert torch.backends.cuda.matmul.allow_tf32 is False\n"
+        "print('ok')\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 def test_precision_float32_fit_on_cpu_leaves_tf32_off(blobs):
     X, _ = blobs
-    before = torch.backends.cuda.matmul.allow_tf32
+    before = torch.backends.cuda.matmul.fp32_precision
     _train(X[:300], joint_probabilities(knn_graph(X[:300], n_neighbors=30, method="exact"), 10.0), seed=0, epochs=1,
            precision="float32")
-    assert torch.backends.cuda.matmul.allow_tf32 is before
+    assert torch.backends.cuda.matmul.fp32_precision == before
