@@ -312,9 +312,9 @@ def run(args) -> int:
         if args.max_polls is not None and args.max_polls < 1:
             raise ValueError(f"--max-polls must be >= 1, got {args.max_polls}")
         registry.parse_model_uri(args.model)
-        check_output(args.output)
         # An output inside the input is read back as input; an input inside the output is taken for output.
         check_disjoint(args.input, args.output, names=("--input", "--output"))
+        check_output(args.output)
     except (ValueError, TypeError) as exc:
         return REPORT.refuse(exc)
     except OSError as exc:  # not a directory, no permission, an unreachable store: refused before any work

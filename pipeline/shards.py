@@ -290,6 +290,8 @@ def _as_matrix(X: np.ndarray, source: str) -> np.ndarray:
         raise InvalidInputError(f"{source}: vectors must be real numbers, got dtype {X.dtype}")
     if X.ndim < 2:
         raise InvalidInputError(f"{source}: vectors must be at least 2-D (n, dim), got shape {X.shape}")
+    if X.shape[0] == 0:
+        raise InvalidInputError(f"{source} has no rows (shape {X.shape}); give at least one vector")
     # Images (n, h, w[, c]) become flat vectors.
     return X.reshape(X.shape[0], -1)
 
@@ -346,7 +348,7 @@ def load_npy(path: str, x_key: str | None = None, y_key: str | None = None) -> t
     if path.endswith(".npy"):
         if y_key:
             raise ValueError(f"y_key={y_key!r} was given but a .npy file holds one array; use a .npz")
-        return np.load(path, mmap_mode="r", allow_pickle=False), None
+        return _as_matrix(np.load(path, mmap_mode="r", allow_pickle=False), path), None
     with np.load(path, allow_pickle=False) as d:
         keys = list(d.keys())
         xk = x_key or next((k for k in NPZ_X_KEYS if k in keys), None)
@@ -358,7 +360,7 @@ def load_npy(path: str, x_key: str | None = None, y_key: str | None = None) -> t
             yk = y_key or next((k for k in NPZ_Y_KEYS if k in keys), None)
             if y_key and y_key not in keys:
                 raise InvalidInputError(f"{path}: no labels under {y_key!r} (keys: {keys})")
-        return d[xk], (d[yk] if yk else None)
+        return _as_matrix(d[xk], f"{path}[{xk!r}]"), (d[yk] if yk else None)
 
 
 def load_csv(
@@ -374,6 +376,8 @@ def load_csv(
     for name, col in (("label_col", label_col), ("id_col", id_col)):
         if col is not None and col not in table.column_names:
             raise InvalidInputError(f"{path}: {name}={col!r} is not a column (columns: {table.column_names})")
+    if table.num_rows == 0:
+        raise InvalidInputError(f"{path} has no rows (only a header); give at least one vector")
     feats = [c for c in table.column_names if c not in (label_col, id_col)]
     if not feats:
         raise InvalidInputError(f"{path}: no feature columns besides the label and id")

@@ -35,6 +35,7 @@ import os
 import posixpath
 import re
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -57,15 +58,44 @@ LEASE_SECONDS = 120.0
 TOKEN_THREADS = 16
 
 
-def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """Filesystem and path of a local path or URI (``s3://``, ``gs://``, ``file://``, ...)."""
+def resolve(uri: str | os.PathLike, name: str = "path") -> tuple[pafs.FileSystem, str]:
+    """Filesystem and path of a local path or URI (``s3://``, ``gs://``, ``file://``, ...).
+
+    ``name`` names the parameter (or command-line option) in the messages.
+    Raises :class:`ValueError` for a URI with ``.`` or ``..`` path segments
+    (see :func:`check_segments`).
+    """
     uri = os.fspath(uri)
     if not isinstance(uri, str) or not uri:
-        raise ValueError(f"path must be a non-empty string or path, got {uri!r}")
+        raise ValueError(f"{name} must be a non-empty string or path, got {uri!r}")
     if "://" not in uri:
         return pafs.LocalFileSystem(), os.path.abspath(uri)
+    check_segments(uri, name)
     fs, path = pafs.FileSystem.from_uri(uri)
     return fs, path.rstrip("/")
+
+
+def check_segments(uri: str | os.PathLike, name: str = "path") -> None:
+    """Raise :class:`ValueError` when a URI's path has ``.`` or ``..`` segments.
+
+    Local paths (and ``file://``) are normalised by the operating system. An
+    object store keeps such a segment as part of the key: ``s3://b/./in`` would
+    be another location than ``s3://b/in`` to every comparison, and S3 refuses
+    to copy objects there. ``..`` could also leave the bucket's prefix the user
+    meant, so the location is refused rather than rewritten.
+    """
+    uri = os.fspath(uri)
+    if not isinstance(uri, str) or "://" not in uri:
+        return
+    scheme, rest = uri.split("://", 1)
+    if scheme.lower() == "file":
+        return
+    bad = [s for s in rest.split("?", 1)[0].split("/") if s in (".", "..")]
+    if bad:
+        raise ValueError(
+            f"{name} {uri!r} has a {bad[0]!r} path segment; a URI's path must not contain '.' or '..' "
+            "segments (write the location without them)"
+        )
 
 
 def _location(uri: str | os.PathLike) -> str:
@@ -87,6 +117,8 @@ def check_disjoint(first: str | os.PathLike, second: str | os.PathLike,
     inside an output is deleted when that output is replaced. ``names`` name the
     two parameters (or command-line options) in the message.
     """
+    check_segments(first, names[0])
+    check_segments(second, names[1])
     a, b = _location(first), _location(second)
     if a == b:
         relation = "is the same location as"
@@ -361,6 +393,14 @@ def _uncreatable(directory: str) -> str | None:
         return f"{probe!r} is not a directory"
     if not os.access(probe, os.W_OK | os.X_OK):
         return f"no permission to write in {probe!r}"
+    # os.access answers yes to root everywhere, also where nothing can be created (/proc, /sys, a
+    # read-only mount): creating one of this module's hidden names there is the only real answer.
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".probe{TMP_MARK}", dir=probe)
+    except OSError as exc:
+        return f"files cannot be created in {probe!r}: {exc.strerror or exc}"
+    os.close(fd)
+    os.unlink(name)
     return None
 
 

@@ -629,6 +629,8 @@ def _jsonable(params: dict) -> dict:
 
 
 MODEL_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, digest.SUMS_FILE})
+#: Names of a directory's entries that a refusal to replace it shows.
+_SHOWN_NAMES = 5
 
 #: The keys of ``config.json`` besides ``params`` (and the optional ``reference``), each a
 #: positive integer, except ``custom_model``.
@@ -765,9 +767,16 @@ def _check_replaceable(path: Path) -> None:
             "choose another path or remove it"
         )
     if path.is_dir() and not _is_saved_model(path):
+        try:
+            names = sorted(p.name for p in path.iterdir())
+            held = ", ".join(repr(n) for n in names[:_SHOWN_NAMES]) or "nothing"
+        except OSError as exc:
+            names, held = [], f"entries that cannot be listed: {exc.strerror or exc}"
+        if len(names) > _SHOWN_NAMES:
+            held += f" and {len(names) - _SHOWN_NAMES} more"
         raise FileExistsError(
-            f"ParametricTSNE.save: {str(path)!r} is a directory that does not hold a saved model "
-            f"(only {sorted(MODEL_FILES)}); it is left as it is: choose another path"
+            f"ParametricTSNE.save: {str(path)!r} is not a saved model (it holds {held}; a saved model holds "
+            f"only {', '.join(sorted(MODEL_FILES))}), so it is not replaced: choose another path"
         )
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+#: Largest finite float32: no squared distance may exceed it.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 def check_array(X, name: str = "X", n_features: int | None = None, max_report: int = 5) -> np.ndarray:
     """Validate a 2-D numeric array of finite values and return it as float32.
@@ -13,8 +16,9 @@ def check_array(X, name: str = "X", n_features: int | None = None, max_report: i
     TypeError
         Non-numeric input.
     ValueError
-        Wrong number of dimensions or features, no rows, NaN or Inf values (the
-        message gives the count of bad rows and the first of them).
+        Wrong number of dimensions or features, no rows, NaN or Inf values, or
+        rows whose squared norm overflows float32 (the message gives the count
+        of bad rows, the first of them and a value of the first).
     """
     try:
         arr = np.asarray(X)
@@ -34,8 +38,21 @@ def check_array(X, name: str = "X", n_features: int | None = None, max_report: i
     finite = np.isfinite(arr).all(axis=1)
     if not finite.all():
         bad = np.flatnonzero(~finite)
+        value = arr[bad[0]][~np.isfinite(arr[bad[0]])][0]
         raise ValueError(
             f"{name} has {bad.size} rows with NaN or Inf values (first rows: "
-            f"{bad[:max_report].tolist()}); drop or impute them"
+            f"{bad[:max_report].tolist()}), row {bad[0]} holds {value}; drop or impute them"
+        )
+    # Distances are computed in float32 (FAISS, torch): a row whose squared norm overflows it has
+    # infinite distances to every other row, and the neighbour search finds no neighbours for it.
+    squared = np.einsum("ij,ij->i", arr, arr, dtype=np.float64)
+    overflow = squared > FLOAT32_MAX
+    if overflow.any():
+        bad = np.flatnonzero(overflow)
+        row = arr[bad[0]]
+        raise ValueError(
+            f"{name} has {bad.size} rows whose squared norm overflows float32 (first rows: "
+            f"{bad[:max_report].tolist()}), row {bad[0]} holds {row[np.abs(row).argmax()]:g} (squared norm "
+            f"{squared[bad[0]]:g}); the squared norm of a row must be at most {FLOAT32_MAX:g}: scale the data down"
         )
     return arr

@@ -193,6 +193,53 @@ def test_data_import_unwritable_output_is_one_line_error(tmp_path, caplog):
         assert "--output" in line and str(output) in line, line
 
 
+@pytest.mark.parametrize("kind", ["npy", "npz", "csv"])
+def test_data_import_of_an_input_without_rows_names_the_file(tmp_path, caplog, kind):
+    source = tmp_path / f"empty.{kind}"
+    if kind == "npy":
+        np.save(source, np.ones((0, 4), np.float32))
+    elif kind == "npz":
+        np.savez(source, X=np.ones((0, 4), np.float32), y=np.ones(0, np.int64))
+    else:
+        source.write_text("a,b,label\n")
+    args = ["data", "import", str(source), "--output", str(tmp_path / "out")] + (["--label-col", "label"] if kind == "csv" else [])
+    assert main(args) == EXIT_BAD_INPUT
+    line = _one_error(caplog)
+    assert str(source) in line and "has no rows" in line and "at least one vector" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs a /proc filesystem")
+def test_embed_output_where_nothing_can_be_created_names_the_option_before_any_work(shards, tmp_path, caplog):
+    # /proc takes no new files, even from root, for whom os.access says yes everywhere.
+    inp, before = shards
+    output = "/proc/ptsne-maps"
+    (tmp_path / "model").mkdir()  # the output is refused before the model is read
+    args = ["embed", "--model", str(tmp_path / "model"), "--input", str(inp), "--output", output]
+    assert main(args) == EXIT_ERROR
+    line = _one_error(caplog)
+    assert "--output" in line and output in line and "cannot be created in '/proc'" in line, line
+    assert _snapshot(inp) == before and not os.path.exists(output)
+
+
+def test_uri_with_dot_segments_is_refused_naming_the_option(s3, tmp_path, caplog):
+    np.save(tmp_path / "x.npy", np.ones((5, 2), np.float32))
+    bucket = s3.bucket()
+    for output in (f"{bucket}/./in", f"{bucket}/a/../in"):
+        assert main(["data", "import", str(tmp_path / "x.npy"), "--output", output]) == EXIT_USAGE
+        line = _one_error(caplog)
+        assert f"--output {output!r}" in line and "must not contain '.' or '..'" in line, line
+    inp = f"{bucket}/in"
+    assert main(["data", "import", str(tmp_path / "x.npy"), "--output", inp]) == EXIT_OK
+    stored = s3.keys(bucket)
+    (tmp_path / "model").mkdir()  # the locations are refused before the model is read
+    args = ["embed", "--model", str(tmp_path / "model"), "--input", f"{bucket}/./in", "--output", f"{bucket}/maps"]
+    assert main(args) == EXIT_USAGE
+    line = _one_error(caplog)
+    assert f"--input '{bucket}/./in'" in line, line
+    assert s3.keys(bucket) == stored and all(k.startswith("in/") for k in stored), stored
+
+
 def test_affinities_unwritable_output_is_one_line_error_before_any_work(shards, tmp_path, caplog):
     inp, before = shards
     (tmp_path / "file").write_text("")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -234,3 +235,26 @@ def test_change_token_tells_a_rewrite_of_the_same_size_and_mtime(root):
     (after,) = storage.change_tokens(fs, [file])
     assert before is not None and after is not None and before != after
     assert storage.change_tokens(fs, [file, file]) == [after, after]  # unchanged: the same token
+
+
+@pytest.mark.parametrize("location", ["s3://b/./in", "s3://b/a/../in", "s3://b/in/.", "gs://b/x/.."])
+def test_resolve_refuses_dot_segments_in_a_uri_naming_the_parameter(location):
+    with pytest.raises(ValueError, match=r"^input '.+' has a '\.\.?' path segment; a URI's path must not contain"):
+        storage.resolve(location, "input")
+    with pytest.raises(ValueError, match="output"):
+        storage.check_disjoint("data/in", location)
+
+
+def test_local_dot_segments_are_normalised(tmp_path):
+    fs, path = storage.resolve(str(tmp_path / "a" / ".." / "b" / "."))
+    assert path == str(tmp_path / "b")
+    storage.resolve("file://" + str(tmp_path / "a" / ".."))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs a /proc filesystem")
+def test_a_directory_that_takes_no_files_is_not_writable_even_for_root(tmp_path):
+    local = pafs.LocalFileSystem()
+    with pytest.raises(storage.OutputLocationError, match=r"cannot write to '/proc/x': files cannot be created in '/proc'"):
+        storage.check_writable_dir(local, "/proc/x")
+    storage.check_writable_dir(local, str(tmp_path / "new" / "dir"))
+    assert list(tmp_path.iterdir()) == []  # the probe leaves nothing behind

@@ -6,6 +6,7 @@ import torch
 
 from ptsne import NotFittedError, ParametricTSNE
 from ptsne.metrics import knn_accuracy
+from ptsne.validation import check_array
 
 FAST = dict(n_epochs=4, batch_size=128, hidden_layers=(32, 32), random_state=0, device="cpu")
 #: Default mode on the digits split of test_quality_on_digits, over seeds 0-3 x
@@ -79,6 +80,26 @@ def test_save_replaces_existing_model(fitted, tmp_path):
     est.save(tmp_path / "m")
     est.save(tmp_path / "m")
     np.testing.assert_array_equal(ParametricTSNE.load(tmp_path / "m", device="cpu").transform(X[:5]), est.transform(X[:5]))
+
+
+def test_save_over_a_directory_that_is_no_model_names_what_it_holds_and_keeps_it(fitted, tmp_path):
+    est, _, _ = fitted
+    target = tmp_path / "photos"
+    target.mkdir()
+    for i in range(7):
+        (target / f"img{i}.jpg").write_text(str(i))
+    with pytest.raises(FileExistsError) as caught:
+        est.save(target)
+    message = str(caught.value)
+    held, _, allowed = message.partition("a saved model holds")
+    assert "'img0.jpg', 'img1.jpg', 'img2.jpg', 'img3.jpg', 'img4.jpg' and 2 more" in held, message
+    assert "config.json" not in held and "config.json" in allowed, message
+    assert "is not a saved model" in message and "not replaced" in message, message
+    assert {p.name: p.read_text() for p in target.iterdir()} == {f"img{i}.jpg": str(i) for i in range(7)}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileExistsError, match="it holds nothing;"):
+        est.save(empty)
 
 
 def test_legacy_names(fitted, tmp_path):
@@ -236,6 +257,19 @@ def test_nan_rows_are_reported(blobs):
     X[40, 0] = np.inf
     with pytest.raises(ValueError, match=r"3 rows with NaN or Inf values \(first rows: \[3, 17, 40\]\)"):
         ParametricTSNE(**FAST).fit(X)
+
+
+def test_transform_refuses_rows_whose_squared_norm_overflows_float32_before_the_search(fitted):
+    est, X, _ = fitted
+    rows = X[:6].copy()
+    rows[4] = 1e30
+    with pytest.raises(ValueError, match=r"X has 1 rows whose squared norm overflows float32 "
+                                         r"\(first rows: \[4\]\), row 4 holds 1e\+30 \(squared norm 1e\+61\)"):
+        est.transform(rows)
+    # The bound is float32's largest value: 10 features of 5.8e18 (3.364e38) pass, of 5.9e18 (3.481e38) not.
+    assert check_array(np.full((1, 10), 5.8e18)).shape == (1, 10)
+    with pytest.raises(ValueError, match=r"row 0 holds 5\.9e\+18.*at most 3\.40282e\+38"):
+        check_array(np.full((1, 10), 5.9e18))
 
 
 def test_wrong_dimension_at_transform(fitted):
