@@ -54,8 +54,7 @@ from jobs.stamp import STAMP_FILE, read_stamp, stamp_bytes, stamp_key_before, wr
 from ptsne.settings import public_name, setting, settings_of, validate
 
 if TYPE_CHECKING:  # imported where used: Ray stays out of `ptsne --help`
-    from pipeline.affinity import AffinityJobConfig
-    from pipeline.train import DistributedTrainConfig
+    from pipeline.configs import AffinityJobConfig, DistributedTrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -255,10 +254,8 @@ class TrainSampling:
 
 def training_classes() -> tuple[type, ...]:
     """The configs whose settings are the training options (:class:`pipeline.train.DistributedTrainConfig`'s parts)."""
-    from pipeline.train import DistributedTrainConfig
-    from ptsne.model import ModelConfig
-    from ptsne.reference import ReferenceConfig
-    from ptsne.train import TrainConfig
+    from pipeline.configs import DistributedTrainConfig
+    from ptsne.configs import ModelConfig, ReferenceConfig, TrainConfig
 
     return TrainConfig, ModelConfig, ReferenceConfig, DistributedTrainConfig
 
@@ -364,8 +361,8 @@ class TrainJobSpec:
         """
         from jobs.affinities import config_from_args as affinity_config
         from jobs.settings import config_from_args, settings_from_args
-        from pipeline.train import DistributedTrainConfig
-        from ptsne.train import TrainConfig
+        from pipeline.configs import DistributedTrainConfig
+        from ptsne.configs import TrainConfig
 
         settings = settings_from_args(args, *training_classes())
         epochs_auto = settings["n_epochs"] == "auto"

@@ -63,7 +63,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -72,18 +72,20 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import schema, storage
 from pipeline.affinity_dir import AffinityDir, AffinityManifest
+from pipeline.configs import (  # noqa: F401 (exported)
+    DEFAULT_OBJECT_STORE_MAX_BYTES,
+    FEATURE_SOURCES,
+    DistributedTrainConfig,
+)
 from pipeline.knn import peak_rss_mb
 from pipeline.session import start_ray
 from ptsne.device import configure_matmul_precision, resolve_precision, set_num_threads
 from ptsne.estimator import ParametricTSNE, params_of
 from ptsne.loss import TSNELoss
-from ptsne.model import Mapper, ModelConfig, build_mapper
+from ptsne.model import Mapper, build_mapper
 from ptsne.pca import PCA
-from ptsne.reference import ReferenceConfig
-from ptsne.settings import public_name, setting, settings_of, spec, validate
 from ptsne.train import (
     NeighborSampler,
-    TrainConfig,
     epoch_metrics,
     make_optimizer,
     make_scheduler,
@@ -92,10 +94,6 @@ from ptsne.train import (
 )
 
 log = logging.getLogger(__name__)
-
-#: Features up to this many bytes go through the object store (one copy per node).
-DEFAULT_OBJECT_STORE_MAX_BYTES = 2 * 1024**3
-FEATURE_SOURCES = ("auto", "object_store", "scan")
 
 CHECKPOINT_CONFIG = "config.json"
 CHECKPOINT_WEIGHTS = "model.safetensors"
@@ -111,135 +109,6 @@ WorkerCallback = Callable[[int, dict], bool | None]
 EpochCallback = Callable[[dict], None]
 
 _SCAN_BATCH_ROWS = 65536
-
-
-@dataclass(frozen=True)
-class DistributedTrainConfig:
-    """Settings of distributed training: the core's settings plus the data path.
-
-    Parameters
-    ----------
-    train : TrainConfig
-        Optimisation. ``batch_size`` counts the anchors of a step over all workers
-        together; each worker takes ``batch_size // num_workers`` of them, so a step
-        sees the same number of anchors whatever the worker count.
-    model : ModelConfig
-        Architecture of the MLP; its ``n_inputs`` comes from the data (leave it None).
-    reference : ReferenceConfig
-        The reference fitted on the driver after training (``size`` 0: a network-only
-        model; otherwise more than ``transform_k`` points).
-    feature_source : {"auto", "object_store", "scan"}
-        How workers get neighbour features; ``"auto"`` uses the object store up
-        to ``object_store_max_bytes`` and streaming gathers beyond.
-    object_store_max_bytes : int
-        Threshold of ``"auto"``.
-
-    :meth:`from_settings` builds one from flat settings by their public names
-    (``n_epochs=40, hidden_layers=(64, 64), reference_size=0``), as the command
-    line and :meth:`settings` name them.
-    """
-
-    train: TrainConfig = field(default_factory=TrainConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-    feature_source: str = setting(
-        "auto", "how workers read neighbour features: the object store, streaming scans of the feature shards, "
-        "or 'auto' (the object store up to object_store_max_bytes)", choices=FEATURE_SOURCES)
-    object_store_max_bytes: int = setting(
-        DEFAULT_OBJECT_STORE_MAX_BYTES, "features up to this many bytes go through the object store", ge=0)
-
-    def __post_init__(self) -> None:
-        for name, cls in _PARTS.items():
-            if not isinstance(getattr(self, name), cls):
-                raise TypeError(f"DistributedTrainConfig: {name} must be a {cls.__name__}, "
-                                f"got {type(getattr(self, name)).__name__}")
-        validate(self)
-        # A placed point needs more reference points than its neighbours: fail before training.
-        k = self.reference.transform_k
-        if 0 < self.reference.size <= k:
-            raise ValueError(
-                f"DistributedTrainConfig: reference_size must be 0 (no reference) or more than {k} "
-                f"(the reference neighbours of a placed point), got {self.reference.size!r}"
-            )
-
-    @classmethod
-    def from_settings(cls, **settings) -> DistributedTrainConfig:
-        """A config from flat settings named as :meth:`settings` names them; the others keep their defaults."""
-        return cls().with_settings(**settings)
-
-    def with_settings(self, **settings) -> DistributedTrainConfig:
-        """A copy with the flat settings ``settings`` (named as :meth:`settings` names them) changed."""
-        parts: dict[str, dict] = {name: {} for name in (*_PARTS, "")}
-        for name, value in settings.items():
-            try:
-                part, field_name = _FLAT[name]
-            except KeyError:
-                raise TypeError(f"DistributedTrainConfig: unknown setting {name!r}; known: {sorted(_FLAT)}") from None
-            parts[part][field_name] = value
-        own = parts.pop("")
-        changed = {name: replace(getattr(self, name), **values) for name, values in parts.items() if values}
-        return replace(self, **changed, **own)
-
-    def settings(self) -> dict:
-        """Every setting by its public name (the command line's, with underscores), JSON-ready."""
-        out = {}
-        for name, (owner, field_name) in _FLAT.items():
-            value = getattr(getattr(self, owner) if owner else self, field_name)
-            out[name] = list(value) if isinstance(value, tuple) else value
-        return out
-
-    def model_config(self, n_inputs: int) -> ModelConfig:
-        return self.model.with_inputs(n_inputs)
-
-    def to_dict(self) -> dict:
-        """The whole config, nested like the dataclass (what checkpoints record)."""
-        d = asdict(self)
-        d["model"].pop("n_inputs")
-        d["model"]["hidden_layers"] = list(self.model.hidden_layers)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DistributedTrainConfig:
-        """Inverse of :meth:`to_dict`; also reads the flat settings that checkpoints recorded before."""
-        if not isinstance(d.get("train"), dict):
-            return cls.from_settings(**d)
-        d = dict(d)
-        return cls(**{name: part(**d.pop(name, {})) for name, part in _PARTS.items()}, **d)
-
-    def fingerprint(self, reference: bool = True) -> str:
-        """Hash of the settings that change the trained model (not the data path).
-
-        ``reference=False`` leaves the reference settings out: the hash of what
-        changes the trained network, which names the Ray Train run, so that a
-        finished run is reused when only the reference settings change. Settings
-        that joined later are hashed only when they differ from their defaults,
-        so that a run keeps its name across versions.
-        """
-        d = self.settings()
-        for f in settings_of(type(self)):
-            d.pop(f.name)
-        for name, default in _LATER_SETTINGS.items():
-            if d.get(name) == default:
-                d.pop(name)
-        tuned = {f"reference.{f.name}": getattr(self.reference, f.name) for f in fields(ReferenceConfig)
-                 if spec(f) is None and getattr(self.reference, f.name) != f.default}
-        if not reference:
-            for f in settings_of(ReferenceConfig):
-                d.pop(public_name(f))
-        elif tuned:
-            d["reference"] = tuned
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
-#: The configs that :class:`DistributedTrainConfig` holds, by field.
-_PARTS = {"train": TrainConfig, "model": ModelConfig, "reference": ReferenceConfig}
-#: Public name of each flat setting -> (field of DistributedTrainConfig holding it, or "" for its own; field name).
-_FLAT = {
-    **{public_name(f): (part, f.name) for part, cls in _PARTS.items() for f in settings_of(cls)},
-    **{public_name(f): ("", f.name) for f in settings_of(DistributedTrainConfig)},
-}
-#: Settings added after runs were named by the flat settings, with the default that leaves the name as it was.
-_LATER_SETTINGS = {"layer_norm": False}
 
 
 @dataclass
