@@ -436,12 +436,15 @@ def _plot(spec: TrainJobSpec, estimator, affinity_dir: str, path: Path) -> Path:
 
 
 def _epoch_metrics(h: dict) -> dict[str, float]:
-    """The per-epoch MLflow metrics (step = epoch) of one history entry."""
-    return {
+    """The MLflow metrics (step = epoch) of one history entry: the steps of one report, over ``epochs`` epochs."""
+    metrics = {
         "loss": float(h["loss"]), "attraction": float(h["attraction"]), "log_z": float(h["log_z"]),
         "exaggeration": float(h["exaggeration"]), "learning_rate": float(h["learning_rate"]),
-        "epoch_seconds": float(h["seconds"]), "phase": float(PHASES.get(h["phase"], -1)),
+        "epoch_seconds": float(h["seconds"]) / h.get("epochs", 1), "phase": float(PHASES.get(h["phase"], -1)),
     }
+    if "step" in h:  # entries of models trained before training was counted in steps have none
+        metrics["optimizer_steps"] = float(h["step"])
+    return metrics
 
 
 class EpochLogger:
@@ -619,10 +622,11 @@ def train_step(spec: TrainJobSpec, model: TrainedModel, affinities: AffinityStag
         gpus_per_worker=scaling.gpus_per_worker or 1.0, max_failures=scaling.max_failures, on_epoch=epochs,
     )
     epoch_s = [h["seconds"] for h in result.history]
+    epochs_run = sum(h.get("epochs", 1) for h in result.history)  # a history entry may span several epochs
     train_info = {
         "key": model.key, "resumed_from": result.resumed_from, "checkpoint": result.checkpoint_path,
         "feature_source": model.feature_source,
-        "timings": {"train_seconds": result.seconds, "seconds_per_epoch": sum(epoch_s) / max(1, len(epoch_s)),
+        "timings": {"train_seconds": result.seconds, "seconds_per_epoch": sum(epoch_s) / max(1, epochs_run),
                     "reference_seconds": result.reference_seconds},
     }
     stamp = {"key": model.key, "history": result.history, "train_info": train_info}

@@ -35,8 +35,8 @@ Features
 Reproducibility
     Every random draw comes from a generator seeded with ``(seed, rank,
     epoch)``, so the same seed and worker count give the same weights on CPU,
-    and a run resumed from an epoch checkpoint continues exactly where the
-    interrupted one left off.
+    and a run resumed from a checkpoint (written at the end of an epoch)
+    continues exactly where the interrupted one left off.
 
 Reference
     After training, :func:`fit_reference` gives the estimator a reference on the
@@ -46,9 +46,15 @@ Reference
     otherwise (see ``ParametricTSNE.fit_reference``).
 
 Progress
-    Rank 0 reports each epoch's metrics to Ray Train; a driver-side
-    ``on_epoch`` callback receives them as they arrive (through a Ray Train
-    ``UserCallback`` on the controller and a queue to the driver).
+    Training is counted in optimisation steps, run in epochs. The workers report
+    (rank 0 with a checkpoint) at the end of an epoch when :func:`report_due`
+    says so: after ``report_seconds`` (default 5 s) or ``report_steps``, at the
+    end of the early exaggeration and of training. Each report is one history
+    entry, the mean of the steps since the previous one, so small data (epochs
+    of one step) is not held up by a report per step: Ray Train takes a report
+    off a worker every 2 s. A driver-side ``on_epoch`` callback receives them as
+    they arrive (through a Ray Train ``UserCallback`` on the controller and a
+    queue to the driver).
 """
 
 from __future__ import annotations
@@ -103,9 +109,9 @@ CHECKPOINT_STATE = "state.json"
 #: Values ``train_distributed(edges_ingest=...)`` still accepts; it is ignored (each worker reads its own edges).
 EDGES_INGEST = ("auto", "stream", "materialize")
 
-#: A worker callback gets ``(epoch, metrics)`` after each epoch and returns True to stop.
+#: A worker callback gets ``(epoch, metrics)`` at each report (epoch: the last one run) and returns True to stop.
 WorkerCallback = Callable[[int, dict], bool | None]
-#: A driver callback gets each epoch's metrics (a history entry) while training runs.
+#: A driver callback gets each report's metrics (a history entry) while training runs.
 EpochCallback = Callable[[dict], None]
 
 _SCAN_BATCH_ROWS = 65536
@@ -121,10 +127,12 @@ class TrainResult:
         The fitted estimator (PCA included when the affinities were built with it),
         ready for ``transform`` and ``save``.
     history : list of dict
-        Per-epoch metrics over all workers: ``epoch``, ``loss``, ``attraction``,
-        ``log_z``, ``exaggeration``, ``phase``, ``learning_rate``, ``seconds``.
+        One entry per report, over all workers: ``loss``, ``attraction`` and ``log_z``
+        averaged over the ``steps`` optimisation steps since the previous report (its
+        ``epochs`` epochs, the last of which is ``epoch``), ``step`` (steps run so far),
+        ``exaggeration``, ``phase``, ``learning_rate`` (after the last step), ``seconds``.
     checkpoint_path : str
-        Directory of the last epoch checkpoint.
+        Directory of the last checkpoint.
     resumed_from : list of int
         Epochs at which a worker group started from a checkpoint (empty when the
         run was never interrupted).
@@ -332,8 +340,24 @@ def _hand_back_finished(checkpoint, state: dict, rank: int, n_epochs: int) -> No
                          checkpoint_dir_name=f"epoch-{n_epochs - 1:05d}-final")
 
 
+def report_due(config: DistributedTrainConfig, epoch: int, steps: int, seconds: float) -> bool:
+    """Whether the workers report (and rank 0 checkpoints) after ``epoch``.
+
+    ``steps`` optimisation steps and ``seconds`` have passed since the last report.
+    Due at the end of the early exaggeration and of training (so that no history
+    entry mixes phases), and after ``config.report_steps`` steps or
+    ``config.report_seconds`` seconds (each None: never by it).
+    """
+    tc = config.train
+    if epoch in (tc.early_epochs - 1, tc.n_epochs - 1):
+        return True
+    if config.report_steps is not None and steps >= config.report_steps:
+        return True
+    return config.report_seconds is not None and seconds >= config.report_seconds
+
+
 def _train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train worker: read this worker's rows of P, train with DDP, checkpoint every epoch."""
+    """Ray Train worker: read this worker's rows of P, train with DDP, report and checkpoint per :func:`report_due`."""
     import ray
     import ray.train
     import ray.train.torch
@@ -416,8 +440,9 @@ def _train_loop_per_worker(loop_config: dict) -> None:
     checkpoint_config = {key: loop_config[key] for key in ("train", "n", "dim", "num_workers")}
 
     X_anchor_t = to_device(X_anchor, device)  # once: this worker's anchors stay on the device
+    # The steps since the last report: their summed metrics (on the device), count, first epoch and start.
+    sums, round_steps, round_start, t0 = None, 0, start_epoch, time.perf_counter()
     for epoch in range(start_epoch, tc.n_epochs):
-        t0 = time.perf_counter()
         model.train()
         gen = torch.Generator().manual_seed(_epoch_seed(tc.seed, rank, epoch))
         anchors = torch.randperm(len(rows), generator=gen)[: steps * batch]
@@ -432,10 +457,17 @@ def _train_loop_per_worker(loop_config: dict) -> None:
         means = run_epoch(model, optimizer, scheduler, loss_fn, batches, n, tc.exaggeration_at(epoch),
                           autocast_dtype)
         del X_tail, batches
-        means = _all_reduce(means.cpu(), "sum") / world
+        sums = means * steps if sums is None else sums + means * steps
+        round_steps += steps
+        due = report_due(config, epoch, round_steps, time.perf_counter() - t0)
+        if config.report_seconds is not None:  # each worker has its own clock: all report when one is due
+            due = bool(_all_reduce(torch.tensor([int(due)]), "max")[0])
+        if not due:
+            continue
+        means = _all_reduce((sums / round_steps).cpu(), "sum") / world
         metrics = epoch_metrics(epoch, means.tolist(), tc, scheduler.get_last_lr()[0], time.perf_counter() - t0)
-        metrics["steps"] = steps
-        # Rank 0's clock stands for the epoch; all workers synchronise every step.
+        metrics.update(steps=round_steps, step=(epoch + 1) * steps, epochs=epoch + 1 - round_start)
+        # The slowest worker's clock stands for the steps; all workers synchronise every step.
         metrics["seconds"] = float(_all_reduce(torch.tensor([metrics["seconds"]], dtype=torch.float64), "max")[0])
         workers["peak_rss_mb"] = [round(v, 1) for v in _gather(peak_rss_mb(), rank, world)]
         history.append(metrics)
@@ -455,6 +487,7 @@ def _train_loop_per_worker(loop_config: dict) -> None:
         if stop:
             log.info("worker %d: stopped by a callback after epoch %d", rank, epoch)
             break
+        sums, round_steps, round_start, t0 = None, 0, epoch + 1, time.perf_counter()
 
 
 # -- the driver ---------------------------------------------------------------------------
@@ -528,12 +561,13 @@ def train_distributed(
     name : str, optional
         Run name (default: derived from the data, the settings and the worker count).
     callbacks : sequence of callables
-        Picklable ``(epoch, metrics) -> bool`` called in every worker after each
-        epoch; True from any worker stops training after that epoch's checkpoint.
+        Picklable ``(epoch, metrics) -> bool`` called in every worker at each report
+        (``epoch``: the last one run); True from any worker stops training after that
+        report's checkpoint.
     on_epoch : callable, optional
         ``(metrics) -> None`` called in the calling thread of the driver with each
-        epoch's metrics (the entries of ``TrainResult.history``) as rank 0 reports
-        them, once per epoch and in epoch order, while training runs. Ray Train
+        report's metrics (the entries of ``TrainResult.history``) as rank 0 reports
+        them, once per report and in epoch order, while training runs. Ray Train
         runs in a background thread meanwhile (so Ctrl-C interrupts the driver
         instead of asking Ray Train for a graceful abort). An exception from
         ``on_epoch`` is logged and does not stop training.

@@ -18,6 +18,7 @@ TRAIN_OPTS = [
     "--vector-col", "vector", "--id-col", "id", "--label-col", "label", "--perplexity", "10",
     "--knn-method", "exact", "--epochs", "20", "--batch-size", "128", "--hidden-layers", "64,64",
     "--learning-rate", "0.003", "--workers", "2", "--seed", "1", "--reference-iter", "50",
+    "--report-steps", "1",  # a report (one MLflow value of each metric) after every epoch
 ]
 
 
