@@ -28,7 +28,7 @@ DEFAULT_SEARCHES_PER_GPU = 4
 
 @dataclass(frozen=True)
 class AffinityJobConfig:
-    """Settings of :func:`build_affinities`.
+    """Settings of :func:`pipeline.affinity.build_affinities`.
 
     The user's settings (columns, perplexity, kNN, PCA, task sizes, device, seed) are
     declared below with :func:`ptsne.settings.setting`: their defaults, bounds and help
@@ -52,7 +52,7 @@ class AffinityJobConfig:
         For retry tests: a local marker path; the first kNN task that finds it
         absent creates it and fails once.
     inject_failure_mode : {"raise", "crash"}
-        How that task fails: raise :class:`TransientTaskError`, or end its
+        How that task fails: raise :class:`pipeline.affinity.TransientTaskError`, or end its
         worker process abruptly (as a lost node or an out-of-memory kill would).
     knn_searches_per_gpu : int
         On a GPU cluster, kNN search tasks that share one GPU (each asks Ray

@@ -37,7 +37,7 @@ class KNNConfig:
     """Settings of the kNN stage, declared with :func:`ptsne.settings.setting`.
 
     ``method="auto"`` is exact up to :data:`EXACT_MAX_POINTS` points, IVF beyond;
-    ``device="auto"`` takes a GPU when FAISS sees one (:func:`resolve_knn_device`).
+    ``device="auto"`` takes a GPU when FAISS sees one (:func:`ptsne.knn.resolve_knn_device`).
     """
 
     n_neighbors: int = setting(90, "neighbours per point, self excluded", ge=1)
@@ -223,7 +223,7 @@ class ReferenceConfig:
         Interval widths (map units) of the two phases; an iteration's cost falls with
         the square of the width (0.81, 0.32 and 0.19 s for 1, 1.5 and 2 on MNIST's map).
     learning_rate : float or "auto"
-        Of the reference map's optimisation; ``"auto"`` is :data:`LEARNING_RATE_PER_POINT`
+        Of the reference map's optimisation; ``"auto"`` is :data:`ptsne.reference.LEARNING_RATE_PER_POINT`
         times the number of points. The map starts at full size, where gradients are
         small: openTSNE's ``n`` (made for a map growing from a tiny start) leaves it
         slow (KL 2.627 after 100 + 40 iterations on MNIST, against 2.575 at ``4 n``,
