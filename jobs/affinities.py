@@ -18,7 +18,7 @@ def add_affinity_arguments(p) -> None:
     """Options of the affinity stage, one per setting of :class:`pipeline.affinity.AffinityJobConfig`
     (also the "kNN and affinities" group of ``ptsne train``)."""
     from jobs.settings import add_setting_arguments
-    from pipeline.affinity import AffinityJobConfig
+    from pipeline.configs import AffinityJobConfig
 
     add_setting_arguments(p, AffinityJobConfig)
 
@@ -42,7 +42,7 @@ def add_parser(subparsers) -> None:
 def config_from_args(args: argparse.Namespace, **overrides):
     """An :class:`pipeline.affinity.AffinityJobConfig` from parsed arguments; ``overrides`` replace fields."""
     from jobs.settings import settings_from_args
-    from pipeline.affinity import AffinityJobConfig
+    from pipeline.configs import AffinityJobConfig
 
     fields = dict(
         input=args.input,

@@ -90,7 +90,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--reembed", action="store_true",
                    help="embed all shards with the version the model URI names now, into OUTPUT/v<version>/ "
                         "(default: stay on the version of the current output)")
-    from ptsne.reference import METHODS
+    from ptsne.configs import PLACEMENT_METHODS as METHODS
 
     p.add_argument("--method", choices=METHODS, default="auto",
                    help="how points are placed: 'network' is the network's forward pass; 'refine' places "

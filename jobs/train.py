@@ -58,8 +58,7 @@ from jobs.stamp import STAMP_FILE, read_stamp, stamp_bytes, stamp_key_before, wr
 from ptsne.settings import public_name, setting, settings_of, validate
 
 if TYPE_CHECKING:  # imported where used: Ray stays out of `ptsne --help`
-    from pipeline.affinity import AffinityJobConfig
-    from pipeline.train import DistributedTrainConfig
+    from pipeline.configs import AffinityJobConfig, DistributedTrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -264,10 +263,8 @@ class TrainSampling:
 
 def training_classes() -> tuple[type, ...]:
     """The configs whose settings are the training options (:class:`pipeline.train.DistributedTrainConfig`'s parts)."""
-    from pipeline.train import DistributedTrainConfig
-    from ptsne.model import ModelConfig
-    from ptsne.reference import ReferenceConfig
-    from ptsne.train import TrainConfig
+    from pipeline.configs import DistributedTrainConfig
+    from ptsne.configs import ModelConfig, ReferenceConfig, TrainConfig
 
     return TrainConfig, ModelConfig, ReferenceConfig, DistributedTrainConfig
 
@@ -374,8 +371,8 @@ class TrainJobSpec:
         """
         from jobs.affinities import config_from_args as affinity_config
         from jobs.settings import config_from_args, settings_from_args
-        from pipeline.train import DistributedTrainConfig
-        from ptsne.train import TrainConfig
+        from pipeline.configs import DistributedTrainConfig
+        from ptsne.configs import TrainConfig
 
         settings = settings_from_args(args, *training_classes())
         epochs_auto = settings["n_epochs"] == "auto"
@@ -478,12 +475,15 @@ def _plot(spec: TrainJobSpec, estimator, affinity_dir: str, path: Path) -> Path:
 
 
 def _epoch_metrics(h: dict) -> dict[str, float]:
-    """The per-epoch MLflow metrics (step = epoch) of one history entry."""
-    return {
+    """The MLflow metrics (step = epoch) of one history entry: the steps of one report, over ``epochs`` epochs."""
+    metrics = {
         "loss": float(h["loss"]), "attraction": float(h["attraction"]), "log_z": float(h["log_z"]),
         "exaggeration": float(h["exaggeration"]), "learning_rate": float(h["learning_rate"]),
-        "epoch_seconds": float(h["seconds"]), "phase": float(PHASES.get(h["phase"], -1)),
+        "epoch_seconds": float(h["seconds"]) / h.get("epochs", 1), "phase": float(PHASES.get(h["phase"], -1)),
     }
+    if "step" in h:  # entries of models trained before training was counted in steps have none
+        metrics["optimizer_steps"] = float(h["step"])
+    return metrics
 
 
 class EpochLogger:
@@ -661,10 +661,11 @@ def train_step(spec: TrainJobSpec, model: TrainedModel, affinities: AffinityStag
         gpus_per_worker=scaling.gpus_per_worker or 1.0, max_failures=scaling.max_failures, on_epoch=epochs,
     )
     epoch_s = [h["seconds"] for h in result.history]
+    epochs_run = sum(h.get("epochs", 1) for h in result.history)  # a history entry may span several epochs
     train_info = {
         "key": model.key, "resumed_from": result.resumed_from, "checkpoint": result.checkpoint_path,
         "feature_source": model.feature_source,
-        "timings": {"train_seconds": result.seconds, "seconds_per_epoch": sum(epoch_s) / max(1, len(epoch_s)),
+        "timings": {"train_seconds": result.seconds, "seconds_per_epoch": sum(epoch_s) / max(1, epochs_run),
                     "reference_seconds": result.reference_seconds},
     }
     stamp = {"key": model.key, "history": result.history, "train_info": train_info}

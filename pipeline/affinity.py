@@ -45,7 +45,7 @@ import os
 import posixpath
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -53,6 +53,7 @@ import pyarrow.fs as pafs
 from tqdm.auto import tqdm
 
 from pipeline import schema
+from pipeline.configs import AffinityJobConfig
 from pipeline.affinity_dir import (
     AffinityDir,
     AffinityManifest,
@@ -72,7 +73,6 @@ from pipeline.session import quiet_init_kwargs, start_ray
 from pipeline.shards import MAX_REPORT, ColumnSpec, InvalidInputError, duplicate_ids, list_parquet, read_shard, row_ids
 from pipeline.storage import (
     StagedDir,
-    check_disjoint,
     exists,
     fingerprint,
     is_ours,
@@ -82,11 +82,10 @@ from pipeline.storage import (
     write_bytes_atomic,
     write_parquet_atomic,
 )
-from ptsne.affinity import as_perplexities, conditional_probabilities, default_k
-from ptsne.device import DEVICES, faiss_gpu_build, set_num_threads
-from ptsne.knn import EXACT_MAX_POINTS, METHODS, check_gpu_k
+from ptsne.affinity import conditional_probabilities, default_k
+from ptsne.device import faiss_gpu_build, set_num_threads
+from ptsne.knn import check_gpu_k
 from ptsne.pca import PCA
-from ptsne.settings import setting, validate
 
 log = logging.getLogger(__name__)
 
@@ -101,124 +100,6 @@ class TransientTaskError(RuntimeError):
 
 #: Exceptions after which Ray re-runs a task (I/O hiccups and injected faults).
 RETRY_EXCEPTIONS = [OSError, TransientTaskError]
-
-
-@dataclass(frozen=True)
-class AffinityJobConfig:
-    """Settings of :func:`build_affinities`.
-
-    The user's settings (columns, perplexity, kNN, PCA, task sizes, device, seed) are
-    declared below with :func:`ptsne.settings.setting`: their defaults, bounds and help
-    are those of ``ptsne affinities``' options (:mod:`jobs.affinities`). ``n_neighbors``
-    may stay ``"auto"`` (:func:`ptsne.affinity.default_k`); a list of perplexities
-    averages the conditional rows (multiscale); ``feature_cols`` replaces ``vector_col``.
-
-    Parameters
-    ----------
-    input : str
-        Directory, file or URI (``s3://``, ``gs://``, ...) of Parquet shards.
-    output : str
-        Affinity directory to create (local path or URI).
-    max_retries : int
-        Ray retries of a failed task.
-    overwrite : bool
-        Replace an existing, non-empty output that was built with other settings.
-    ray_address : str, optional
-        Cluster to connect to when Ray is not initialised yet (``None``: local).
-    inject_failure : str, optional
-        For retry tests: a local marker path; the first kNN task that finds it
-        absent creates it and fails once.
-    inject_failure_mode : {"raise", "crash"}
-        How that task fails: raise :class:`TransientTaskError`, or end its
-        worker process abruptly (as a lost node or an out-of-memory kill would).
-    knn_searches_per_gpu : int
-        On a GPU cluster, kNN search tasks that share one GPU (each asks Ray
-        for ``1 / knn_searches_per_gpu`` GPU); their perplexity calibration runs
-        in CPU tasks. Does not change the result.
-    """
-
-    input: str
-    output: str
-    vector_col: str | None = setting(
-        "vector", "column of fixed-size lists or lists of numbers holding the vectors")
-    feature_cols: tuple[str, ...] | None = setting(
-        None, "comma-separated numeric columns that form the vectors (instead of --vector-col)")
-    id_col: str | None = setting(None, "int or string id column; without it, rows are numbered by input position")
-    label_col: str | None = setting(None, "column copied to the features as 'label'")
-    perplexity: float | tuple[float, ...] = setting(
-        30.0, "perplexity, or several for multiscale affinities", gt=1)
-    n_neighbors: int | str = setting("auto", "neighbours per point", ge=1, auto="3 x the largest perplexity")
-    pca_components: int | None = setting(
-        None, "project to this many dimensions before the kNN search; without it, no PCA",
-        ge=1, flag="--pca", dest="pca_components")
-    pca_samples: int = setting(100_000, "rows sampled (over all shards) to fit the PCA", ge=2)
-    knn_method: str = setting(
-        "auto", f"kNN index: 'auto' is exact up to {EXACT_MAX_POINTS} points, IVF beyond", choices=METHODS)
-    target_recall: float = setting(0.95, "IVF recall@k target; nprobe is raised until a sample reaches it",
-                                   gt=0, le=1)
-    batch_rows: int = setting(50_000, "rows per features part, i.e. per kNN task", ge=1)
-    edge_partitions: int | None = setting(
-        None, "edges output parts (head ranges); without it, from the edge count", ge=1)
-    max_index_bytes: int | None = setting(
-        None, "largest index shipped whole through the object store; larger ones are sharded; without it, "
-        "min(2 GiB, 1/4 of the smallest node's object store)", ge=1)
-    drop_invalid: bool = setting(
-        False, "drop NaN/Inf/missing vectors into rejects.parquet instead of rejecting the input")
-    device: str = setting("auto", "where kNN tasks search: 'auto' requests GPUs when the Ray cluster has them",
-                          choices=DEVICES)
-    task_cpus: int = setting(1, "CPUs per Ray task (and FAISS/torch threads inside it)", ge=1)
-    max_retries: int = 3
-    seed: int = setting(0, "seed of the PCA sample and the IVF index (in ptsne train, of training too)")
-    overwrite: bool = False
-    ray_address: str | None = None
-    inject_failure: str | None = None
-    inject_failure_mode: str = "raise"
-    knn_searches_per_gpu: int = setting(
-        DEFAULT_SEARCHES_PER_GPU, "kNN search tasks sharing one GPU (each asks Ray for that fraction of a GPU)", ge=1)
-
-    def __post_init__(self) -> None:
-        for name in ("input", "output"):
-            value = getattr(self, name)
-            if isinstance(value, os.PathLike):
-                object.__setattr__(self, name, os.fspath(value))
-            elif not isinstance(value, str) or not value:
-                raise TypeError(f"AffinityJobConfig: {name} must be a path or URI, got {value!r}")
-        if self.feature_cols is not None:
-            object.__setattr__(self, "vector_col", None)
-        # Validates the column names (raises with the parameter named).
-        object.__setattr__(self, "feature_cols", self.spec.feature_cols)
-        validate(self)
-        perps = as_perplexities(self.perplexity)
-        object.__setattr__(self, "perplexity", perps[0] if len(perps) == 1 else perps)
-        r = self.max_retries
-        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0:
-            raise ValueError(f"AffinityJobConfig: max_retries must be an integer >= 0, got {r!r}")
-        if self.inject_failure_mode not in ("raise", "crash"):
-            raise ValueError(
-                f"AffinityJobConfig: inject_failure_mode must be 'raise' or 'crash', got {self.inject_failure_mode!r}"
-            )
-        try:
-            check_disjoint(self.input, self.output)
-        except ValueError as exc:
-            raise ValueError(f"AffinityJobConfig: {exc}") from None
-        validate(self)
-
-    @property
-    def spec(self) -> ColumnSpec:
-        return ColumnSpec(self.vector_col, self.feature_cols, self.id_col, self.label_col)
-
-    @property
-    def perplexities(self) -> tuple[float, ...]:
-        return as_perplexities(self.perplexity)
-
-    def hash_fields(self) -> dict:
-        """Settings that change the result (not where or how fast it is computed)."""
-        skip = {"input", "output", "device", "task_cpus", "max_retries", "overwrite", "ray_address",
-                "inject_failure", "inject_failure_mode", "batch_rows", "edge_partitions", "knn_searches_per_gpu"}
-        d = {k: v for k, v in asdict(self).items() if k not in skip}
-        d["perplexity"] = list(self.perplexities)
-        d["feature_cols"] = list(self.feature_cols) if self.feature_cols else None
-        return d
 
 
 def config_hash(config: AffinityJobConfig, input_fingerprint: list) -> str:

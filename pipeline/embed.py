@@ -99,7 +99,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import shards, storage
-from ptsne.reference import METHODS
+from ptsne.configs import PLACEMENT_METHODS as METHODS
 
 log = logging.getLogger(__name__)
 

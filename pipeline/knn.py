@@ -29,6 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import schema
+from pipeline.configs import DEFAULT_SEARCHES_PER_GPU
 from ptsne.device import set_num_threads
 from ptsne.flat import TorchFlatIndex
 from ptsne.knn import (
@@ -40,8 +41,6 @@ log = logging.getLogger(__name__)
 
 #: Default largest index (bytes of float32 vectors) shipped whole through the object store.
 DEFAULT_MAX_INDEX_BYTES = 2 << 30
-#: Default number of kNN search tasks that share one GPU (each asks Ray for ``1 / 4`` GPU).
-DEFAULT_SEARCHES_PER_GPU = 4
 
 
 def gpu_share(per_gpu: int) -> float:

@@ -35,8 +35,8 @@ Features
 Reproducibility
     Every random draw comes from a generator seeded with ``(seed, rank,
     epoch)``, so the same seed and worker count give the same weights on CPU,
-    and a run resumed from an epoch checkpoint continues exactly where the
-    interrupted one left off.
+    and a run resumed from a checkpoint (written at the end of an epoch)
+    continues exactly where the interrupted one left off.
 
 Reference
     After training, :func:`fit_reference` gives the estimator a reference on the
@@ -46,9 +46,15 @@ Reference
     otherwise (see ``ParametricTSNE.fit_reference``).
 
 Progress
-    Rank 0 reports each epoch's metrics to Ray Train; a driver-side
-    ``on_epoch`` callback receives them as they arrive (through a Ray Train
-    ``UserCallback`` on the controller and a queue to the driver).
+    Training is counted in optimisation steps, run in epochs. The workers report
+    (rank 0 with a checkpoint) at the end of an epoch when :func:`report_due`
+    says so: after ``report_seconds`` (default 5 s) or ``report_steps``, at the
+    end of the early exaggeration and of training. Each report is one history
+    entry, the mean of the steps since the previous one, so small data (epochs
+    of one step) is not held up by a report per step: Ray Train takes a report
+    off a worker every 2 s. A driver-side ``on_epoch`` callback receives them as
+    they arrive (through a Ray Train ``UserCallback`` on the controller and a
+    queue to the driver).
 """
 
 from __future__ import annotations
@@ -63,7 +69,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -72,18 +78,20 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import schema, storage
 from pipeline.affinity_dir import AffinityDir, AffinityManifest
+from pipeline.configs import (  # noqa: F401 (exported)
+    DEFAULT_OBJECT_STORE_MAX_BYTES,
+    FEATURE_SOURCES,
+    DistributedTrainConfig,
+)
 from pipeline.knn import peak_rss_mb
 from pipeline.session import start_ray
 from ptsne.device import resolve_precision, set_num_threads, training_precision
 from ptsne.estimator import ParametricTSNE, params_of
 from ptsne.loss import TSNELoss
-from ptsne.model import Mapper, ModelConfig, build_mapper
+from ptsne.model import Mapper, build_mapper
 from ptsne.pca import PCA
-from ptsne.reference import ReferenceConfig
-from ptsne.settings import public_name, setting, settings_of, spec, validate
 from ptsne.train import (
     NeighborSampler,
-    TrainConfig,
     epoch_metrics,
     make_optimizer,
     make_scheduler,
@@ -93,10 +101,6 @@ from ptsne.train import (
 
 log = logging.getLogger(__name__)
 
-#: Features up to this many bytes go through the object store (one copy per node).
-DEFAULT_OBJECT_STORE_MAX_BYTES = 2 * 1024**3
-FEATURE_SOURCES = ("auto", "object_store", "scan")
-
 CHECKPOINT_CONFIG = "config.json"
 CHECKPOINT_WEIGHTS = "model.safetensors"
 CHECKPOINT_OPTIMIZER = "optimizer.pt"
@@ -105,141 +109,12 @@ CHECKPOINT_STATE = "state.json"
 #: Values ``train_distributed(edges_ingest=...)`` still accepts; it is ignored (each worker reads its own edges).
 EDGES_INGEST = ("auto", "stream", "materialize")
 
-#: A worker callback gets ``(epoch, metrics)`` after each epoch and returns True to stop.
+#: A worker callback gets ``(epoch, metrics)`` at each report (epoch: the last one run) and returns True to stop.
 WorkerCallback = Callable[[int, dict], bool | None]
-#: A driver callback gets each epoch's metrics (a history entry) while training runs.
+#: A driver callback gets each report's metrics (a history entry) while training runs.
 EpochCallback = Callable[[dict], None]
 
 _SCAN_BATCH_ROWS = 65536
-
-
-@dataclass(frozen=True)
-class DistributedTrainConfig:
-    """Settings of distributed training: the core's settings plus the data path.
-
-    Parameters
-    ----------
-    train : TrainConfig
-        Optimisation. ``batch_size`` counts the anchors of a step over all workers
-        together; each worker takes ``batch_size // num_workers`` of them, so a step
-        sees the same number of anchors whatever the worker count.
-    model : ModelConfig
-        Architecture of the MLP; its ``n_inputs`` comes from the data (leave it None).
-    reference : ReferenceConfig
-        The reference fitted on the driver after training (``size`` 0: a network-only
-        model; otherwise more than ``transform_k`` points).
-    feature_source : {"auto", "object_store", "scan"}
-        How workers get neighbour features; ``"auto"`` uses the object store up
-        to ``object_store_max_bytes`` and streaming gathers beyond.
-    object_store_max_bytes : int
-        Threshold of ``"auto"``.
-
-    :meth:`from_settings` builds one from flat settings by their public names
-    (``n_epochs=40, hidden_layers=(64, 64), reference_size=0``), as the command
-    line and :meth:`settings` name them.
-    """
-
-    train: TrainConfig = field(default_factory=TrainConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-    feature_source: str = setting(
-        "auto", "how workers read neighbour features: the object store, streaming scans of the feature shards, "
-        "or 'auto' (the object store up to object_store_max_bytes)", choices=FEATURE_SOURCES)
-    object_store_max_bytes: int = setting(
-        DEFAULT_OBJECT_STORE_MAX_BYTES, "features up to this many bytes go through the object store", ge=0)
-
-    def __post_init__(self) -> None:
-        for name, cls in _PARTS.items():
-            if not isinstance(getattr(self, name), cls):
-                raise TypeError(f"DistributedTrainConfig: {name} must be a {cls.__name__}, "
-                                f"got {type(getattr(self, name)).__name__}")
-        validate(self)
-        # A placed point needs more reference points than its neighbours: fail before training.
-        k = self.reference.transform_k
-        if 0 < self.reference.size <= k:
-            raise ValueError(
-                f"DistributedTrainConfig: reference_size must be 0 (no reference) or more than {k} "
-                f"(the reference neighbours of a placed point), got {self.reference.size!r}"
-            )
-
-    @classmethod
-    def from_settings(cls, **settings) -> DistributedTrainConfig:
-        """A config from flat settings named as :meth:`settings` names them; the others keep their defaults."""
-        return cls().with_settings(**settings)
-
-    def with_settings(self, **settings) -> DistributedTrainConfig:
-        """A copy with the flat settings ``settings`` (named as :meth:`settings` names them) changed."""
-        parts: dict[str, dict] = {name: {} for name in (*_PARTS, "")}
-        for name, value in settings.items():
-            try:
-                part, field_name = _FLAT[name]
-            except KeyError:
-                raise TypeError(f"DistributedTrainConfig: unknown setting {name!r}; known: {sorted(_FLAT)}") from None
-            parts[part][field_name] = value
-        own = parts.pop("")
-        changed = {name: replace(getattr(self, name), **values) for name, values in parts.items() if values}
-        return replace(self, **changed, **own)
-
-    def settings(self) -> dict:
-        """Every setting by its public name (the command line's, with underscores), JSON-ready."""
-        out = {}
-        for name, (owner, field_name) in _FLAT.items():
-            value = getattr(getattr(self, owner) if owner else self, field_name)
-            out[name] = list(value) if isinstance(value, tuple) else value
-        return out
-
-    def model_config(self, n_inputs: int) -> ModelConfig:
-        return self.model.with_inputs(n_inputs)
-
-    def to_dict(self) -> dict:
-        """The whole config, nested like the dataclass (what checkpoints record)."""
-        d = asdict(self)
-        d["model"].pop("n_inputs")
-        d["model"]["hidden_layers"] = list(self.model.hidden_layers)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DistributedTrainConfig:
-        """Inverse of :meth:`to_dict`; also reads the flat settings that checkpoints recorded before."""
-        if not isinstance(d.get("train"), dict):
-            return cls.from_settings(**d)
-        d = dict(d)
-        return cls(**{name: part(**d.pop(name, {})) for name, part in _PARTS.items()}, **d)
-
-    def fingerprint(self, reference: bool = True) -> str:
-        """Hash of the settings that change the trained model (not the data path).
-
-        ``reference=False`` leaves the reference settings out: the hash of what
-        changes the trained network, which names the Ray Train run, so that a
-        finished run is reused when only the reference settings change. Settings
-        that joined later are hashed only when they differ from their defaults,
-        so that a run keeps its name across versions.
-        """
-        d = self.settings()
-        for f in settings_of(type(self)):
-            d.pop(f.name)
-        for name, default in _LATER_SETTINGS.items():
-            if d.get(name) == default:
-                d.pop(name)
-        tuned = {f"reference.{f.name}": getattr(self.reference, f.name) for f in fields(ReferenceConfig)
-                 if spec(f) is None and getattr(self.reference, f.name) != f.default}
-        if not reference:
-            for f in settings_of(ReferenceConfig):
-                d.pop(public_name(f))
-        elif tuned:
-            d["reference"] = tuned
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
-#: The configs that :class:`DistributedTrainConfig` holds, by field.
-_PARTS = {"train": TrainConfig, "model": ModelConfig, "reference": ReferenceConfig}
-#: Public name of each flat setting -> (field of DistributedTrainConfig holding it, or "" for its own; field name).
-_FLAT = {
-    **{public_name(f): (part, f.name) for part, cls in _PARTS.items() for f in settings_of(cls)},
-    **{public_name(f): ("", f.name) for f in settings_of(DistributedTrainConfig)},
-}
-#: Settings added after runs were named by the flat settings, with the default that leaves the name as it was.
-_LATER_SETTINGS = {"layer_norm": False}
 
 
 @dataclass
@@ -252,10 +127,12 @@ class TrainResult:
         The fitted estimator (PCA included when the affinities were built with it),
         ready for ``transform`` and ``save``.
     history : list of dict
-        Per-epoch metrics over all workers: ``epoch``, ``loss``, ``attraction``,
-        ``log_z``, ``exaggeration``, ``phase``, ``learning_rate``, ``seconds``.
+        One entry per report, over all workers: ``loss``, ``attraction`` and ``log_z``
+        averaged over the ``steps`` optimisation steps since the previous report (its
+        ``epochs`` epochs, the last of which is ``epoch``), ``step`` (steps run so far),
+        ``exaggeration``, ``phase``, ``learning_rate`` (after the last step), ``seconds``.
     checkpoint_path : str
-        Directory of the last epoch checkpoint.
+        Directory of the last checkpoint.
     resumed_from : list of int
         Epochs at which a worker group started from a checkpoint (empty when the
         run was never interrupted).
@@ -463,8 +340,24 @@ def _hand_back_finished(checkpoint, state: dict, rank: int, n_epochs: int) -> No
                          checkpoint_dir_name=f"epoch-{n_epochs - 1:05d}-final")
 
 
+def report_due(config: DistributedTrainConfig, epoch: int, steps: int, seconds: float) -> bool:
+    """Whether the workers report (and rank 0 checkpoints) after ``epoch``.
+
+    ``steps`` optimisation steps and ``seconds`` have passed since the last report.
+    Due at the end of the early exaggeration and of training (so that no history
+    entry mixes phases), and after ``config.report_steps`` steps or
+    ``config.report_seconds`` seconds (each None: never by it).
+    """
+    tc = config.train
+    if epoch in (tc.early_epochs - 1, tc.n_epochs - 1):
+        return True
+    if config.report_steps is not None and steps >= config.report_steps:
+        return True
+    return config.report_seconds is not None and seconds >= config.report_seconds
+
+
 def _train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train worker: read this worker's rows of P, train with DDP, checkpoint every epoch."""
+    """Ray Train worker: read this worker's rows of P, train with DDP, report and checkpoint per :func:`report_due`."""
     import ray
     import ray.train
     import ray.train.torch
@@ -546,9 +439,10 @@ def _train_loop_per_worker(loop_config: dict) -> None:
     checkpoint_config = {key: loop_config[key] for key in ("train", "n", "dim", "num_workers")}
 
     X_anchor_t = to_device(X_anchor, device)  # once: this worker's anchors stay on the device
+    # The steps since the last report: their summed metrics (on the device), count, first epoch and start.
+    sums, round_steps, round_start, t0 = None, 0, start_epoch, time.perf_counter()
     with training_precision(device, autocast_dtype):  # TF32 on CUDA while training, restored after
         for epoch in range(start_epoch, tc.n_epochs):
-            t0 = time.perf_counter()
             model.train()
             gen = torch.Generator().manual_seed(_epoch_seed(tc.seed, rank, epoch))
             anchors = torch.randperm(len(rows), generator=gen)[: steps * batch]
@@ -563,10 +457,17 @@ def _train_loop_per_worker(loop_config: dict) -> None:
             means = run_epoch(model, optimizer, scheduler, loss_fn, batches, n, tc.exaggeration_at(epoch),
                               autocast_dtype)
             del X_tail, batches
-            means = _all_reduce(means.cpu(), "sum") / world
+            sums = means * steps if sums is None else sums + means * steps
+            round_steps += steps
+            due = report_due(config, epoch, round_steps, time.perf_counter() - t0)
+            if config.report_seconds is not None:  # each worker has its own clock: all report when one is due
+                due = bool(_all_reduce(torch.tensor([int(due)]), "max")[0])
+            if not due:
+                continue
+            means = _all_reduce((sums / round_steps).cpu(), "sum") / world
             metrics = epoch_metrics(epoch, means.tolist(), tc, scheduler.get_last_lr()[0], time.perf_counter() - t0)
-            metrics["steps"] = steps
-            # Rank 0's clock stands for the epoch; all workers synchronise every step.
+            metrics.update(steps=round_steps, step=(epoch + 1) * steps, epochs=epoch + 1 - round_start)
+            # The slowest worker's clock stands for the steps; all workers synchronise every step.
             metrics["seconds"] = float(_all_reduce(torch.tensor([metrics["seconds"]], dtype=torch.float64), "max")[0])
             workers["peak_rss_mb"] = [round(v, 1) for v in _gather(peak_rss_mb(), rank, world)]
             history.append(metrics)
@@ -586,6 +487,7 @@ def _train_loop_per_worker(loop_config: dict) -> None:
             if stop:
                 log.info("worker %d: stopped by a callback after epoch %d", rank, epoch)
                 break
+            sums, round_steps, round_start, t0 = None, 0, epoch + 1, time.perf_counter()
 
 
 # -- the driver ---------------------------------------------------------------------------
@@ -659,12 +561,13 @@ def train_distributed(
     name : str, optional
         Run name (default: derived from the data, the settings and the worker count).
     callbacks : sequence of callables
-        Picklable ``(epoch, metrics) -> bool`` called in every worker after each
-        epoch; True from any worker stops training after that epoch's checkpoint.
+        Picklable ``(epoch, metrics) -> bool`` called in every worker at each report
+        (``epoch``: the last one run); True from any worker stops training after that
+        report's checkpoint.
     on_epoch : callable, optional
         ``(metrics) -> None`` called in the calling thread of the driver with each
-        epoch's metrics (the entries of ``TrainResult.history``) as rank 0 reports
-        them, once per epoch and in epoch order, while training runs. Ray Train
+        report's metrics (the entries of ``TrainResult.history``) as rank 0 reports
+        them, once per report and in epoch order, while training runs. Ray Train
         runs in a background thread meanwhile (so Ctrl-C interrupts the driver
         instead of asking Ray Train for a graceful abort). An exception from
         ``on_epoch`` is logged and does not stop training.

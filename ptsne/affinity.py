@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import scipy.sparse as sp
 
-from ptsne.knn import KNNGraph
+if TYPE_CHECKING:  # annotations only: scipy and the kNN stage (FAISS) load where they run
+    import scipy.sparse as sp
+
+    from ptsne.knn import KNNGraph
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,8 @@ class Edges(NamedTuple):
 
     def to_csr(self, n: int) -> sp.csr_matrix:
         """The ``(n, n)`` sparse matrix, float64."""
+        import scipy.sparse as sp
+
         return sp.csr_matrix(
             (self.weight.astype(np.float64), (self.head, self.tail)), shape=(n, n)
         )
@@ -188,6 +192,8 @@ def symmetrize(indices: np.ndarray, P_cond: np.ndarray, n: int | None = None) ->
     n : int, optional
         Number of points (default ``indices.shape[0]``).
     """
+    import scipy.sparse as sp
+
     rows, k = indices.shape
     n = rows if n is None else int(n)
     head = np.repeat(np.arange(rows, dtype=np.int64), k)

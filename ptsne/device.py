@@ -13,10 +13,10 @@ import os
 import faiss
 import torch
 
+from ptsne.configs import DEVICES, PRECISIONS  # noqa: F401 (exported)
+
 log = logging.getLogger(__name__)
 
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "float32", "bfloat16")
 #: Environment variable that decides what ``precision="auto"`` resolves to (one of
 #: ``PRECISIONS``; unset, empty or ``auto``: by the hardware), e.g. ``PTSNE_PRECISION=float32``
 #: to train in float32 on a machine with bfloat16 hardware. Explicit precisions are kept.

@@ -25,24 +25,21 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import faiss
 import numpy as np
 import torch
 
-from ptsne.device import DEVICES, faiss_gpu_count, gpu_index, set_num_threads
+from ptsne.configs import EXACT_MAX_POINTS, KNNConfig
+from ptsne.configs import KNN_METHODS as METHODS  # noqa: F401 (exported)
+from ptsne.device import faiss_gpu_count, gpu_index, set_num_threads
 from ptsne.flat import TorchFlatIndex
-from ptsne.settings import setting, validate
 
 log = logging.getLogger(__name__)
 
-METHODS = ("auto", "exact", "ivf")
 #: What searches on a GPU: FAISS's GPU build, or torch (exact only) beside a CPU build of FAISS.
 GPU_BACKENDS = ("faiss", "torch")
-#: Above this many indexed points ``method="auto"`` switches from exact to IVF on CPU.
-EXACT_MAX_POINTS = 200_000
 #: The same on a GPU: a flat search of 1M x 1M points of 50 dimensions takes seconds there.
 EXACT_MAX_POINTS_GPU = 2_000_000
 #: Largest k of a FAISS GPU search and largest nprobe of a FAISS GPU IVF index
@@ -60,26 +57,6 @@ class KNNGraph(NamedTuple):
     @property
     def k(self) -> int:
         return int(self.indices.shape[1])
-
-
-@dataclass(frozen=True)
-class KNNConfig:
-    """Settings of the kNN stage, declared with :func:`ptsne.settings.setting`.
-
-    ``method="auto"`` is exact up to :data:`EXACT_MAX_POINTS` points, IVF beyond;
-    ``device="auto"`` takes a GPU when FAISS sees one (:func:`resolve_knn_device`).
-    """
-
-    n_neighbors: int = setting(90, "neighbours per point, self excluded", ge=1)
-    method: str = setting("auto", "FAISS index: exact, IVF, or 'auto' by the number of points", choices=METHODS)
-    target_recall: float = setting(0.95, "IVF only: nprobe is raised until sampled recall@k reaches this",
-                                   gt=0, le=1)
-    device: str = setting("auto", "where FAISS searches", choices=DEVICES)
-    n_threads: int | None = setting(None, "OpenMP threads of FAISS on CPU; without it, the current setting", ge=1)
-    seed: int = setting(0, "seed of the IVF training sample and of the recall probe")
-
-    def __post_init__(self) -> None:
-        validate(self)
 
 
 def exact_max_points(device: str = "cpu") -> int:

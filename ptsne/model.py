@@ -2,70 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import nn
 
-from ptsne.settings import setting, validate
+from ptsne.configs import ACTIVATION_MODULES, DEFAULT_HIDDEN, LEGACY_HIDDEN, ModelConfig  # noqa: F401 (exported)
 
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "elu": nn.ELU}
-#: Default hidden widths, chosen on the MNIST benchmark for quality per second.
-DEFAULT_HIDDEN = (256, 256, 256)
-#: The widths of the original parametric t-SNE network, available by name.
-LEGACY_HIDDEN = (500, 500, 2000)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Architecture of the default MLP mapper.
-
-    Parameters
-    ----------
-    n_inputs : int or None
-        Input dimension (after the optional PCA); None for an architecture whose
-        input is not known yet (see :meth:`with_inputs`).
-    n_components : int
-        Output dimension (2 or 3 for maps).
-    hidden_layers : tuple of int
-        Widths of the hidden layers.
-    activation : str
-        One of ``relu``, ``gelu``, ``silu``, ``tanh``, ``elu``.
-    layer_norm : bool
-        Put a LayerNorm after each hidden linear layer.
-    """
-
-    n_inputs: int | None = None
-    n_components: int = setting(2, "embedding dimension", ge=1)
-    hidden_layers: tuple[int, ...] = setting(DEFAULT_HIDDEN, "hidden widths of the MLP")
-    activation: str = setting("relu", "hidden activation", choices=tuple(sorted(ACTIVATIONS)))
-    layer_norm: bool = setting(False, "a LayerNorm after each hidden linear layer")
-
-    def __post_init__(self) -> None:
-        v = self.n_inputs
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
-            raise ValueError(f"ModelConfig: n_inputs must be a positive integer or None, got {v!r}")
-        validate(self)
-        if isinstance(self.hidden_layers, (str, bytes)) or not isinstance(
-            self.hidden_layers, Sequence
-        ):
-            raise TypeError(
-                f"ModelConfig: hidden_layers must be a sequence of positive integers, "
-                f"got {self.hidden_layers!r}"
-            )
-        widths = tuple(self.hidden_layers)
-        if any(isinstance(h, bool) or not isinstance(h, (int, np.integer)) or h < 1 for h in widths):
-            raise ValueError(
-                f"ModelConfig: hidden_layers must hold positive integers, got {self.hidden_layers!r}"
-            )
-        object.__setattr__(self, "hidden_layers", tuple(int(h) for h in widths))
-
-    def with_inputs(self, n_inputs: int) -> ModelConfig:
-        """This architecture for ``n_inputs`` input dimensions."""
-        return dataclasses.replace(self, n_inputs=n_inputs)
+#: Hidden activations by name (``ModelConfig.activation``).
+ACTIVATIONS = {name: getattr(nn, module) for name, module in ACTIVATION_MODULES.items()}
 
 
 class Standardize(nn.Module):

@@ -50,16 +50,15 @@ from tqdm.auto import tqdm
 from ptsne.affinity import Edges, calibrate
 from ptsne.knn import build_index, search, tune_nprobe
 from ptsne.loss import log_kernel
-from ptsne.settings import setting, validate
+from ptsne.configs import (  # noqa: F401 (exported)
+    FINE_ITER_PER_POINT, INITS, ITER_PER_POINT, MIN_FINE_ITER, MIN_ITER, ReferenceConfig,
+)
+from ptsne.configs import PLACEMENT_METHODS as METHODS  # noqa: F401 (exported)
 
 log = logging.getLogger(__name__)
 
 #: References up to this many points are repelled exactly (dense), larger ones by grid.
 EXACT_REPULSION_MAX = 4096
-#: Placement methods of ``transform``.
-METHODS = ("auto", "network", "refine")
-#: Where a placed point starts.
-INITS = ("median", "network")
 #: The median start takes this many of a point's nearest reference points.
 MEDIAN_NEIGHBORS = 10
 #: References above this many points are searched with an IVF index ...
@@ -72,110 +71,6 @@ SEARCH_RECALL = 0.9
 LEARNING_RATE_PER_POINT = 4.0
 #: The reference map's objective is evaluated (and convergence tested) every this many iterations.
 CHECK_EVERY = 25
-#: ``reference_iter="auto"``: first-phase iterations per reference point, at least ``MIN_ITER`` ...
-ITER_PER_POINT = 1.5e-3
-MIN_ITER = 100
-#: ... and second-phase (fine) iterations per point, at least ``MIN_FINE_ITER``.
-FINE_ITER_PER_POINT = 4e-4
-MIN_FINE_ITER = 40
-
-
-@dataclass(frozen=True)
-class ReferenceConfig:
-    """Settings of the reference map and of placing new points on it.
-
-    Parameters
-    ----------
-    size : int
-        At most this many training points form the reference (a uniform sample
-        beyond it); 0 trains a network-only model.
-    n_iter : int or "auto"
-        At most this many gradient-descent iterations of the reference map (exaggeration
-        1) with openTSNE's FFT interpolation on intervals of ``coarse_interval`` map
-        units; the phase stops earlier once converged (``tol``). ``"auto"``
-        (:func:`default_iterations`) scales with the number of reference points.
-    tol : float
-        The first phase stops once t-SNE's objective fell by less than ``tol``
-        (relative) over the last :data:`CHECK_EVERY` iterations; 0 runs all ``n_iter``.
-    fine_iter : int or "auto"
-        Then this many iterations on intervals of ``fine_interval``, which sharpen the
-        local structure; ``"auto"`` scales with the number of points too.
-    coarse_interval, fine_interval : float
-        Interval widths (map units) of the two phases; an iteration's cost falls with
-        the square of the width (0.81, 0.32 and 0.19 s for 1, 1.5 and 2 on MNIST's map).
-    learning_rate : float or "auto"
-        Of the reference map's optimisation; ``"auto"`` is :data:`LEARNING_RATE_PER_POINT`
-        times the number of points. The map starts at full size, where gradients are
-        small: openTSNE's ``n`` (made for a map growing from a tiny start) leaves it
-        slow (KL 2.627 after 100 + 40 iterations on MNIST, against 2.575 at ``4 n``,
-        2.548 at ``6.7 n``; ``13 n`` diverges to 2.662).
-    transform_perplexity : float
-        Perplexity of a new point's affinities to its reference neighbours.
-    transform_iter : int
-        Iterations of a new point's placement.
-    transform_init : {"median", "network"}
-        Start of a placed point: the median of its nearest reference points'
-        coordinates, or the network's output.
-    transform_exaggeration : float
-        Attraction factor of the placement.
-    grid_spacing : float
-        Cell size (map units) of the repulsion grid.
-    """
-
-    size: int = setting(
-        250_000, "training points kept as the model's reference (a uniform seeded sample beyond it): their "
-        "coordinates optimised to t-SNE's objective, on which new points are placed; 0 disables it, for a "
-        "network-only model", ge=0, name="reference_size")
-    n_iter: int | str = setting(
-        "auto", "most gradient-descent iterations of the reference map's first phase (it stops earlier once "
-        "converged)", ge=0, name="reference_iter",
-        auto=f"{ITER_PER_POINT * 1e3:g} per 1,000 reference points, at least {MIN_ITER}")
-    tol: float = 1e-3
-    fine_iter: int | str = "auto"
-    coarse_interval: float = 2.0
-    fine_interval: float = 1.5
-    learning_rate: float | str = "auto"
-    transform_perplexity: float = 10.0
-    transform_iter: int = 15
-    transform_init: str = "median"
-    transform_exaggeration: float = 1.0
-    grid_spacing: float = 0.125
-
-    def __post_init__(self) -> None:
-        validate(self)
-        for name, minimum in (("fine_iter", 0), ("transform_iter", 0)):
-            v = getattr(self, name)
-            if name == "fine_iter" and v == "auto":
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-                raise ValueError(f"ReferenceConfig: {name} must be an integer >= {minimum}, got {v!r}")
-        if not (self.learning_rate == "auto" or _positive(self.learning_rate)):
-            raise ValueError(
-                f"ReferenceConfig: learning_rate must be 'auto' or a number > 0, got {self.learning_rate!r}"
-            )
-        if not (_positive(self.transform_perplexity) and self.transform_perplexity > 1):
-            raise ValueError(
-                f"ReferenceConfig: transform_perplexity must be a number > 1, got {self.transform_perplexity!r}"
-            )
-        if not (_positive(self.transform_exaggeration) and self.transform_exaggeration >= 1):
-            raise ValueError(
-                "ReferenceConfig: transform_exaggeration must be a number >= 1, "
-                f"got {self.transform_exaggeration!r}"
-            )
-        if self.transform_init not in INITS:
-            raise ValueError(f"ReferenceConfig: transform_init must be one of {INITS}, got {self.transform_init!r}")
-        if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not 0 <= self.tol < 1:
-            raise ValueError(f"ReferenceConfig: tol must be a number in [0, 1), got {self.tol!r}")
-        for name in ("coarse_interval", "fine_interval"):
-            if not _positive(getattr(self, name)):
-                raise ValueError(f"ReferenceConfig: {name} must be a number > 0, got {getattr(self, name)!r}")
-        if not _positive(self.grid_spacing):
-            raise ValueError(f"ReferenceConfig: grid_spacing must be a number > 0, got {self.grid_spacing!r}")
-
-    @property
-    def transform_k(self) -> int:
-        """Reference neighbours of a new point: ``3 * transform_perplexity``."""
-        return int(math.floor(3 * self.transform_perplexity))
 
 
 def check_size(config: ReferenceConfig, owner: str) -> None:
@@ -213,10 +108,6 @@ def resolve_iterations(config: ReferenceConfig, n: int) -> tuple[int, int]:
     coarse, fine = default_iterations(n)
     return (coarse if config.n_iter == "auto" else int(config.n_iter),
             fine if config.fine_iter == "auto" else int(config.fine_iter))
-
-
-def _positive(v) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, float, np.number)) and math.isfinite(v) and v > 0
 
 
 # -- the reference map ---------------------------------------------------------------------

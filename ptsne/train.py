@@ -15,7 +15,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,93 +22,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ptsne.affinity import Edges
-from ptsne.device import PRECISIONS, resolve_precision, training_precision
+from ptsne.configs import MIN_EPOCHS, MIN_STEPS, TARGET_STEPS, TrainConfig  # noqa: F401 (exported)
+from ptsne.device import resolve_precision, training_precision
 from ptsne.loss import TSNELoss
-from ptsne.settings import setting, validate
 
 log = logging.getLogger(__name__)
 
-#: ``n_epochs="auto"`` trains for at least this many optimisation steps.
-MIN_STEPS = 2000
-#: ... and aims at this many, in at most ``TrainConfig.n_epochs`` epochs.
-TARGET_STEPS = 2400
-#: ... and at least this many epochs, so that every point is an anchor a few times.
-MIN_EPOCHS = 10
-
-
-_BELOW_ONE = "below 1 the loss decreases without bound as the map expands"
-
 #: A callback gets ``(epoch, metrics)`` after each epoch and returns True to stop.
 Callback = Callable[[int, dict], bool | None]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings.
-
-    Parameters
-    ----------
-    n_epochs : int
-        Passes over the points as anchors.
-    batch_size : int
-        Anchors per step; each step also embeds one sampled neighbour per anchor,
-        and the anchors' ``batch_size * (batch_size - 1)`` pairs estimate ``Z``.
-    learning_rate : float
-        Peak Adam learning rate; it decays along a cosine to 1% at the end.
-    early_exaggeration : float
-        Attraction factor during the first ``early_exaggeration_fraction`` of the epochs
-        (>= 1, like ``exaggeration``).
-    early_exaggeration_fraction : float
-        Share of the epochs run with early exaggeration, in ``[0, 1)``.
-    exaggeration : float
-        Attraction factor after the early phase (1 is plain t-SNE; the default 1.5
-        separates clusters a little more, which the MNIST benchmark rewards). At least 1:
-        with a factor ``rho < 1`` the loss falls like ``2 (rho - 1) log s`` as the map is
-        scaled by ``s``, so it has no minimum.
-    dof : float
-        Degrees of freedom of the Student-t kernel.
-    weight_decay : float
-        Adam weight decay.
-    positives_per_anchor : int
-        Neighbours drawn per anchor for the attraction in each step.
-    seed : int
-        Seed of the anchor order, the neighbour draws and the initial weights.
-    precision : str
-        Forward pass of training: ``"auto"`` (bfloat16 autocast where the device
-        has it in hardware, else float32), ``"float32"`` or ``"bfloat16"``. The
-        loss, the optimiser state and ``transform`` stay in float32. float32 on
-        a CUDA GPU multiplies matrices in TF32
-        (:func:`ptsne.device.training_precision`, restored after training); never on CPU.
-    """
-
-    n_epochs: int = setting(
-        60, "passes over the points as anchors", ge=1, flag="--epochs",
-        auto=f"about {TARGET_STEPS} steps within {MIN_EPOCHS} to 60 epochs, more for small data")
-    batch_size: int = setting(512, "anchors per optimisation step (over all workers together)", ge=2)
-    learning_rate: float = setting(1e-2, "peak Adam learning rate, decaying along a cosine to 1%", gt=0)
-    early_exaggeration: float = setting(
-        4.0, "attraction factor of the early phase", ge=1, why=_BELOW_ONE)
-    early_exaggeration_fraction: float = setting(0.25, "share of the epochs run with early exaggeration",
-                                                 ge=0, lt=1)
-    exaggeration: float = setting(1.5, "attraction factor after the early phase", ge=1, why=_BELOW_ONE)
-    dof: float = setting(1.0, "degrees of freedom of the Student-t kernel", gt=0)
-    weight_decay: float = setting(0.0, "Adam weight decay", ge=0)
-    positives_per_anchor: int = setting(4, "neighbours drawn per anchor in each step", ge=1)
-    seed: int = setting(0, "seed of the anchor order, the neighbour draws and the initial weights")
-    precision: str = setting(
-        "auto", "forward pass of training: 'auto' is bfloat16 autocast where the device has it in hardware "
-        "(recent x86 CPUs, CUDA GPUs), else float32, or what the environment variable PTSNE_PRECISION names",
-        choices=PRECISIONS)
-
-    def __post_init__(self) -> None:
-        validate(self)
-
-    @property
-    def early_epochs(self) -> int:
-        return int(round(self.n_epochs * self.early_exaggeration_fraction))
-
-    def exaggeration_at(self, epoch: int) -> float:
-        return self.early_exaggeration if epoch < self.early_epochs else self.exaggeration
 
 
 def default_epochs(n: int, batch_size: int = TrainConfig.batch_size) -> int:

@@ -346,7 +346,6 @@ def test_kill_9_leftovers_of_embed_and_train_are_removed_by_their_next_run_and_n
                                                                                             monkeypatch):
     import signal
 
-    from jobs.embed import TEMP_PREFIX
     from jobs.train import TEMP_PREFIX as RUN_PREFIX
     from pipeline.storage import pid_namespace
 

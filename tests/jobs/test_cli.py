@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +25,8 @@ from pipeline.session import RaySession
 from pipeline.shards import InvalidInputError
 from pipeline.storage import LockedError, OutputLocationError
 from ptsne.errors import DigestMismatchError, ModelFileError
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
@@ -93,3 +99,34 @@ def test_a_ray_session_that_starts_nothing_touches_nothing():
     with RaySession(num_cpus=1) as session:
         assert session.init_kwargs == {"log_to_driver": False, "include_dashboard": False}
     assert RaySession("10.0.0.6:6379", log_to_driver=False).init_kwargs == {"log_to_driver": False}
+
+
+#: Libraries that building the command line must not load: each costs seconds to import.
+HEAVY_MODULES = ("torch", "faiss", "ray", "mlflow")
+
+
+def _command_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()):
+    """``()`` for ``ptsne`` itself, then every command and subcommand: ``("data", "synth")``, ..."""
+    yield prefix
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _command_paths(sub, (*prefix, name))
+
+
+@pytest.mark.parametrize("command", list(_command_paths(build_parser())), ids=lambda c: " ".join(("ptsne", *c)))
+def test_help_loads_neither_torch_faiss_ray_nor_mlflow(command):
+    # The modules loaded once the parser is built and has printed the help (argparse exits then).
+    code = (
+        "import sys\n"
+        "from jobs.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "finally:\n"
+        f"    sys.stderr.write('loaded: ' + ' '.join(m for m in {HEAVY_MODULES!r} if m in sys.modules) + '\\n')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *command, "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith(f"usage: {' '.join(('ptsne', *command))}"), proc.stdout[:200]
+    assert proc.stderr.splitlines()[-1] == "loaded: ", proc.stderr[-2000:]

@@ -262,7 +262,7 @@ def test_names_with_quotes_are_searched_as_one_literal(mlflow_store, estimators)
     assert [v["version"] for v in registry.describe_model("it's")["versions"]] == ["1"]
 
     bad = "it's \"quoted\""
-    with pytest.raises(ValueError, match=re.escape(f"register: name must not hold both ' and \" ") + ".*"
+    with pytest.raises(ValueError, match=re.escape("register: name must not hold both ' and \" ") + ".*"
                        + re.escape(repr(bad))):
         registry.register(info.model_uri, bad)
     assert bad not in [m["name"] for m in registry.list_models()]

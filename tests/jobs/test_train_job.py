@@ -18,6 +18,7 @@ TRAIN_OPTS = [
     "--vector-col", "vector", "--id-col", "id", "--label-col", "label", "--perplexity", "10",
     "--knn-method", "exact", "--epochs", "20", "--batch-size", "128", "--hidden-layers", "64,64",
     "--learning-rate", "0.003", "--workers", "2", "--seed", "1", "--reference-iter", "50",
+    "--report-steps", "1",  # a report (one MLflow value of each metric) after every epoch
 ]
 
 
@@ -312,18 +313,31 @@ def test_every_training_setting_is_an_option_that_reaches_the_config():
             "--dof", "0.5", "--weight-decay", "0.01", "--positives-per-anchor", "2", "--seed", "3",
             "--precision", "float32", "--n-components", "3", "--hidden-layers", "8,4", "--activation", "gelu",
             "--layer-norm", "--feature-source", "scan", "--object-store-max-bytes", "7",
-            "--reference-size", "0", "--reference-iter", "9"]
+            "--report-seconds", "2.5", "--report-steps", "40", "--reference-size", "0", "--reference-iter", "9"]
     config = _train_config(resolve_args(_parse(argv)), n=1000)
     assert config.settings() == {
         "n_epochs": 5, "batch_size": 64, "learning_rate": 0.5, "early_exaggeration": 6.0,
         "early_exaggeration_fraction": 0.5, "exaggeration": 1.0, "dof": 0.5, "weight_decay": 0.01,
         "positives_per_anchor": 2, "seed": 3, "precision": "float32", "n_components": 3, "hidden_layers": [8, 4],
         "activation": "gelu", "layer_norm": True, "feature_source": "scan", "object_store_max_bytes": 7,
-        "reference_size": 0, "reference_iter": 9,
+        "report_seconds": 2.5, "report_steps": 40, "reference_size": 0, "reference_iter": 9,
     }
     assert set(config.settings()) == set(DistributedTrainConfig().settings())
     defaults = _train_config(resolve_args(_parse(["train", "--input", "data"])), n=1000)
     assert defaults.with_settings(n_epochs=60) == DistributedTrainConfig()
+
+
+def test_a_report_of_several_epochs_is_logged_per_epoch_of_wall_time():
+    from jobs.train import _epoch_metrics
+
+    entry = {"epoch": 39, "loss": 1.5, "attraction": 0.5, "log_z": 9.0, "exaggeration": 1.5, "learning_rate": 1e-3,
+             "phase": "embedding", "seconds": 2.0, "steps": 40, "epochs": 4, "step": 120}
+    assert _epoch_metrics(entry) == {"loss": 1.5, "attraction": 0.5, "log_z": 9.0, "exaggeration": 1.5,
+                                     "learning_rate": 1e-3, "epoch_seconds": 0.5, "phase": 1.0,
+                                     "optimizer_steps": 120.0}
+    # The history of a model trained when every epoch was reported: one epoch an entry, no step count.
+    old = {k: v for k, v in entry.items() if k not in ("epochs", "step", "steps")}
+    assert _epoch_metrics(old)["epoch_seconds"] == 2.0 and "optimizer_steps" not in _epoch_metrics(old)
 
 
 def test_train_unwritable_workdir_is_one_line_error_before_any_work(tmp_path, caplog):

@@ -32,6 +32,7 @@ from pipeline.train import (
     fit_reference,
     load_optimizer_state,
     reference_rows,
+    report_due,
     run_name,
     shard_of,
     train_distributed,
@@ -46,7 +47,9 @@ from ptsne.reference import ReferenceConfig
 from ptsne.train import TrainConfig
 
 # Network-only: the reference stage has its own tests below.
-FAST = dict(hidden_layers=(64, 64), n_epochs=20, batch_size=128, learning_rate=3e-3, reference_size=0)
+NET = dict(hidden_layers=(64, 64), n_epochs=20, batch_size=128, learning_rate=3e-3, reference_size=0)
+# ... with a report and a checkpoint after every epoch, which the tests of restarts and live metrics count on.
+FAST = dict(**NET, report_steps=1)
 
 
 def write_affinity_dir(location, X: np.ndarray, labels=None, perplexity: float = 10.0, parts: int = 3,
@@ -288,7 +291,7 @@ def test_two_workers_train_a_good_map(two_worker_run, digits_split):
     assert params == {**params, **params_of(config.train, config.model, config.reference)}
     dist_acc = knn_accuracy(est.transform(X), y, est.transform(Xt), yt)
     single = ParametricTSNE(
-        perplexity=10.0, n_neighbors=30, knn_method="exact", random_state=3, device="cpu", **FAST
+        perplexity=10.0, n_neighbors=30, knn_method="exact", random_state=3, device="cpu", **NET
     ).fit(X)
     single_acc = knn_accuracy(single.transform(X), y, single.transform(Xt), yt)
     # Same protocol, same quality: the distributed path may not lose more than the
@@ -397,6 +400,97 @@ def test_killed_worker_resumes_from_last_checkpoint(two_worker_run, affinity_dir
     assert abs(acc - clean_acc) <= 0.03, (acc, clean_acc)
     # Draws are seeded per (seed, rank, epoch) and the optimiser state is checkpointed,
     # so the resumed run even reproduces the uninterrupted weights.
+    a, b = _weights(result.estimator), _weights(clean.estimator)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "report_seconds, report_steps, epoch, steps, seconds, due",
+    [
+        (None, None, 3, 10**6, 10**6, False),  # neither criterion: only the phase ends
+        (None, None, 4, 1, 0.0, True),  # the last epoch of the early exaggeration (5 of 20)
+        (None, None, 19, 1, 0.0, True),  # the last epoch
+        (None, 10, 7, 9, 10**6, False),
+        (None, 10, 7, 10, 0.0, True),
+        (5.0, None, 7, 10**6, 4.9, False),
+        (5.0, None, 7, 1, 5.0, True),
+        (5.0, 10, 7, 10, 0.1, True),
+        (5.0, 10, 7, 3, 6.0, True),
+    ],
+)
+def test_report_is_due_by_time_or_steps_and_at_the_end_of_each_phase(report_seconds, report_steps, epoch, steps,
+                                                                       seconds, due):
+    config = DistributedTrainConfig.from_settings(n_epochs=20, early_exaggeration_fraction=0.25,
+                                                  report_seconds=report_seconds, report_steps=report_steps)
+    assert config.train.early_epochs == 5
+    assert report_due(config, epoch, steps, seconds) is due
+
+
+def test_report_settings_are_checked_and_do_not_name_another_run():
+    default = DistributedTrainConfig()
+    assert (default.report_seconds, default.report_steps) == (5.0, None)
+    for bad in (dict(report_seconds=0), dict(report_seconds=-1.0), dict(report_steps=0), dict(report_steps=2.5)):
+        with pytest.raises(ValueError, match=f"DistributedTrainConfig: {next(iter(bad))} must be"):
+            DistributedTrainConfig.from_settings(**bad)
+    # How often a run reports does not change its model: the same Ray Train run, resumable.
+    other = default.with_settings(report_seconds=None, report_steps=1)
+    assert other.fingerprint() == default.fingerprint()
+    assert other.fingerprint(reference=False) == default.fingerprint(reference=False)
+
+
+#: Epochs of one step each (2 workers x 512 anchors of about 700 rows): small data.
+ONE_STEP_EPOCHS = dict(NET, n_epochs=40, batch_size=1024, early_exaggeration_fraction=0.25, seed=2)
+
+
+@pytest.fixture(scope="module")
+def grouped_run(ray_local, affinity_dir, tmp_path_factory):
+    """Reports every 10 steps (and at the phase ends) of 40 one-step epochs; the driver's reports beside it."""
+    reports = []
+    config = DistributedTrainConfig.from_settings(**ONE_STEP_EPOCHS, report_steps=10, report_seconds=None)
+    result = train_distributed(affinity_dir, config, num_workers=2, storage_path=tmp_path_factory.mktemp("grouped"),
+                               on_epoch=reports.append)
+    return config, result, reports
+
+
+def test_reports_group_the_steps_of_small_epochs_and_keep_the_same_model(grouped_run, affinity_dir, tmp_path):
+    config, grouped, reports = grouped_run
+    assert [h["epoch"] for h in grouped.history] == [9, 19, 29, 39]
+    assert [h["step"] for h in grouped.history] == [10, 20, 30, 40]
+    assert all(h["steps"] == h["epochs"] == 10 for h in grouped.history)
+    assert [h["phase"] for h in grouped.history] == ["early_exaggeration", "embedding", "embedding", "embedding"]
+    # The driver saw each report once, as the history records them.
+    assert [m["epoch"] for m in reports] == [9, 19, 29, 39]
+    # Reports at the phase ends only: one entry is the mean of the grouped run's last three.
+    phases = train_distributed(affinity_dir, config.with_settings(report_steps=None), num_workers=2,
+                               storage_path=tmp_path / "phases")
+    assert [(h["epoch"], h["steps"]) for h in phases.history] == [(9, 10), (39, 30)]
+    for key in ("loss", "attraction", "log_z"):
+        assert phases.history[0][key] == grouped.history[0][key]
+        want = np.mean([h[key] for h in grouped.history[1:]])
+        assert phases.history[1][key] == pytest.approx(want, rel=1e-9, abs=1e-12), key
+    assert phases.history[1]["learning_rate"] == grouped.history[-1]["learning_rate"]
+    # By time: as many reports as the clocks say (any worker's decides for both), every step in one.
+    timed = train_distributed(affinity_dir, config.with_settings(report_steps=None, report_seconds=0.3),
+                              num_workers=2, storage_path=tmp_path / "timed")
+    ends = [h["epoch"] for h in timed.history]
+    assert ends[-1] == 39 and 9 in ends and ends == sorted(set(ends))
+    assert sum(h["steps"] for h in timed.history) == 40 and [h["step"] for h in timed.history] == [e + 1 for e in ends]
+    for run in (phases, timed):  # how often a run reports does not change its model
+        a, b = _weights(run.estimator), _weights(grouped.estimator)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_killed_worker_resumes_from_the_last_grouped_report(grouped_run, affinity_dir, tmp_path):
+    config, clean, _ = grouped_run
+    killer = kill_rank_zero_once(29, str(tmp_path / "killed"))  # at the third report, before its checkpoint
+    result = train_distributed(affinity_dir, config, num_workers=2, storage_path=tmp_path / "runs", max_failures=2,
+                               callbacks=[killer])
+    assert (tmp_path / "killed").exists()
+    # Ray Train takes one report at a time off a worker (polling every 2 s): the third report waits
+    # until the first, with the checkpoint of epoch 9, is taken; the second's may still be queued
+    # when rank 0 dies. Resumed after either, never from scratch (a busy machine may add a restart).
+    assert result.resumed_from and result.resumed_from[0] in (10, 20), result.resumed_from
+    assert [h["epoch"] for h in result.history] == [9, 19, 29, 39]
     a, b = _weights(result.estimator), _weights(clean.estimator)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
