@@ -116,7 +116,7 @@ class ModelConfig:
 #: ``n_epochs="auto"`` trains for at least this many optimisation steps.
 MIN_STEPS = 2000
 #: ... and aims at this many, in at most ``TrainConfig.n_epochs`` epochs.
-TARGET_STEPS = 2400
+TARGET_STEPS = 3500
 #: ... and at least this many epochs, so that every point is an anchor a few times.
 MIN_EPOCHS = 10
 

@@ -221,7 +221,7 @@ def test_epochs_auto_resolves_for_the_data_size():
     args = resolve_args(_parse(["train", "--input", "data"]))
     assert args.epochs == "auto"
     assert _train_config(args, n=1_000_000).train.n_epochs == default_epochs(1_000_000, args.batch_size) == 10
-    assert _train_config(args, n=60_000).train.n_epochs == default_epochs(60_000, args.batch_size) == 21
+    assert _train_config(args, n=60_000).train.n_epochs == default_epochs(60_000, args.batch_size) == 30
     assert resolve_args(_parse(["train", "--input", "data", "--epochs", "7"])).epochs == 7
     with pytest.raises(SystemExit):
         _parse(["train", "--input", "data", "--epochs", "many"])

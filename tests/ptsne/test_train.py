@@ -109,7 +109,7 @@ def test_config_validation(kwargs, match):
 
 def test_default_epochs_scale_with_n():
     # MNIST-sized data gets about TARGET_STEPS steps, large data fewer passes of many steps.
-    assert default_epochs(60_000, 512) == math.ceil(TARGET_STEPS / (60_000 // 512)) == 21
+    assert default_epochs(60_000, 512) == math.ceil(TARGET_STEPS / (60_000 // 512)) == 30
     assert default_epochs(1_000_000, 512) == 10
     assert default_epochs(10_000_000, 512) == 10
     sizes = [60_000, 100_000, 300_000, 1_000_000]
