@@ -41,8 +41,9 @@ def test_torch_is_a_lower_bound_and_make_install_pins_the_cpu_build():
 
 def test_gpu_check_runs_without_a_venv():
     # A GPU image has no .venv: the check falls back to its python3.
-    proc = subprocess.run(["make", "-n", "gpu-check", "VENV=/nonexistent-venv"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+    # --no-print-directory: under `make test` this make is nested and would print "Entering directory".
+    proc = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", "VENV=/nonexistent-venv"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[:2] == ["python3", "benchmarks/gpu_check.py"]
 

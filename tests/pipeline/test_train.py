@@ -139,7 +139,7 @@ def test_config_rejects_bad_values(kwargs):
     [
         (dict(reference_size=-1), "ReferenceConfig: reference_size must be an integer >= 0, got -1"),
         (dict(reference_size=True), "ReferenceConfig: reference_size must be an integer >= 0, got True"),
-        (dict(reference_iter=-5), "ReferenceConfig: reference_iter must be an integer >= 0, got -5"),
+        (dict(reference_iter=-5), "ReferenceConfig: reference_iter must be 'auto' or an integer >= 0, got -5"),
         # 3 x perplexity 10
         (dict(reference_size=10), "DistributedTrainConfig: reference_size must be 0 .* or more than 30 .*, got 10"),
     ],
@@ -186,7 +186,11 @@ def test_config_composes_the_core_configs_and_reads_flat_and_legacy_settings():
 
 def test_fingerprint_is_that_of_the_flat_settings_of_earlier_versions():
     # Run names and train stamps stay those of runs started before the configs were composed.
-    assert DistributedTrainConfig().fingerprint() == "19a82f90ce661edf"
+    # reference_iter's default became "auto" (iterations by the number of reference points): the
+    # network's run keeps its name, a model of the default settings gets a new reference, and the
+    # earlier default asked for by name keeps the earlier key.
+    assert DistributedTrainConfig.from_settings(reference_iter=100).fingerprint() == "19a82f90ce661edf"
+    assert DistributedTrainConfig().fingerprint() == "22dce9c79fc08f21"
     assert DistributedTrainConfig().fingerprint(reference=False) == "85d81b4119d85bcc"
     assert DistributedTrainConfig.from_settings(layer_norm=True).fingerprint() != "19a82f90ce661edf"
 
