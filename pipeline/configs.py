@@ -19,7 +19,7 @@ import numpy as np
 from pipeline.shards import ColumnSpec
 from pipeline.storage import check_disjoint
 from ptsne.affinity import as_perplexities
-from ptsne.configs import DEVICES, EXACT_MAX_POINTS, KNN_METHODS, ModelConfig, ReferenceConfig, TrainConfig
+from ptsne.configs import DEVICES, EXACT_MAX_POINTS, KNN_METHODS, ModelConfig, ReferenceConfig, TrainConfig, check_size
 from ptsne.settings import public_name, setting, settings_of, spec, validate
 
 #: Default number of kNN search tasks that share one GPU (each asks Ray for ``1 / 4`` GPU).
@@ -208,13 +208,7 @@ class DistributedTrainConfig:
                 raise TypeError(f"DistributedTrainConfig: {name} must be a {cls.__name__}, "
                                 f"got {type(getattr(self, name)).__name__}")
         validate(self)
-        # A placed point needs more reference points than its neighbours: fail before training.
-        k = self.reference.transform_k
-        if 0 < self.reference.size <= k:
-            raise ValueError(
-                f"DistributedTrainConfig: reference_size must be 0 (no reference) or more than {k} "
-                f"(the reference neighbours of a placed point), got {self.reference.size!r}"
-            )
+        check_size(self.reference, "DistributedTrainConfig")  # fails before training, not in placement
 
     @classmethod
     def from_settings(cls, **settings) -> DistributedTrainConfig:

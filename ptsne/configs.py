@@ -305,5 +305,20 @@ class ReferenceConfig:
         return int(math.floor(3 * self.transform_perplexity))
 
 
+def check_size(config: ReferenceConfig, owner: str) -> None:
+    """Raise ValueError unless ``config.size`` is 0 or more than ``config.transform_k``.
+
+    A placed point needs more reference points than its ``transform_k``
+    neighbours; a smaller reference would fail only after training, in the
+    placement's neighbour search. ``owner`` names the class in the message.
+    """
+    k = config.transform_k
+    if 0 < config.size <= k:
+        raise ValueError(
+            f"{owner}: reference_size must be 0 (no reference) or more than {k} "
+            f"(the reference neighbours of a placed point), got {config.size!r}"
+        )
+
+
 def _positive(v) -> bool:
     return not isinstance(v, bool) and isinstance(v, (int, float, np.number)) and math.isfinite(v) and v > 0

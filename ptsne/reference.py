@@ -51,7 +51,7 @@ from ptsne.affinity import Edges, calibrate
 from ptsne.knn import build_index, search, tune_nprobe
 from ptsne.loss import log_kernel
 from ptsne.configs import (  # noqa: F401 (exported)
-    FINE_ITER_PER_POINT, INITS, ITER_PER_POINT, MIN_FINE_ITER, MIN_ITER, ReferenceConfig,
+    FINE_ITER_PER_POINT, INITS, ITER_PER_POINT, MIN_FINE_ITER, MIN_ITER, ReferenceConfig, check_size,
 )
 from ptsne.configs import PLACEMENT_METHODS as METHODS  # noqa: F401 (exported)
 
@@ -71,21 +71,6 @@ SEARCH_RECALL = 0.9
 LEARNING_RATE_PER_POINT = 4.0
 #: The reference map's objective is evaluated (and convergence tested) every this many iterations.
 CHECK_EVERY = 25
-
-
-def check_size(config: ReferenceConfig, owner: str) -> None:
-    """Raise ValueError unless ``config.size`` is 0 or more than ``config.transform_k``.
-
-    A placed point needs more reference points than its ``transform_k``
-    neighbours; a smaller reference would fail only after training, in the
-    placement's neighbour search. ``owner`` names the class in the message.
-    """
-    k = config.transform_k
-    if 0 < config.size <= k:
-        raise ValueError(
-            f"{owner}: reference_size must be 0 (no reference) or more than {k} "
-            f"(the reference neighbours of a placed point), got {config.size!r}"
-        )
 
 
 def default_iterations(n: int) -> tuple[int, int]:
